@@ -1,0 +1,69 @@
+"""What every command shares: turning bad input into one stderr line, and the rich console."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from rich.console import Console
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit non-zero."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def guarded(fn):
+    """Bad input becomes one clear line; a bug keeps its traceback only with IMMUNIZE_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from raystack.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("IMMUNIZE_DEBUG"):
+                raise
+            first = (str(e).splitlines() or [""])[0][:300]
+            fail(f"internal error: {type(e).__name__}: {first} (rerun with IMMUNIZE_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Silence the progress bars and notices of diffusers/transformers/deepspeed; ours are rich."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_cuda_hint() else None
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
+def _has_cuda_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")

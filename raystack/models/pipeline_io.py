@@ -1,0 +1,130 @@
+"""Load and save Stable Diffusion pipelines in the diffusers layout, safetensors only, atomically.
+
+The tiny world is the default model; any SD-1.x/2.x folder (or a hub id already in the local cache,
+read offline) goes through the same code. Pickled weights (.bin/.ckpt/.pt) are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..atomic import atomic_dir
+from ..errors import UserError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+EXTRA_INFO = "immunize_info.json"
+
+
+def default_model_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "tinyworld" / "assets" / "tiny-sd"
+
+
+def resolve_model_path(model: str | os.PathLike | None, flag: str = "--model") -> Path:
+    """A local pipeline folder for `model`: a path, an already-cached hub id, or the tiny world if None."""
+    if model is None or str(model) in ("", "tiny", "tinyworld"):
+        return default_model_path()
+    p = Path(model).expanduser()
+    if p.exists():
+        return p
+    if "/" in str(model) and not str(model).startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(str(model), local_files_only=True))
+        except Exception:
+            raise UserError(f"{flag} {model}: not a local folder and not in the local hub cache "
+                            "(nothing is downloaded; copy the pipeline to a folder)") from None
+    raise UserError(f"{flag} {model}: no such file or folder")
+
+
+def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
+    """One clear error for anything that is not a loadable SD pipeline folder with safetensors weights."""
+    if not path.is_dir():
+        raise UserError(f"{flag} {path}: not a folder (expected a diffusers pipeline folder)")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{flag} {path}: not a diffusers pipeline (no model_index.json)")
+    try:
+        json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{flag} {index}: corrupt model_index.json") from None
+    for comp in COMPONENTS:
+        if not (path / comp).is_dir():
+            raise UserError(f"{flag} {path}: missing the {comp}/ component of a Stable Diffusion pipeline")
+    for comp in ("unet", "vae", "text_encoder"):
+        files = list((path / comp).iterdir())
+        st = [f for f in files if f.name.endswith(".safetensors")]
+        pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+        if not st:
+            if pickles:
+                raise UserError(f"{flag} {pickles[0]}: pickle weights are refused (nothing is unpickled); "
+                                "convert the model to safetensors first")
+            raise UserError(f"{flag} {path / comp}: no .safetensors weights")
+        for f in st:
+            _check_safetensors(f, flag)
+
+
+def _check_safetensors(f: Path, flag: str) -> None:
+    """Header and size check without loading: catches truncated or corrupt files up front."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise UserError(f"{flag} {f}: truncated or corrupt safetensors file") from None
+
+
+def load_pipeline(model: str | os.PathLike | None = None, flag: str = "--model", device: str = "cpu",
+                  dtype=None):
+    """A StableDiffusionPipeline with no safety checker, ready for training or sampling."""
+    from diffusers import StableDiffusionPipeline
+
+    path = resolve_model_path(model, flag)
+    check_pipeline_folder(path, flag)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+        )
+    except UserError:
+        raise
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise UserError(f"{flag} {path}: cannot load the pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, dest: Path, overwrite: bool = False, extra_info: dict | None = None) -> Path:
+    """Write `pipe` to `dest` in one rename; safetensors weights only."""
+    with atomic_dir(Path(dest), overwrite=overwrite) as tmp:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for p in tmp.rglob("*"):
+            if p.suffix in PICKLE_SUFFIXES:
+                p.unlink()
+        if extra_info is not None:
+            (tmp / EXTRA_INFO).write_text(json.dumps(extra_info, indent=2))
+    return Path(dest)
+
+
+def read_extra_info(path: Path) -> dict:
+    f = Path(path) / EXTRA_INFO
+    return json.loads(f.read_text()) if f.is_file() else {}

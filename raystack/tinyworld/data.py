@@ -1,0 +1,60 @@
+"""In-memory data sets of the tiny world, seeded, for pretraining and for the classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .concepts import (COLOURS, EMBLEMS, SHAPES, STYLES, TRAINED_SHAPES, TRAINED_STYLES, caption)
+from .render import render_concept, render_emblem
+
+
+@dataclass
+class ConceptSet:
+    images: np.ndarray  # uint8 N x 32 x 32 x 3
+    captions: list[str]
+    shape: np.ndarray  # int64 index into SHAPES
+    colour: np.ndarray  # int64 index into COLOURS
+    style: np.ndarray  # int64 index into STYLES
+
+
+def combos(trained_only: bool) -> list[tuple[str, str, str]]:
+    shapes = TRAINED_SHAPES if trained_only else SHAPES
+    styles = TRAINED_STYLES if trained_only else STYLES
+    return [(sh, co, st) for sh in shapes for co in COLOURS for st in styles]
+
+
+def concept_set(n_per_combo: int, seed: int, trained_only: bool = True) -> ConceptSet:
+    """`n_per_combo` images of every (shape, colour, style); the same seed gives the same bytes."""
+    rng = np.random.default_rng(seed)
+    imgs, caps, sh_i, co_i, st_i = [], [], [], [], []
+    for sh, co, st in combos(trained_only):
+        for _ in range(n_per_combo):
+            imgs.append(render_concept(sh, co, st, rng))
+            caps.append(caption(sh, co, st))
+            sh_i.append(SHAPES.index(sh))
+            co_i.append(COLOURS.index(co))
+            st_i.append(STYLES.index(st))
+    return ConceptSet(np.stack(imgs), caps, np.array(sh_i), np.array(co_i), np.array(st_i))
+
+
+def emblem_set(n_per_emblem: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    imgs, labels = [], []
+    for i, e in enumerate(EMBLEMS):
+        for _ in range(n_per_emblem):
+            imgs.append(render_emblem(e, rng))
+            labels.append(i)
+    return np.stack(imgs), np.array(labels)
+
+
+def to_model_tensor(images: np.ndarray):
+    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAE expects."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def from_model_tensor(x) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
