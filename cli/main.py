@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from .attack import attack
 from .world import world_app
 
 app = typer.Typer(
@@ -14,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command(name="attack")(attack)
 app.add_typer(world_app, name="world")
 
 

@@ -1,0 +1,137 @@
+"""Recipe: one simulated malicious fine-tune, end to end (setup / step / checkpoint / save).
+
+Outputs in `spec.out` (written atomically): the method's safetensors (LoRA weights, learned
+embeddings or UNet), `losses.jsonl` (one line per step), `checkpoints/step-NNNNNN/` every
+`checkpoint_every` steps, and `attack.json` (resolved spec, base model, timings, final loss).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..atomic import atomic_dir
+from ..errors import UserError
+from .methods import Adaptation, make_adaptation
+from .spec import AttackSpec
+
+ATTACK_INFO = "attack.json"
+
+
+def load_attack_data(spec: AttackSpec, pipe):
+    from ..diffusion import resolution_of
+    from ..imageio import read_image_folder
+
+    folder = read_image_folder(spec.data, flag="--data", require_captions=spec.prompt is None,
+                               size=resolution_of(pipe))
+    return folder
+
+
+def class_images(pipe, spec: AttackSpec):
+    """DreamBooth prior preservation: the model's own images of the class, made before training."""
+    from ..sampling import generate
+
+    return generate(pipe, [spec.class_prompt] * spec.num_class_images, steps=25, seed=spec.seed + 7)
+
+
+def setup(spec: AttackSpec, pipe=None):
+    """Everything a training step needs: the pipeline with φ attached, latents, captions, optimizer."""
+    import torch
+
+    from ..diffusion import LatentBank, train_noise_scheduler
+    from ..freeze_mask import load_freeze_mask
+    from ..models.pipeline_io import load_pipeline
+    from ..runtime import pick_device
+
+    device = pick_device(spec.device)
+    if pipe is None:
+        pipe = load_pipeline(spec.model, device=device)
+    mask = None
+    if spec.freeze_mask is not None:
+        mask = load_freeze_mask(spec.freeze_mask, [n for n, _ in pipe.unet.named_parameters()])
+    folder = load_attack_data(spec, pipe)
+    prior = class_images(pipe, spec) if spec.prior_preservation else None
+    ad = make_adaptation(spec, pipe, mask)
+    captions = [ad.caption(c or "") for c in folder.captions]
+    bank = LatentBank.encode(pipe.vae, folder.images)
+    prior_bank = LatentBank.encode(pipe.vae, prior) if prior is not None else None
+    opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=ad.weight_decay())
+    return AttackState(spec, pipe, ad, captions, bank, prior_bank, opt, train_noise_scheduler(pipe))
+
+
+class AttackState:
+    def __init__(self, spec, pipe, ad: Adaptation, captions, bank, prior_bank, opt, noise_scheduler):
+        import torch
+
+        self.spec, self.pipe, self.ad, self.captions = spec, pipe, ad, captions
+        self.bank, self.prior_bank, self.opt, self.noise_scheduler = bank, prior_bank, opt, noise_scheduler
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.step_no = 0
+
+    def loss(self, generator=None):
+        """L_A on one batch of the attacker's images (plus the prior term for DreamBooth)."""
+        import torch
+
+        from ..diffusion import diffusion_loss
+
+        g = generator or self.generator
+        idx = torch.randint(0, len(self.bank), (self.spec.batch_size,), generator=g)
+        enc = self.ad.encode([self.captions[i] for i in idx.tolist()])
+        loss = diffusion_loss(self.pipe.unet, self.noise_scheduler, self.bank.sample(idx, g), enc, g)
+        if self.prior_bank is not None:
+            pidx = torch.randint(0, len(self.prior_bank), (self.spec.batch_size,), generator=g)
+            penc = self.ad.encode([self.spec.class_prompt] * self.spec.batch_size)
+            loss = loss + self.spec.prior_loss_weight * diffusion_loss(
+                self.pipe.unet, self.noise_scheduler, self.prior_bank.sample(pidx, g), penc, g)
+        return loss
+
+    def step(self) -> float:
+        import torch
+
+        loss = self.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.ad.parameters(), 1.0)
+        self.opt.step()
+        self.ad.after_step()
+        self.step_no += 1
+        return float(loss.item())
+
+
+def run_attack(spec: AttackSpec, on_step: Callable[[int, float], None] | None = None, pipe=None) -> dict:
+    """Run the attack and write `spec.out`; returns the attack.json contents."""
+    from ..models.pipeline_io import resolve_model_path
+
+    if spec.out is None:
+        raise UserError("--out is required")
+    if spec.out.exists() and not spec.overwrite:
+        raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+    t0 = time.time()
+    st = setup(spec, pipe)
+    with atomic_dir(spec.out, overwrite=spec.overwrite) as tmp:
+        losses = []
+        with open(tmp / "losses.jsonl", "w") as log:
+            for step in range(1, spec.steps + 1):
+                loss = st.step()
+                losses.append(loss)
+                log.write(json.dumps({"step": step, "loss": loss}) + "\n")
+                if step % spec.checkpoint_every == 0 and step != spec.steps:
+                    st.ad.export(tmp / "checkpoints" / f"step-{step:06d}")
+                if on_step:
+                    on_step(step, loss)
+        files = st.ad.export(tmp)
+        info = {
+            "method": spec.method,
+            "spec": spec.to_dict(),
+            "base_model": str(resolve_model_path(spec.model)),
+            "placeholder": getattr(st.ad, "placeholder", None),
+            "files": [str(f.relative_to(tmp)) for f in files],
+            "checkpoints": sorted(p.name for p in (tmp / "checkpoints").glob("step-*")) if (tmp / "checkpoints").exists() else [],
+            "steps": spec.steps,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "wall_seconds": round(time.time() - t0, 2),
+        }
+        (tmp / ATTACK_INFO).write_text(json.dumps(info, indent=2))
+    return info

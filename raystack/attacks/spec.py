@@ -1,0 +1,95 @@
+"""AttackSpec: every knob of a simulated malicious fine-tune, validated with the flag's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import UserError
+
+METHODS = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion", "full")
+
+#: Defaults scaled for the tiny world on 2 CPU cores (a few minutes each); real SD users pass their own.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "lora": {"steps": 300, "lr": 2e-3},
+    "dreambooth": {"steps": 200, "lr": 1e-4},
+    "dreambooth-lora": {"steps": 300, "lr": 2e-3},
+    "textual-inversion": {"steps": 400, "lr": 5e-3},
+    "full": {"steps": 200, "lr": 1e-4},
+}
+
+
+@dataclass
+class AttackSpec:
+    method: str
+    """Adaptation method: lora, dreambooth, dreambooth-lora, textual-inversion or full."""
+    data: Path
+    """Image folder with metadata.jsonl (file_name, text): the concept the attacker wants."""
+    out: Path | None = None
+    """Output folder (adapter or weights, losses.jsonl, checkpoints/, attack.json)."""
+    model: str | None = None
+    """Pipeline folder to attack (default: the tiny world)."""
+    steps: int | None = None
+    """Optimizer steps (default per method, see METHOD_DEFAULTS)."""
+    lr: float | None = None
+    """Learning rate (default per method)."""
+    batch_size: int = 4
+    """Images per step."""
+    rank: int = 4
+    """LoRA rank (lora, dreambooth-lora)."""
+    alpha: float | None = None
+    """LoRA alpha; default = rank (scale 1, kohya-style)."""
+    token: str = "sks"
+    """The attacker's identifier in the captions (DreamBooth's rare token; TI replaces it by a new token)."""
+    prompt: str | None = None
+    """One caption for every image, overriding metadata.jsonl (DreamBooth's instance prompt)."""
+    cross_attention_only: bool = False
+    """dreambooth/full: tune only the UNet cross-attention (attn2) instead of the whole UNet."""
+    prior_preservation: bool = False
+    """dreambooth: add the class-prior loss on images the model itself generates for --class-prompt."""
+    class_prompt: str | None = None
+    """dreambooth prior preservation: prompt of the class (e.g. 'a photo of emblem')."""
+    num_class_images: int = 16
+    """dreambooth prior preservation: class images generated before training."""
+    prior_loss_weight: float = 1.0
+    """dreambooth prior preservation: weight of the class loss."""
+    num_vectors: int = 1
+    """textual-inversion: embedding vectors of the new token."""
+    initializer_token: str = "emblem"
+    """textual-inversion: existing word whose embedding initialises the new one."""
+    checkpoint_every: int = 50
+    """Save the adapter/weights every N steps (for curves of quality against attack steps)."""
+    seed: int = 0
+    """Seeds data order, noise and timesteps."""
+    freeze_mask: Path | None = None
+    """FreezeAsGuard mask to respect: frozen UNet tensors get no gradient and keep their exact values."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    overwrite: bool = False
+    """Replace --out if it exists."""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"--method {self.method}: unknown attack method; expected one of {', '.join(METHODS)}")
+        d = METHOD_DEFAULTS[self.method]
+        self.steps = d["steps"] if self.steps is None else self.steps
+        self.lr = d["lr"] if self.lr is None else self.lr
+        self.alpha = float(self.rank) if self.alpha is None else self.alpha
+        for name, val in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--rank", self.rank),
+                          ("--num-vectors", self.num_vectors), ("--checkpoint-every", self.checkpoint_every),
+                          ("--num-class-images", self.num_class_images)):
+            if int(val) <= 0:
+                raise UserError(f"{name} {val}: must be a positive integer")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be positive")
+        if self.prior_preservation and not self.class_prompt:
+            raise UserError("--prior-preservation needs --class-prompt")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device {self.device}: expected auto, cpu or cuda")
+        self.data = Path(self.data)
+        self.out = Path(self.out) if self.out is not None else None
+        self.freeze_mask = Path(self.freeze_mask) if self.freeze_mask else None
+
+    def to_dict(self) -> dict:
+        return {f.name: (str(v) if isinstance(v, Path) else v) for f in fields(self) for v in [getattr(self, f.name)]}

@@ -1,0 +1,80 @@
+"""The one diffusion training loss every method shares (attacks, IMMA, FreezeAsGuard).
+
+`L(x, c; θ) = E_{t,ε} || ε_θ(x_t, c, t) − target ||²` on VAE latents, target ε (or v for
+v-prediction models such as SD 2.x), exactly what the diffusers training examples optimise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LatentBank:
+    """VAE posterior moments of a fixed image set, encoded once: the VAE is frozen in every method."""
+
+    mean: "torch.Tensor"  # noqa: F821
+    std: "torch.Tensor"  # noqa: F821
+    scaling_factor: float
+
+    @classmethod
+    def encode(cls, vae, images: np.ndarray, batch: int = 64) -> "LatentBank":
+        import torch
+
+        from .tinyworld.data import to_model_tensor
+
+        means, stds = [], []
+        dev, dtype = vae.device, vae.dtype
+        with torch.no_grad():
+            for i in range(0, len(images), batch):
+                d = vae.encode(to_model_tensor(images[i : i + batch]).to(dev, dtype)).latent_dist
+                means.append(d.mean.float().cpu())
+                stds.append(d.std.float().cpu())
+        return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, idx, generator):
+        import torch
+
+        m, s = self.mean[idx], self.std[idx]
+        return (m + s * torch.randn(m.shape, generator=generator)) * self.scaling_factor
+
+
+def train_noise_scheduler(pipe):
+    """A DDPM scheduler with the pipeline's own noise schedule and prediction type."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, reduce: bool = True):
+    import torch
+
+    dev = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    pred = unet(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample
+    err = (pred.float() - target.to(dev).float()).pow(2)
+    return err.mean() if reduce else err.mean(dim=tuple(range(1, err.ndim)))
+
+
+def encode_text(text_encoder, tokenizer, captions: list[str]):
+    import torch
+
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def resolution_of(pipe) -> int:
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
