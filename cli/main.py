@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from .attack import attack
+from .evaluate import evaluate
 from .world import world_app
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command(name="attack")(attack)
+app.command(name="evaluate")(evaluate)
 app.add_typer(world_app, name="world")
 
 

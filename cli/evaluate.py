@@ -1,0 +1,96 @@
+"""`immunize-cli evaluate`: how much did the attacker get back, how much legal use was lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, guarded, quiet_libraries
+
+
+def _parse_runs(values: list[str]) -> dict[str, Path]:
+    from raystack.errors import UserError
+
+    runs: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--run {v}: expected NAME=FOLDER (an attack output or a pipeline folder)")
+        if name in runs:
+            raise UserError(f"--run {v}: the name {name!r} is used twice")
+        p = Path(path)
+        if not p.is_dir():
+            raise UserError(f"--run {v}: no such folder")
+        if not ((p / "attack.json").is_file() or (p / "model_index.json").is_file()):
+            raise UserError(f"--run {v}: neither an attack output (attack.json) nor a pipeline (model_index.json)")
+        runs[name] = p
+    return runs
+
+
+@guarded
+def evaluate(
+    run: list[str] = typer.Option(..., "--run", help="NAME=FOLDER: an attack output or a pipeline (repeatable)."),
+    target: str = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape or emblem name)."),
+    out: Path = typer.Option(..., "--out", help="Report folder: report.json, report.html, images/."),
+    baseline: Optional[str] = typer.Option(None, "--baseline",
+                                           help="Run attacked WITHOUT hardening (x_A) for SGR/RSGR."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Reference images of the target "
+                                             "(default: the tiny world's generator)."),
+    token: str = typer.Option("sks", "--token", help="Identifier the attacker used in prompts (emblems)."),
+    samples: int = typer.Option(24, "--samples", min=1, help="Images per concept and run."),
+    curve_samples: int = typer.Option(12, "--curve-samples", min=1, help="Images per checkpoint on the curves."),
+    steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),
+    guidance: float = typer.Option(4.0, "--guidance"),
+    seed: int = typer.Option(0, "--seed"),
+    curves: bool = typer.Option(True, "--curves/--no-curves", help="Evaluate every attack checkpoint."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder: adds the CLIP-I similarity."),
+    dino: Optional[Path] = typer.Option(None, "--dino", help="Local DINO model folder: adds the DINO similarity."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="Concept classifier folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+):
+    """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
+    from raystack.errors import UserError
+
+    runs = _parse_runs(run)
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    if baseline is not None and baseline not in runs:
+        raise UserError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
+    quiet_libraries()
+    from rich.table import Table
+
+    from raystack.evaluation import EvalSettings, evaluate as run_eval, tiny_world_others, tiny_world_target
+    from raystack.imageio import read_image_folder
+    from raystack.metrics import ClassifierEmbedder, HFImageEmbedder
+    from raystack.report import write_report
+    from raystack.runtime import configure_threads
+    from raystack.tinyworld.classifier import Judge
+
+    configure_threads()
+    concept, ref = tiny_world_target(target, token)
+    if reference is not None:
+        ref = read_image_folder(reference, flag="--reference", require_captions=False).images
+    judge = Judge(classifier)
+    embedders = [ClassifierEmbedder(judge)]
+    if clip:
+        embedders.append(HFImageEmbedder("clip", clip))
+    if dino:
+        embedders.append(HFImageEmbedder("dino", dino))
+    settings = EvalSettings(samples=samples, curve_samples=curve_samples, steps=steps, guidance=guidance, seed=seed,
+                            curves=curves)
+    with console.status("evaluating") as status:
+        report, images = run_eval(runs, concept, ref, tiny_world_others(exclude=target), judge, embedders, settings,
+                                  baseline, on_progress=lambda s: status.update(s))
+    write_report(out, report, images, ref, overwrite=overwrite)
+    table = Table(title=f"target {target}")
+    for col in ("run", "attack", "target acc", "others acc", "M(ref) classifier", "SGR", "RSGR"):
+        table.add_column(col, justify="left" if col in ("run", "attack") else "right")
+    for name, r in report["runs"].items():
+        gap = (report.get("gaps") or {}).get(name, {}).get("classifier", {})
+        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(name, r["attack"] or "none", fmt(r["target_accuracy"]), fmt(r["other_accuracy_mean"]),
+                      fmt(r["similarity_to_reference"]["classifier"]), fmt(gap.get("SGR")), fmt(gap.get("RSGR")))
+    console.print(table)
+    console.print(f"report: {out / 'report.html'}")

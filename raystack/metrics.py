@@ -1,0 +1,76 @@
+"""The papers' metrics: image similarity M between image sets, SGR and RSGR (IMMA Eq. 7, 8).
+
+M(a, b) is the mean pairwise cosine similarity of image embeddings (DreamBooth's CLIP-I/DINO
+convention). Embedders: the tiny world's classifier features (always there), or CLIP / DINO image
+towers from a local folder (never downloaded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+def set_similarity(fa: np.ndarray, fb: np.ndarray) -> float:
+    """Mean pairwise cosine similarity of two sets of L2-normalised embeddings."""
+    return float((fa @ fb.T).mean())
+
+
+def sgr(m_ref_base: float, m_ref_hardened: float) -> float:
+    """Similarity gap ratio: (M(x_r, x_A) − M(x_r, x_I)) / M(x_r, x_A). Higher: hardening took more away."""
+    return (m_ref_base - m_ref_hardened) / m_ref_base
+
+
+def rsgr(m_other_base_hardened: float, m_target_base_hardened: float) -> float:
+    """Relative SGR: (M(x_A^o, x_I^o) − M(x_A, x_I)) / M(x_A^o, x_I^o). Higher: the damage is specific."""
+    return (m_other_base_hardened - m_target_base_hardened) / m_other_base_hardened
+
+
+class ClassifierEmbedder:
+    name = "classifier"
+
+    def __init__(self, judge):
+        self.judge = judge
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.judge(images)["features"]
+
+
+class HFImageEmbedder:
+    """CLIP (vision tower + projection) or DINO (CLS token) from a local transformers folder."""
+
+    def __init__(self, kind: str, path: Path):
+        import torch
+        from transformers import AutoModel
+
+        self.name, self._torch = kind, torch
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise UserError(f"--{kind} {path}: not a local transformers model folder (no config.json)")
+        if not list(path.glob("*.safetensors")):
+            raise UserError(f"--{kind} {path}: no .safetensors weights (pickles are refused)")
+        try:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--{kind} {path}: cannot load ({type(e).__name__})") from None
+        self.model = model.eval()
+        cfg = getattr(model.config, "vision_config", model.config)
+        self.size = int(getattr(cfg, "image_size", 224))
+        self.mean = np.array([0.48145466, 0.4578275, 0.40821073] if kind == "clip" else [0.485, 0.456, 0.406])
+        self.std = np.array([0.26862954, 0.26130258, 0.27577711] if kind == "clip" else [0.229, 0.224, 0.225])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1).float()) / torch.tensor(self.std).view(1, 3, 1, 1).float()
+        with torch.no_grad():
+            if self.name == "clip":
+                f = self.model.get_image_features(pixel_values=x)
+                f = f if isinstance(f, torch.Tensor) else f.pooler_output
+            else:
+                f = self.model(pixel_values=x).last_hidden_state[:, 0]
+        return torch.nn.functional.normalize(f, dim=-1).numpy()

@@ -1,0 +1,141 @@
+"""report.json (every number) + report.html (grids, curves, tables) that a person opens in a browser."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_dir
+from .imageio import png_bytes
+from .sampling import image_grid
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _curves_png(report: dict) -> bytes | None:
+    runs = {k: r for k, r in report["runs"].items() if r.get("curve")}
+    if not runs:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["target_accuracy"] + [f"similarity_{e}" for e in report["embedders"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, r in runs.items():
+            pts = [(c["step"], c[key]) for c in r["curve"] if c.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xlabel("attack step")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray]], reference: np.ndarray,
+                 overwrite: bool = False, scale: int = 3) -> Path:
+    def grid_bytes(imgs, cols=12):
+        g = image_grid(imgs[: cols * 2], cols=cols)
+        return png_bytes(g.repeat(scale, 0).repeat(scale, 1))
+
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        (tmp / "images").mkdir()
+        files: dict[str, str] = {}
+
+        def put(name: str, data: bytes) -> str:
+            (tmp / "images" / name).write_bytes(data)
+            files[name] = f"images/{name}"
+            return files[name]
+
+        parts = [f"<h1>Red-team report: target <code>{html.escape(report['target'])}</code></h1>"]
+        parts.append(f"<p>Settings: {html.escape(json.dumps(report['settings']))}</p>")
+        parts.append("<h2>Target concept</h2><div class='grids'>")
+        parts.append(f"<figure><img src='{put('reference.png', grid_bytes(reference))}' alt='reference'>"
+                     "<figcaption>reference images</figcaption></figure>")
+        for name, imgs in images.items():
+            src = put(f"{_safe(name)}_target.png", grid_bytes(imgs["target"]))
+            parts.append(f"<figure><img src='{src}' alt='{html.escape(name)} target'>"
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        parts.append("</div>")
+        rows = []
+        for name, r in report["runs"].items():
+            rows.append([name, r["attack"] or "none", (r.get("hardening") or {}).get("method", "none"),
+                         r["target_accuracy"], r["other_accuracy_mean"],
+                         *[r["similarity_to_reference"][e] for e in report["embedders"]]])
+        parts.append("<h2>Runs</h2>" + _table(
+            ["run", "attack", "hardening", "target accuracy", "other concepts accuracy",
+             *[f"M(ref, target) [{e}]" for e in report["embedders"]]], rows))
+        if report.get("gaps"):
+            rows = [[name, e, g["SGR"], g["RSGR"], g["M_target_base_vs_run"], g["M_other_base_vs_run"]]
+                    for name, per in report["gaps"].items() for e, g in per.items()]
+            parts.append(f"<h2>Similarity gaps against baseline <code>{html.escape(report['baseline'])}</code></h2>"
+                         + _table(["run", "embedder", "SGR", "RSGR", "M(x_A, x_I)", "M(x_A^o, x_I^o)"], rows))
+        others = sorted({k for r in report["runs"].values() for k in r["other_accuracy"]})
+        if others:
+            rows = [[o, *[report["runs"][n]["other_accuracy"][o] for n in report["runs"]]] for o in others]
+            parts.append("<h2>Other concepts (legal use): classifier accuracy</h2>"
+                         + _table(["concept", *report["runs"].keys()], rows))
+            parts.append("<div class='grids'>")
+            for name, imgs in images.items():
+                sample = np.concatenate([imgs[o][:4] for o in others if o in imgs])
+                src = put(f"{_safe(name)}_others.png", grid_bytes(sample, cols=16))
+                parts.append(f"<figure><img src='{src}' alt='{html.escape(name)} others'>"
+                             f"<figcaption>{html.escape(name)}: other concepts</figcaption></figure>")
+            parts.append("</div>")
+        curves = _curves_png(report)
+        if curves:
+            parts.append(f"<h2>Against attack steps</h2><img src='{put('curves.png', curves)}' alt='curves'>")
+        if report.get("crossed"):
+            attacks = sorted({a for row in report["crossed"].values() for a in row})
+            rows = [[h, *[report["crossed"][h].get(a) for a in attacks]] for h in sorted(report["crossed"])]
+            parts.append("<h2>Crossed adaptation: target accuracy (rows: hardened against, columns: attack)</h2>"
+                         + _table(["hardened against", *attacks], rows))
+        report = {**report, "images": files}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.html").write_text(_PAGE.format(body="\n".join(parts)))
+    return Path(out)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>immunize-cli report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+.grids {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
+figure {{ margin: 0; }} figcaption {{ font-size: 0.9em; color: #555; }}
+img {{ image-rendering: pixelated; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from raystack.metrics import rsgr, set_similarity, sgr
+
+
+def test_sgr_hand_computed():
+    # M(x_r, x_A) = 0.8 (attack without hardening), M(x_r, x_I) = 0.2 (with hardening)
+    assert sgr(0.8, 0.2) == pytest.approx(0.75)
+    assert sgr(0.5, 0.5) == 0.0
+    assert sgr(0.4, 0.6) == pytest.approx(-0.5)  # hardening helped the attacker: negative
+
+
+def test_rsgr_hand_computed():
+    # other concepts unchanged by hardening (0.9), target images changed a lot (0.3)
+    assert rsgr(0.9, 0.3) == pytest.approx(2 / 3)
+    assert rsgr(0.6, 0.6) == 0.0
+
+
+def test_set_similarity_is_mean_pairwise_cosine():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    b = np.array([[1.0, 0.0], [np.sqrt(0.5), np.sqrt(0.5)]])
+    # pairs: 1, sqrt(.5), 0, sqrt(.5) -> mean (1 + 2 sqrt(.5)) / 4
+    assert set_similarity(a, b) == pytest.approx((1 + 2 * np.sqrt(0.5)) / 4)
+    assert set_similarity(a, a) == pytest.approx(0.5)
+
+
+def test_crossed_matrix_pivots_runs():
+    from raystack.evaluation import crossed_matrix
+
+    runs = {
+        "a": {"attack": "lora", "hardening": None, "target_accuracy": 0.9},
+        "b": {"attack": "lora", "hardening": {"method": "imma", "against": "lora"}, "target_accuracy": 0.1},
+        "c": {"attack": "dreambooth", "hardening": {"method": "imma", "against": "lora"}, "target_accuracy": 0.4},
+        "d": {"attack": None, "hardening": None, "target_accuracy": 0.0},
+    }
+    assert crossed_matrix(runs) == {"none": {"lora": 0.9}, "lora": {"lora": 0.1, "dreambooth": 0.4}}
