@@ -73,6 +73,15 @@ class Adaptation:
         """UNet parameter names that φ shares with the released weights θ (DreamBooth/full)."""
         return []
 
+    def warm_state(self) -> dict:
+        """The part of φ kept apart from θ, carried from one IMMA iteration to the next (Alg. 1 line 5).
+        Overlapping φ (DreamBooth/full) *is* θ after line 7, so nothing of it is kept apart."""
+        return self.state()
+
+    def load_warm_state(self, state: dict) -> None:
+        if state:
+            self.load_state(state)
+
     def after_step(self) -> None:
         pass
 
@@ -163,6 +172,9 @@ class DreamBooth(Adaptation):
 
     def overlap(self) -> list[str]:
         return list(self.named_parameters())
+
+    def warm_state(self) -> dict:
+        return {}
 
     def export(self, dest: Path) -> list[Path]:
         self.pipe.unet.save_pretrained(str(dest / "unet"), safe_serialization=True)

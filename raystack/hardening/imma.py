@@ -1,0 +1,99 @@
+"""IMMA (Zheng & Yeh, Alg. 1): make the weights adapt badly to a target concept under a method A.
+
+    for i in 1..I:
+        φ ← φ_prev                          line 5, warm start of the inner problem
+        φ ← φ − β ∇_φ L_A(x_A; θ, φ)        the simulated attacker's step(s)
+        θ[U] ← φ[U]                          line 7, overlapping parameters (DreamBooth/full)
+        θ[S] ← θ[S] + α ∇_θ L_A(x_I; θ, φ)   outer ascent with Adam, first order
+
+`imma_iteration` is that loop body, plain torch; `IMMARecipe` binds it to a pipeline, data, and an
+outer optimizer (a torch Adam, or a DeepSpeed engine inside a Ray Train worker).
+
+Overlap (line 7): for DreamBooth/full, φ is the UNet's own tensors, so the attacker's step writes θ[U]
+in place: the assignment is that write, and the next iteration starts from the θ the outer step left
+(the warm start of the overlapping part *is* θ).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from .comm import all_reduce_mean
+
+
+class OuterOptimizer(Protocol):
+    def backward(self, loss) -> None: ...
+    def step(self) -> None: ...
+
+
+class TorchOuter:
+    """Outer Adam on S without DeepSpeed (tests, single process)."""
+
+    def __init__(self, params, lr: float):
+        import torch
+
+        self.params = list(params)
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+
+    def backward(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "torch.Tensor"],  # noqa: F821
+                   outer_loss: Callable[[], "torch.Tensor"], outer: OuterOptimizer, theta_s: list,  # noqa: F821
+                   inner_lr: float, inner_steps: int = 1, retain_loss: Callable | None = None,
+                   retain_weight: float = 0.0, after_inner: Callable[[], None] | None = None) -> tuple[dict, dict]:
+    """One outer iteration; returns (φ to warm-start the next one, losses)."""
+    import torch
+
+    adaptation.load_warm_state(phi_prev or {})  # line 5
+    phi = adaptation.parameters()
+    for p in phi:
+        p.requires_grad_(True)
+    inner_val = 0.0
+    for _ in range(inner_steps):  # the attacker's step(s) on x_A
+        loss_a = inner_loss()
+        grads = list(torch.autograd.grad(loss_a, phi))
+        all_reduce_mean(grads)  # every rank takes the same attacker step
+        with torch.no_grad():
+            for p, g in zip(phi, grads):
+                p.sub_(inner_lr * g)
+        adaptation.after_step()
+        inner_val = float(loss_a.detach())
+    # line 7: overlapping φ are θ's own tensors and already hold φ^i; an engine may need to hear of it
+    if after_inner is not None:
+        after_inner()
+    phi_next = adaptation.warm_state()
+    for p in phi:
+        p.requires_grad_(False)
+    for p in theta_s:
+        p.requires_grad_(True)
+    loss_i = outer_loss()
+    total = -loss_i  # ascent on the attacker's loss
+    retain_val = None
+    if retain_loss is not None and retain_weight > 0:
+        r = retain_loss()
+        total = total + retain_weight * r
+        retain_val = float(r.detach())
+    outer.backward(total)
+    outer.step()
+    return phi_next, {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val}
+
+
+def select_outer_params(unet, patterns: list[str]) -> dict:
+    """S: UNet parameters whose name contains a pattern (adapter parameters excluded)."""
+    out = {n: p for n, p in unet.named_parameters() if any(pt in n for pt in patterns) and ".lora_" not in n}
+    if not out:
+        from ..errors import UserError
+
+        raise UserError(f"--params {','.join(patterns)}: matches no UNet parameter")
+    return out
+
+
+def released_name(name: str) -> str:
+    """A UNet parameter's name without peft's wrapper (`.base_layer`), i.e. its name in the release."""
+    return name.replace(".base_layer.", ".")

@@ -1,0 +1,117 @@
+"""HardenSpec: the whole hardening job as one typed, validated record (YAML keys equal the flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..attacks.spec import METHODS as ATTACK_METHODS
+from ..errors import UserError
+
+HARDEN_METHODS = ("imma", "freezeasguard", "random-freeze", "imma+freeze")
+
+
+@dataclass
+class HardenSpec:
+    method: str = "imma"
+    """imma | freezeasguard | random-freeze | imma+freeze."""
+    model: str | None = None
+    """Pipeline folder to harden (default: the tiny world)."""
+    target: list[Path] = field(default_factory=list)
+    """Image folders of the illegal concept(s) (metadata.jsonl with captions); one or more."""
+    legal: Path | None = None
+    """Image folder of legal data: IMMA's retain term, FreezeAsGuard's legal loss."""
+    against: str = "lora"
+    """The attacker's adaptation method simulated inside: lora, dreambooth, dreambooth-lora, textual-inversion, full."""
+    out: Path | None = None
+    """Output folder: hardened pipeline, freeze_mask.safetensors, manifest.json (written atomically)."""
+    cluster: str | None = None
+    """Ray cluster address ('auto' for the running one); none: an embedded local Ray."""
+    workers: int = 1
+    """Ray Train workers (each one DeepSpeed rank)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0, 1, 2 or 3."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl) instead of CPU workers (gloo)."""
+    seed: int = 0
+    """Seeds data order, noise, timesteps and initialisations."""
+    steps: int = 100
+    """Outer iterations: IMMA's I, FreezeAsGuard's mask steps K."""
+    batch_size: int = 4
+    """Images per batch and worker."""
+    checkpoint_every: int = 25
+    """Report a resumable checkpoint to Ray Train every N outer steps."""
+    resume: bool = False
+    """Continue the run found in --out's run folder instead of starting over."""
+    overwrite: bool = False
+    """Replace --out if it exists."""
+    # IMMA -------------------------------------------------------------------------------------------
+    outer_lr: float = 1e-3
+    """IMMA α: Adam learning rate of the outer ascent on S."""
+    inner_lr: float = 2e-3
+    """IMMA β: learning rate of the simulated attacker's inner step."""
+    inner_steps: int = 1
+    """IMMA: attacker steps per outer iteration (paper: 1)."""
+    params: str = "attn2"
+    """IMMA S: UNet parameters whose name contains any of these comma-separated patterns."""
+    retain_weight: float = 0.0
+    """IMMA: weight of the ordinary loss on --legal data (keeps other concepts; 0 = paper)."""
+    token: str = "zxq"
+    """Defender's identifier for DreamBooth/TI simulation; deliberately not the attacker's."""
+    rank: int = 4
+    """LoRA rank of the simulated attacker."""
+    jpeg_mix: float = 0.0
+    """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
+    # FreezeAsGuard ----------------------------------------------------------------------------------
+    rho: float = 0.3
+    """Freezing ratio ρ: share of UNet tensors frozen."""
+    lambda1: float | None = None
+    """Weight of the illegal loss (default: proportional to the amount of illegal data)."""
+    lambda2: float | None = None
+    """Weight of the legal loss (default: proportional to the amount of legal data)."""
+    mask_lr: float = 10.0
+    """η1: step size of the mask logits."""
+    user_lr: float = 1e-4
+    """η2: learning rate of the simulated fine-tuning user."""
+    user_steps: int = 10
+    """L: simulated user steps per mask step (paper: 10)."""
+    temperature: float = 0.2
+    """T in m = σ(w / T)."""
+    finetune_steps: int = 100
+    """Steps of the mixed illegal + legal fine-tune that gives θ_ft."""
+    device: str = "auto"
+    """auto, cpu or cuda for single-process use."""
+
+    def __post_init__(self):
+        if self.method not in HARDEN_METHODS:
+            raise UserError(f"--method {self.method}: unknown hardening method; expected one of "
+                            f"{', '.join(HARDEN_METHODS)}")
+        if self.against not in ATTACK_METHODS:
+            raise UserError(f"--against {self.against}: unknown attack method; expected one of "
+                            f"{', '.join(ATTACK_METHODS)}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise UserError(f"--rho {self.rho}: must be within [0, 1]")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UserError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        for flag, v in (("--workers", self.workers), ("--steps", self.steps), ("--batch-size", self.batch_size),
+                        ("--checkpoint-every", self.checkpoint_every), ("--inner-steps", self.inner_steps),
+                        ("--user-steps", self.user_steps), ("--rank", self.rank)):
+            if v <= 0:
+                raise UserError(f"{flag} {v}: must be a positive integer")
+        if self.finetune_steps < 0:
+            raise UserError(f"--finetune-steps {self.finetune_steps}: must not be negative")
+        for flag, v in (("--outer-lr", self.outer_lr), ("--inner-lr", self.inner_lr), ("--mask-lr", self.mask_lr),
+                        ("--user-lr", self.user_lr), ("--temperature", self.temperature)):
+            if not v > 0:
+                raise UserError(f"{flag} {v}: must be positive")
+        if not 0.0 <= self.jpeg_mix <= 1.0:
+            raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
+        self.target = [Path(t) for t in self.target]
+        if self.method != "random-freeze" and not self.target:
+            raise UserError("--target: at least one image folder of the concept to protect is needed")
+        if self.method in ("freezeasguard", "imma+freeze") and self.legal is None:
+            raise UserError("--legal: FreezeAsGuard needs an image folder of legal data")
+
+    @property
+    def param_patterns(self) -> list[str]:
+        return [p.strip() for p in self.params.split(",") if p.strip()]

@@ -1,0 +1,118 @@
+"""Typed specs from YAML files plus flag overrides (litgpt-style): unknown keys and wrong types are
+refused with the key's name, so a typo in a config never silently falls back to a default."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(name, value, a)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{name}: wrong type")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return [_check_type(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return value
+    if hint is Path:
+        if not isinstance(value, (str, Path)):
+            raise UserError(f"{name}: expected a path, got {type(value).__name__} {value!r}")
+        return Path(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_spec(cls, values: dict, source: str = "spec"):
+    """`cls(**values)` with every key known and every value of its field's type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    checked = {k: _check_type(f"{source}: {k}", v, hints[k]) for k, v in values.items()}
+    return cls(**checked)
+
+
+def read_yaml(path: Path, flag: str = "--config") -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{flag} {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{flag} {path}: expected a mapping of keys to values at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def spec_to_yaml_dict(spec) -> dict:
+    out = {}
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if isinstance(v, Path):
+            v = str(v)
+        elif isinstance(v, (list, tuple)):
+            v = [str(x) if isinstance(x, Path) else x for x in v]
+        out[f.name] = v
+    return out
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field (for --help texts and the YAML headers)."""
+    import ast
+    import inspect
+
+    src = inspect.getsource(cls)
+    tree = ast.parse(src)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            docs[a.target.id] = str(b.value.value).strip()
+    return docs

@@ -1,0 +1,88 @@
+"""IMMA's loop body on a toy model: warm start (line 5), overlap copy (line 7), ascent."""
+
+import torch
+
+from raystack.hardening.imma import TorchOuter, imma_iteration
+
+
+class ToyAdapter:
+    """φ apart from θ (like LoRA/TI): its value is carried between iterations."""
+
+    def __init__(self, phi):
+        self.phi = phi
+
+    def parameters(self):
+        return [self.phi]
+
+    def warm_state(self):
+        return {"phi": self.phi.detach().clone()}
+
+    def load_warm_state(self, s):
+        if s:
+            with torch.no_grad():
+                self.phi.copy_(s["phi"])
+
+    def after_step(self):
+        pass
+
+
+class ToyOverlap(ToyAdapter):
+    """φ is θ itself (like DreamBooth): nothing is kept apart."""
+
+    def warm_state(self):
+        return {}
+
+
+def test_warm_start_continues_from_previous_phi():
+    a = torch.tensor([1.0, -2.0, 3.0])
+    phi = torch.nn.Parameter(torch.zeros(3))
+    theta = torch.nn.Parameter(torch.ones(3))
+    ad = ToyAdapter(phi)
+    inner = lambda: ((phi - a) ** 2).sum()  # noqa: E731  ∇ = 2(φ − a)
+    outer = lambda: ((theta * phi - a) ** 2).sum()  # noqa: E731
+    opt = TorchOuter([theta], lr=0.01)
+    beta = 0.1
+    phi1, _ = imma_iteration(ad, None, inner, outer, opt, [theta], inner_lr=beta)
+    assert torch.allclose(phi1["phi"], 0 - beta * 2 * (0 - a))
+    with torch.no_grad():
+        phi.fill_(99.0)  # anything done to φ in between must not matter
+    phi2, _ = imma_iteration(ad, phi1, inner, outer, opt, [theta], inner_lr=beta)
+    expected = phi1["phi"] - beta * 2 * (phi1["phi"] - a)
+    assert torch.allclose(phi2["phi"], expected)
+
+
+def test_overlap_outer_gradient_sees_phi_written_into_theta():
+    a = torch.tensor([0.5, 0.5])
+    theta = torch.nn.Parameter(torch.tensor([2.0, -1.0]))
+    ad = ToyOverlap(theta)
+    seen = {}
+
+    def outer():
+        seen["theta"] = theta.detach().clone()
+        return ((theta - a) ** 2).sum()
+
+    start = theta.detach().clone()
+    beta = 0.25
+    phi_next, _ = imma_iteration(ad, None, lambda: ((theta - a) ** 2).sum(), outer, TorchOuter([theta], lr=0.1),
+                                 [theta], inner_lr=beta)
+    phi_i = start - beta * 2 * (start - a)
+    assert torch.allclose(seen["theta"], phi_i)  # θ[U] ← φ^i before the outer gradient
+    assert phi_next == {}
+    assert not torch.allclose(theta.detach(), phi_i)  # and the outer step moved θ[S] on from there
+
+
+def test_outer_step_ascends_the_attack_loss():
+    torch.manual_seed(0)
+    a = torch.randn(4)
+    phi = torch.nn.Parameter(torch.zeros(4))
+    theta = torch.nn.Parameter(torch.randn(4))
+    ad = ToyAdapter(phi)
+    outer = lambda: ((theta + phi - a) ** 2).sum()  # noqa: E731
+    state, opt = None, TorchOuter([theta], lr=0.05)
+    for _ in range(5):
+        state, stats = imma_iteration(ad, state, lambda: ((theta.detach() + phi - a) ** 2).sum(), outer, opt,
+                                      [theta], inner_lr=0.1)
+        with torch.no_grad():
+            after = float(outer())  # same φ, θ after the outer step
+        assert after > stats["outer_loss"]
+    assert not phi.requires_grad and theta.requires_grad
