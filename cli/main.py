@@ -7,6 +7,7 @@ import typer
 
 from .attack import attack
 from .evaluate import evaluate
+from .harden import harden
 from .world import world_app
 
 app = typer.Typer(
@@ -16,6 +17,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.command(name="harden")(harden)
 app.command(name="attack")(attack)
 app.command(name="evaluate")(evaluate)
 app.add_typer(world_app, name="world")

@@ -114,3 +114,163 @@ def random_mask(names: list[str], rho: float, seed: int) -> dict[str, bool]:
     k = int(round(rho * len(names)))
     chosen = set(rng.choice(len(names), size=k, replace=False).tolist()) if k else set()
     return {n: i in chosen for i, n in enumerate(names)}
+
+
+class FreezeAsGuardRecipe:
+    """FreezeAsGuard bound to a pipeline. The defender's parameters are the mask logits (in the engine);
+    the UNet holds θ(m) and `theta_d` the second copy, both replicated on every rank."""
+
+    name = "freezeasguard"
+
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+        import torch
+
+        from ..diffusion import encode_text, train_noise_scheduler
+        from .data import load_shard
+
+        self.spec, self.pipe = spec, pipe
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        self.illegal = load_shard(spec.target, pipe, rank, world, flag="--target")
+        self.legal = load_shard([spec.legal], pipe, rank, world, flag="--legal")
+        n_ill, n_leg = self.illegal.total, self.legal.total
+        self.lambda1 = spec.lambda1 if spec.lambda1 is not None else n_ill / (n_ill + n_leg)
+        self.lambda2 = spec.lambda2 if spec.lambda2 is not None else n_leg / (n_ill + n_leg)
+        self.names = [n for n, _ in pipe.unet.named_parameters()]
+        self.params = [p for _, p in pipe.unet.named_parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.mask_module = new_mask_logits(len(self.params), seed=spec.seed)
+        self.noise = train_noise_scheduler(pipe)
+        self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
+        self.theta_d: list | None = None
+        self._cache: dict = {}
+        self._encode_text = encode_text
+        self.engine = None
+
+    def engine_module(self):
+        return self.mask_module
+
+    def engine_params(self) -> list:
+        return list(self.mask_module.parameters())
+
+    def make_optimizer(self):
+        import torch
+
+        return torch.optim.SGD(self.engine_params(), lr=self.spec.mask_lr)
+
+    def bind(self, engine, gather=None) -> None:
+        """`engine`: anything with forward/backward/step over the mask module (DeepSpeed or a shim)."""
+        self.engine, self._gather = engine, gather
+
+    def _encode(self, captions):
+        import torch
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            with torch.no_grad():
+                enc = self._encode_text(self.pipe.text_encoder, self.pipe.tokenizer, missing)
+            self._cache.update(zip(missing, enc))
+        return torch.stack([self._cache[c] for c in captions])
+
+    def _loss(self, shard):
+        from .data import shard_loss
+
+        return shard_loss(self.pipe.unet, self.noise, self._encode, shard, self.spec.batch_size, self.generator)
+
+    def _low(self):
+        return self._loss(self.illegal) + self._loss(self.legal)
+
+    def mask(self):
+        """Current m = σ(w/T), read safely whatever the ZeRO stage."""
+        import contextlib
+
+        import torch
+
+        ctx = self._gather(self.mask_module.w) if self._gather else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            return mask_of(self.mask_module.w.detach().float().clone(), self.spec.temperature)
+
+    def prepare(self) -> dict:
+        """θ_ft: the model fully fine-tuned on illegal + legal data; then θ_d = θ_pre − θ_ft, θ(m) = θ_ft + m θ_d."""
+        import torch
+
+        from .comm import all_reduce_mean
+
+        pre = [p.detach().clone() for p in self.params]
+        opt = torch.optim.Adam(self.params, lr=self.spec.user_lr)
+        last = None
+        for _ in range(self.spec.finetune_steps):
+            loss = self._low()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            all_reduce_mean([p.grad for p in self.params])
+            opt.step()
+            last = float(loss.detach())
+        del opt
+        m = self.mask()
+        with torch.no_grad():
+            self.theta_d = [p0 - p.detach() for p0, p in zip(pre, self.params)]
+            for i, (p, d) in enumerate(zip(self.params, self.theta_d)):
+                p.add_(d, alpha=float(m[i]))
+        del pre
+        return {"finetune_loss": last}
+
+    def step(self) -> dict:
+        from .comm import all_reduce_mean
+
+        m_old = self.mask()
+        low = user_steps(self.params, self.theta_d, m_old, self._low, self.spec.user_lr, self.spec.user_steps,
+                         all_reduce=all_reduce_mean)
+        ill, leg = self._loss(self.illegal), self._loss(self.legal)
+        up = -self.lambda1 * ill + self.lambda2 * leg
+        c = couplings(self.params, self.theta_d, up)
+        surrogate = self.engine.forward(c, self.spec.rho, self.spec.temperature)
+        self.engine.backward(surrogate)
+        self.engine.step()
+        m_new = self.mask()
+        follow_mask(self.params, self.theta_d, m_old, m_new)
+        return {"lower_loss": low, "illegal_loss": float(ill.detach()), "legal_loss": float(leg.detach()),
+                "soft_ratio": float(m_new.mean())}
+
+    def final_mask(self) -> dict[str, bool]:
+        return dict(zip(self.names, binarize(self._logits(), self.spec.rho)))
+
+    def _logits(self):
+        import contextlib
+
+        import torch
+
+        ctx = self._gather(self.mask_module.w) if self._gather else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            return self.mask_module.w.detach().float().clone()
+
+    def state_tensors(self) -> dict:
+        out = {f"theta_m/{n}": p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
+        out.update({f"theta_d/{n}": d.detach().cpu().clone() for n, d in zip(self.names, self.theta_d)})
+        out["mask/logits"] = self._logits()
+        out["rng/generator"] = self.generator.get_state()
+        return out
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        import torch
+
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(tensors[f"theta_m/{n}"])
+        self.theta_d = [tensors[f"theta_d/{n}"].clone() for n in self.names]
+        self.generator.set_state(tensors["rng/generator"])
+
+    def load_logits(self, logits) -> None:
+        """Restore w (the engine's parameter) from a checkpoint, whatever the ZeRO stage."""
+        import torch
+
+        if self._gather:
+            with self._gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
+                self.mask_module.w.copy_(logits)
+        else:
+            with torch.no_grad():
+                self.mask_module.w.copy_(logits)
+
+    def finish(self) -> None:
+        pass

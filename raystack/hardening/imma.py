@@ -97,3 +97,94 @@ def select_outer_params(unet, patterns: list[str]) -> dict:
 def released_name(name: str) -> str:
     """A UNet parameter's name without peft's wrapper (`.base_layer`), i.e. its name in the release."""
     return name.replace(".base_layer.", ".")
+
+
+class IMMARecipe:
+    """IMMA bound to a pipeline: setup (attacker simulation, data, S), step, state for checkpoints."""
+
+    name = "imma"
+
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+        import torch
+
+        from ..attacks.methods import make_adaptation
+        from ..attacks.spec import AttackSpec
+        from ..diffusion import train_noise_scheduler
+        from .data import load_shard
+
+        self.spec, self.pipe = spec, pipe
+        attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
+                              batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
+        self.ad = make_adaptation(attacker, pipe)
+        self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self.ad.caption, jpeg_mix=spec.jpeg_mix,
+                                 seed=spec.seed)
+        self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal")
+                      if spec.legal is not None and spec.retain_weight > 0 else None)
+        self.S = select_outer_params(pipe.unet, spec.param_patterns)
+        for p in self.S.values():
+            p.requires_grad_(True)
+        self.overlaps_s = bool(set(self.ad.overlap()) & set(self.S))
+        self.noise = train_noise_scheduler(pipe)
+        self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
+        self.phi_prev: dict | None = None
+        self.outer: OuterOptimizer | None = None
+        self.after_inner: Callable[[], None] | None = None
+
+    # the defender's parameters: S inside the UNet
+    def engine_module(self):
+        return self.pipe.unet
+
+    def engine_params(self) -> list:
+        return list(self.S.values())
+
+    def make_optimizer(self):
+        import torch
+
+        return torch.optim.Adam(self.engine_params(), lr=self.spec.outer_lr)
+
+    def bind(self, outer: OuterOptimizer, after_inner: Callable[[], None] | None = None) -> None:
+        self.outer, self.after_inner = outer, after_inner if self.overlaps_s else None
+
+    def _loss(self, shard, encode=None):
+        from .data import shard_loss
+
+        return shard_loss(self.pipe.unet, self.noise, encode or self.ad.encode, shard, self.spec.batch_size,
+                          self.generator)
+
+    def step(self) -> dict:
+        retain = (lambda: self._loss(self.legal)) if self.legal is not None else None
+        self.phi_prev, stats = imma_iteration(
+            self.ad, self.phi_prev, lambda: self._loss(self.target), lambda: self._loss(self.target), self.outer,
+            self.engine_params(), self.spec.inner_lr, self.spec.inner_steps, retain, self.spec.retain_weight,
+            self.after_inner)
+        return stats
+
+    # checkpoints ----------------------------------------------------------------------------
+    def changed_tensors(self) -> dict:
+        """What IMMA changed in the release, by released name: S, plus all of φ's overlap (line 7)."""
+        names = set(self.S) | set(self.ad.overlap())
+        params = dict(self.pipe.unet.named_parameters())
+        return {released_name(n): params[n].detach().cpu().clone() for n in sorted(names)}
+
+    def state_tensors(self) -> dict:
+        out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
+        out.update({f"phi/{k}": v.detach().cpu() for k, v in (self.phi_prev or {}).items()})
+        out["rng/generator"] = self.generator.get_state()
+        return out
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        import torch
+
+        params = {released_name(n): p for n, p in self.pipe.unet.named_parameters()}
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if k.startswith("theta/"):
+                    params[k[6:]].copy_(v)
+        phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
+        self.phi_prev = phi or None
+        self.generator.set_state(tensors["rng/generator"])
+
+    def finish(self) -> None:
+        """Take the simulated attacker's adapter off (the release holds θ alone)."""
+        if hasattr(self.ad, "remove"):
+            self.ad.remove()

@@ -1,0 +1,62 @@
+"""Hardening data: target (illegal) and legal image folders, encoded once, sharded across ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Shard:
+    bank: object  # LatentBank
+    captions: list[str]
+    total: int  # images before sharding
+
+
+def jpeg_copies(images: np.ndarray, quality: int = 30) -> np.ndarray:
+    """JPEG-compressed copies (IMMA: mixing them in keeps immunity when attackers compress)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        out.append(np.asarray(Image.open(buf).convert("RGB")))
+    return np.stack(out)
+
+
+def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str = "--target",
+               jpeg_mix: float = 0.0, seed: int = 0) -> Shard:
+    from ..diffusion import LatentBank, resolution_of
+    from ..imageio import read_image_folder
+
+    images, captions = [], []
+    for f in folders:
+        folder = read_image_folder(f, flag=flag, size=resolution_of(pipe))
+        images.append(folder.images)
+        captions += [c or "" for c in folder.captions]
+    imgs = np.concatenate(images)
+    if jpeg_mix > 0:
+        rng = np.random.default_rng(seed)
+        pick = rng.random(len(imgs)) < jpeg_mix
+        if pick.any():
+            imgs = np.concatenate([imgs, jpeg_copies(imgs[pick])])
+            captions = captions + [c for c, p in zip(captions, pick) if p]
+    if caption_fn is not None:
+        captions = [caption_fn(c) for c in captions]
+    idx = list(range(rank, len(imgs), world)) or [rank % len(imgs)]
+    return Shard(LatentBank.encode(pipe.vae, imgs[idx]), [captions[i] for i in idx], len(imgs))
+
+
+def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator):
+    import torch
+
+    from ..diffusion import diffusion_loss
+
+    idx = torch.randint(0, len(shard.bank), (batch,), generator=generator)
+    enc = encode([shard.captions[i] for i in idx.tolist()])
+    return diffusion_loss(unet, noise_scheduler, shard.bank.sample(idx, generator), enc, generator)
