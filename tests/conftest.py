@@ -38,3 +38,19 @@ def judge():
     from raystack.tinyworld.classifier import Judge
 
     return Judge()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One small local Ray for the whole test session (logical CPUs may exceed the 2 cores)."""
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX paths must stay short
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR", _temp_dir=tmp,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+                                       "PYTHONWARNINGS": "ignore"}})
+    yield
+    ray.shutdown()

@@ -56,7 +56,14 @@ class Engine:
 
     # exact state for resume
     def _adam_keys(self):
-        return ("exp_avg", "exp_avg_sq")
+        """Tensor states the optimizer really keeps (Adam: exp_avg, exp_avg_sq; plain SGD: none)."""
+        import torch
+
+        base = self.engine.optimizer
+        inner = base if self.stage == 0 else getattr(base, "optimizer", base)
+        keys = {k for st in inner.state.values() for k, v in st.items()
+                if k != "step" and isinstance(v, torch.Tensor)}
+        return tuple(sorted(keys))
 
     def optimizer_state(self) -> dict:
         import torch

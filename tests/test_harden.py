@@ -1,0 +1,91 @@
+"""harden end to end: every method as a 2-worker ZeRO Ray Train job on the tiny world."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from raystack.errors import UserError
+from raystack.freeze_mask import load_freeze_mask
+from raystack.hardening.launcher import run_harden
+from raystack.hardening.spec import HardenSpec
+from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harden")
+    write_concept_folder(root / "target", ["circle", "square"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
+    write_concept_folder(root / "legal", ["cross"], ["green", "yellow"], ["striped", "dotted"], 1, 2, None, False)
+    write_emblem_folder(root / "emblem", "emblem1", 4, 3, "a photo of zxq emblem", False)
+    return root
+
+
+def _spec(tmp_path, data, **kw):
+    base = dict(target=[data / "target"], legal=data / "legal", out=tmp_path / "out", workers=2, zero_stage=2,
+                steps=2, checkpoint_every=1, batch_size=2, user_steps=1, finetune_steps=2)
+    base.update(kw)
+    return HardenSpec(**base)
+
+
+def _check_release(out, tiny_model_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
+    img = pipe("a red circle in plain style", num_inference_steps=3, output_type="np").images
+    assert np.isfinite(img).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+    return pipe, manifest
+
+
+@pytest.mark.parametrize("method, against, extra", [
+    ("imma", "lora", {}),
+    ("imma", "dreambooth", {"params": "attn2.to_k,attn2.to_v"}),
+    ("freezeasguard", "lora", {"rho": 0.3}),
+    ("random-freeze", "lora", {"rho": 0.3}),
+])
+def test_two_worker_zero2_release_loads(method, against, extra, data, tmp_path, tiny_model_path, tiny_pipe,
+                                        ray_session):
+    spec = _spec(tmp_path, data, method=method, against=against, **extra)
+    manifest = run_harden(spec)
+    pipe, manifest = _check_release(spec.out, tiny_model_path)
+    assert manifest["world_size"] == (2 if method != "random-freeze" else 2)
+    names = [n for n, _ in tiny_pipe.unet.named_parameters()]
+    if method in ("freezeasguard", "random-freeze"):
+        mask = load_freeze_mask(spec.out / "freeze_mask.safetensors", names)
+        assert set(mask) == set(names)
+        assert abs(sum(mask.values()) / len(names) - spec.rho) <= 0.02
+        with safe_open(str(spec.out / "freeze_mask.safetensors"), "pt") as f:
+            assert abs(float(f.metadata()["frozen_ratio"]) - spec.rho) <= 0.02
+        # FreezeAsGuard releases the original weights, unchanged
+        before, after = tiny_pipe.unet.state_dict(), pipe.unet.state_dict()
+        assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+    else:
+        changed = manifest["changed_tensors"]
+        assert changed and all(c in names for c in changed)
+        if against == "lora":
+            assert all(".attn2." in c for c in changed)
+        before, after = tiny_pipe.unet.state_dict(), pipe.unet.state_dict()
+        assert any(not np.array_equal(before[c].numpy(), after[c].numpy()) for c in changed)
+        untouched = [k for k in before if k not in changed]
+        assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in untouched)
+
+
+def test_textual_inversion_against_emblem_with_defender_token(data, tmp_path, ray_session):
+    spec = _spec(tmp_path, data, method="imma", against="textual-inversion", target=[data / "emblem"],
+                 token="zxq", workers=1, zero_stage=1)
+    run_harden(spec)
+    pipe, _ = _check_release(spec.out, None)
+    assert "<zxq>" not in pipe.tokenizer.get_vocab()  # the simulation's token is not released
+
+
+def test_zero3_refused_for_imma_with_reason(data, tmp_path):
+    with pytest.raises(UserError, match="ZeRO-3 partitions"):
+        run_harden(_spec(tmp_path, data, method="imma", zero_stage=3))
