@@ -1,0 +1,80 @@
+"""attack -> evaluate -> report, end to end, and the report opened in a real headless browser."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from raystack.browser_check import check_images, find_chromium
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def two_attacks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    runner = CliRunner()
+    assert runner.invoke(app, ["world", "generate", "--out", str(root / "zig"), "--style", "zigzag", "--n", "1",
+                               "--seed", "11"]).exit_code == 0
+    for name, lr in (("weak", "1e-5"), ("strong", "3e-3")):
+        res = runner.invoke(app, ["attack", "--method", "lora", "--data", str(root / "zig"), "--out", str(root / name),
+                                  "--steps", "6", "--checkpoint-every", "3", "--lr", lr])
+        assert res.exit_code == 0, res.output
+    return root
+
+
+def test_evaluate_writes_report_with_grids_and_curves(two_attacks, tmp_path):
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["evaluate", "--run", f"weak={two_attacks / 'weak'}",
+                                   "--run", f"strong={two_attacks / 'strong'}", "--baseline", "strong",
+                                   "--target", "zigzag", "--samples", "8", "--curve-samples", "4", "--steps", "8",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["runs"]) == {"weak", "strong"}
+    for r in report["runs"].values():
+        assert 0.0 <= r["target_accuracy"] <= 1.0
+        assert [c["step"] for c in r["curve"]] == [3, 6]
+    gap = report["gaps"]["weak"]["classifier"]
+    assert gap["SGR"] == pytest.approx(
+        1 - report["runs"]["weak"]["similarity_to_reference"]["classifier"]
+        / report["runs"]["strong"]["similarity_to_reference"]["classifier"])
+    assert report["crossed"] == {"none": {"lora": report["runs"]["strong"]["target_accuracy"]}} or \
+        set(report["crossed"]["none"]) == {"lora"}
+    images = report["images"]
+    assert {"reference.png", "weak_target.png", "strong_target.png", "curves.png"} <= set(images)
+    html = (out / "report.html").read_text()
+    assert all(src in html for src in images.values())
+
+
+def test_report_images_load_in_headless_chromium(two_attacks, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["evaluate", "--run", f"a={two_attacks / 'weak'}", "--target", "zigzag",
+                                   "--samples", "4", "--curve-samples", "2", "--steps", "4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    seen = check_images(out / "report.html", chromium)
+    assert seen["total"] >= 4 and seen["bad"] == []
+    (out / "images" / "curves.png").write_bytes(b"not a png")  # and the check can fail
+    assert check_images(out / "report.html", chromium)["bad"] == ["images/curves.png"]
+
+
+def test_evaluate_bad_input(tmp_path, two_attacks):
+    runner = CliRunner()
+    cases = [
+        (["--run", "x"], "expected NAME=FOLDER"),
+        (["--run", f"a={tmp_path / 'none'}"], "no such folder"),
+        (["--run", f"a={tmp_path}"], "neither an attack output"),
+        (["--run", f"a={two_attacks / 'weak'}", "--baseline", "b"], "not one of the --run names"),
+        (["--run", f"a={two_attacks / 'weak'}", "--target", "blob"], "not a tiny-world concept"),
+    ]
+    for args, msg in cases:
+        full = ["evaluate", *args, "--out", str(tmp_path / "r")]
+        if "--target" not in args:
+            full += ["--target", "zigzag"]
+        res = runner.invoke(app, full)
+        assert res.exit_code == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
+        assert not (tmp_path / "r").exists()
