@@ -7,7 +7,7 @@ CPU_PIN := PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup browser demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -15,15 +15,18 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(CPU_PIN) $(BIN)/pip install --quiet "torch==2.13.*"
 	$(CPU_PIN) $(BIN)/pip install --quiet -e ".[dev]"
+	# DeepSpeed JIT-compiles its CPU comm op on first use (30-70 s per process on a cold cache): do it once here
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; b = g().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
-demo: setup
-	$(BIN)/immunize-cli world quality --samples 64 --json runs/demo/quality.json --grid runs/demo/quality.png
-	$(BIN)/immunize-cli world sample --prompt "a red circle in striped style" \
-		--prompt "a blue cross in checkered style" --prompt "a yellow triangle in zigzag style" \
-		--n 8 --out runs/demo/samples.png
+# headless Chromium opens the HTML report in the tests (Debian package; root installs it)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: setup
+demo: setup
+	scripts/demo.sh
+
+test: setup browser
 	$(BIN)/pytest -q
 
 test-fast: setup

@@ -57,12 +57,17 @@ def pretrain(
     unet_steps: int = typer.Option(6000, "--unet-steps", min=1),
     classifier_steps: int = typer.Option(2500, "--classifier-steps", min=1),
     images_per_combo: int = typer.Option(64, "--images-per-combo", min=1),
+    unet_lr: float = typer.Option(6e-4, "--unet-lr"),
+    schedule: str = typer.Option("linear", "--schedule", help="Noise schedule: linear | scaled_linear."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue text encoder + UNet (and "
+                                             "take the VAE) from this pipeline folder."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps of the schedule."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads (1 is fastest on a shared 2-core box)."),
 ):
     """Pretrain the tiny world from scratch (VAE, then text encoder + UNet, then the classifier).
 
-    Resumable: rerun the same command after an interruption. The shipped model came from
-    `immunize-cli world pretrain --out raystack/tinyworld/assets` with the defaults.
+    Resumable: rerun the same command after an interruption. The README gives the exact commands
+    that made the shipped model.
     """
     quiet_libraries()
     from raystack.errors import UserError
@@ -72,9 +77,14 @@ def pretrain(
 
     if stage not in ("all", "vae", "unet", "classifier"):
         raise UserError(f"--stage {stage}: expected one of all, vae, unet, classifier")
+    from raystack.tinyworld.architecture import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise UserError(f"--schedule {schedule}: expected one of {', '.join(SCHEDULES)}")
     configure_threads(threads)
     spec = PretrainSpec(out=out / "tiny-sd", work=work, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps,
-                        images_per_combo=images_per_combo)
+                        images_per_combo=images_per_combo, unet_lr=unet_lr, schedule=schedule, init_from=init_from,
+                        stop_after=stop_after)
     say = lambda m: console.print(m)  # noqa: E731
     if stage in ("all", "vae"):
         train_vae(spec, say)

@@ -46,6 +46,12 @@ class PretrainSpec:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 250
     """Steps between resumable checkpoints (and pipeline snapshots) of the UNet stage."""
+    schedule: str = "linear"
+    """Noise schedule: linear (DDPM) or scaled_linear (SD-1.x); see architecture.SCHEDULES."""
+    init_from: Path | None = None
+    """Start the text encoder + UNet from this pipeline folder instead of from scratch."""
+    stop_after: int | None = None
+    """Stop (and save) after this many steps of the `unet_steps` schedule."""
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -113,9 +119,17 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
 
     seed_everything(spec.seed)
     tok = build_tokenizer(spec.work / "tokenizer_src", all_words())
-    vae = AutoencoderKL.from_pretrained(str(spec.work / "vae")).eval()
+    vae_dir = spec.init_from / "vae" if spec.init_from is not None else spec.work / "vae"
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
     te, unet = new_text_encoder(tok), new_unet()
-    noise_sched = new_train_scheduler()
+    if spec.init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(spec.init_from), subfolder="unet").state_dict())
+        te.load_state_dict(CLIPTextModel.from_pretrained(str(spec.init_from), subfolder="text_encoder").state_dict())
+        say(f"unet: initialised from {spec.init_from}")
+    noise_sched = new_train_scheduler(spec.schedule)
 
     cs = concept_set(spec.images_per_combo, spec.seed + 3, trained_only=True)
     x = to_model_tensor(cs.images)
@@ -153,7 +167,8 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
     t0 = time.time()
     unet.train()
     te.train()
-    for step in range(start, spec.unet_steps):
+    end = min(spec.unet_steps, spec.stop_after or spec.unet_steps)
+    for step in range(start, end):
         idx = torch.randint(0, len(x), (spec.unet_batch,), generator=g)
         z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf
         drop = torch.rand(spec.unet_batch, generator=g) < spec.cfg_dropout
@@ -173,16 +188,16 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
         if step % 25 == 0:
             _log(spec.work / "unet_log.jsonl", step=step, loss=loss.item(), lr=sched.get_last_lr()[0],
                  s=round(time.time() - t0, 1))
-        if done % spec.checkpoint_every == 0 or done == spec.unet_steps:
+        if done % spec.checkpoint_every == 0 or done == end:
             free = {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}
             free["rng"] = g.get_state()
             save_training_state(ckpt, {"unet": unet, "te": te}, {"opt": opt}, free,
                                 {"step": done, "ema_step": ema.optimization_step})
-            _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, new_release_scheduler(),
+            _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, new_release_scheduler(spec.schedule),
                                     spec.work / "snapshot", step=done)
             say(f"unet step {done}/{spec.unet_steps} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-    _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, new_release_scheduler(), spec.out,
-                            step=spec.unet_steps)
+    _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, new_release_scheduler(spec.schedule), spec.out,
+                            step=end)
     say(f"pipeline saved to {spec.out}")
 
 
