@@ -6,6 +6,8 @@ import functools
 import os
 import sys
 
+import click
+import typer
 from rich.console import Console
 
 console = Console(stderr=False)
@@ -30,6 +32,8 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except UserError as e:
             fail(str(e), e.exit_code)
+        except (SystemExit, click.exceptions.Exit, typer.Exit):
+            raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks

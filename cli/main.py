@@ -8,6 +8,7 @@ import typer
 from .attack import attack
 from .evaluate import evaluate
 from .harden import harden
+from .verify import verify
 from .world import world_app
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command(name="harden")(harden)
 app.command(name="attack")(attack)
 app.command(name="evaluate")(evaluate)
+app.command(name="verify")(verify)
 app.add_typer(world_app, name="world")
 
 
