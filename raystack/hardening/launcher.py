@@ -27,21 +27,51 @@ def validate_inputs(spec: HardenSpec) -> None:
         raise UserError("--out is required")
     if spec.out.exists() and not spec.overwrite and not spec.resume:
         raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
-    parent = spec.out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"--out {spec.out}: not writable")
+    check_writable(spec.out, "--out")
     check_pipeline_folder(resolve_model_path(spec.model), "--model")
     for t in spec.target:
         read_image_folder(t, flag="--target")
     if spec.legal is not None:
         read_image_folder(spec.legal, flag="--legal")
+    if spec.cluster:
+        check_reachable(spec.cluster)
     if spec.zero_stage == 3 and spec.method in ("imma", "imma+freeze"):
         raise UserError("--zero-stage 3: IMMA updates the simulated attacker's adapter by hand inside the UNet, "
                         "which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
                         "(FreezeAsGuard and random-freeze run under ZeRO-3)")
+
+
+def check_writable(out: Path, flag: str) -> None:
+    """The nearest existing ancestor of `out` must take a new file (probed, then removed)."""
+    import tempfile
+
+    probe = Path(out).resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise OSError
+        fd, name = tempfile.mkstemp(prefix=".immunize-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError:
+        raise UserError(f"{flag} {out}: not writable") from None
+
+
+def check_reachable(address: str, flag: str = "--cluster", timeout: float = 5.0) -> None:
+    """A host:port Ray address must accept a TCP connection before ray.init retries it for minutes."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{flag} {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(f"{flag} {address}: unreachable ({e.strerror or type(e).__name__})") from None
 
 
 def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> None:
@@ -53,6 +83,7 @@ def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> None:
         return
     address = spec.cluster or os.environ.get("RAY_ADDRESS")
     if address:
+        check_reachable(address, "--cluster" if spec.cluster else "RAY_ADDRESS")
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
         except Exception as e:  # noqa: BLE001 - ray raises many kinds for a bad address
