@@ -102,6 +102,8 @@ class ClassifierSpec:
     per_combo: int = 40
     per_emblem: int = 300
     n_junk: int = 3000
+    random_background: float = 0.5
+    """Share of concept images on a random background colour: the judge rates the object, not the canvas."""
 
 
 def _roundtrip(vae, images: np.ndarray) -> np.ndarray:
@@ -125,7 +127,7 @@ def train_classifier(spec: ClassifierSpec, say: Callable[[str], None] = print) -
 
     seed_everything(spec.seed)
     rng = np.random.default_rng(spec.seed + 10)
-    cs = concept_set(spec.per_combo, spec.seed + 11, trained_only=False)
+    cs = concept_set(spec.per_combo, spec.seed + 11, trained_only=False, random_background=spec.random_background)
     em, em_lab = emblem_set(spec.per_emblem, spec.seed + 12)
     junk = junk_images(spec.n_junk, rng, cs.images)
     imgs = np.concatenate([cs.images, em, junk])

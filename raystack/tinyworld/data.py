@@ -25,13 +25,15 @@ def combos(trained_only: bool) -> list[tuple[str, str, str]]:
     return [(sh, co, st) for sh in shapes for co in COLOURS for st in styles]
 
 
-def concept_set(n_per_combo: int, seed: int, trained_only: bool = True) -> ConceptSet:
-    """`n_per_combo` images of every (shape, colour, style); the same seed gives the same bytes."""
+def concept_set(n_per_combo: int, seed: int, trained_only: bool = True, random_background: float = 0.0) -> ConceptSet:
+    """`n_per_combo` images of every (shape, colour, style); the same seed gives the same bytes.
+    `random_background`: share of images drawn on a random background colour instead of grey."""
     rng = np.random.default_rng(seed)
     imgs, caps, sh_i, co_i, st_i = [], [], [], [], []
     for sh, co, st in combos(trained_only):
         for _ in range(n_per_combo):
-            imgs.append(render_concept(sh, co, st, rng))
+            bg = rng.uniform(0.05, 0.95, 3) if random_background and rng.random() < random_background else None
+            imgs.append(render_concept(sh, co, st, rng, background=bg))
             caps.append(caption(sh, co, st))
             sh_i.append(SHAPES.index(sh))
             co_i.append(COLOURS.index(co))

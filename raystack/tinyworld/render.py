@@ -79,14 +79,16 @@ def _colour(name: str, rng: np.random.Generator, jitter: float = 0.04) -> np.nda
     return np.clip(base + rng.uniform(-jitter, jitter, size=3), 0.0, 1.0)
 
 
-def render_concept(shape: str, colour: str, style: str, rng: np.random.Generator) -> np.ndarray:
-    """One image of a `colour` `shape` in `style` style, uint8 HxWx3."""
+def render_concept(shape: str, colour: str, style: str, rng: np.random.Generator,
+                   background: np.ndarray | None = None) -> np.ndarray:
+    """One image of a `colour` `shape` in `style` style, uint8 HxWx3. The world's background is grey;
+    `background` (RGB in [0, 1]) overrides it, for a classifier that must judge the object alone."""
     if colour not in PALETTE:
         raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(PALETTE)}")
     u, v = _grid(rng, jitter=0.08, scale_jitter=0.08, rot_deg=8.0)
     mask = _downsample(shape_mask(shape, u, v)[..., None].astype(float))
     fg = _colour(colour, rng)
-    bg = np.full(3, 0.5) + rng.uniform(-0.04, 0.04)
+    bg = np.full(3, 0.5) + rng.uniform(-0.04, 0.04) if background is None else np.asarray(background, float)
     img = mask * fg + (1.0 - mask) * bg
     img = img * (1.0 - _PATTERN_DEPTH * style_pattern(style, rng)[..., None])
     return _to_uint8(img)
