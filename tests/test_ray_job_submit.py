@@ -1,0 +1,57 @@
+"""`ray start --head` locally, then `ray job submit --working-dir . -- immunize-cli harden ... --cluster auto`."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_harden_on_a_started_cluster(tmp_path):
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "target", ["circle"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
+    gcs, dash = _free_port(), _free_port()
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", dash), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(1)
+        out = tmp_path / "hardened"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+               "--", "immunize-cli", "harden", "--method", "random-freeze", "--rho", "0.25",
+               "--target", str(tmp_path / "target"), "--out", str(out), "--workers", "1", "--cluster", "auto"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["method"] == "random-freeze" and abs(manifest["frozen_ratio"] - 0.25) <= 0.02
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
