@@ -55,10 +55,10 @@ def pretrain(
     seed: int = typer.Option(0, "--seed"),
     vae_steps: int = typer.Option(1500, "--vae-steps", min=1),
     unet_steps: int = typer.Option(6000, "--unet-steps", min=1),
-    classifier_steps: int = typer.Option(2500, "--classifier-steps", min=1),
+    classifier_steps: int = typer.Option(1500, "--classifier-steps", min=1),
     images_per_combo: int = typer.Option(64, "--images-per-combo", min=1),
     unet_lr: float = typer.Option(6e-4, "--unet-lr"),
-    schedule: str = typer.Option("linear", "--schedule", help="Noise schedule: linear | scaled_linear."),
+    schedule: str = typer.Option("scaled_linear", "--schedule", help="Noise schedule: scaled_linear | linear."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue text encoder + UNet (and "
                                              "take the VAE) from this pipeline folder."),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps of the schedule."),

@@ -31,7 +31,7 @@ def test_pretrain_from_scratch_then_resume(tmp_path):
     from raystack.models.pipeline_io import load_pipeline
 
     pipe = load_pipeline(tmp_path / "out" / "tiny-sd")
-    assert pipe.scheduler.config.beta_schedule == "linear"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert pipe.tokenizer.tokenize("zigzag") == ["zigzag</w>"]
 
 

@@ -96,7 +96,7 @@ class ClassifierSpec:
     vae: Path | None = None
     """VAE folder for round-trip augmentation (generated images pass its decoder); None skips it."""
     seed: int = 0
-    steps: int = 2500
+    steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
     per_combo: int = 40

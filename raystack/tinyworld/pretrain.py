@@ -46,8 +46,8 @@ class PretrainSpec:
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 250
     """Steps between resumable checkpoints (and pipeline snapshots) of the UNet stage."""
-    schedule: str = "linear"
-    """Noise schedule: linear (DDPM) or scaled_linear (SD-1.x); see architecture.SCHEDULES."""
+    schedule: str = "scaled_linear"
+    """Noise schedule: scaled_linear (SD-1.x) or linear (DDPM); see architecture.SCHEDULES."""
     init_from: Path | None = None
     """Start the text encoder + UNet from this pipeline folder instead of from scratch."""
     stop_after: int | None = None
