@@ -48,7 +48,11 @@ def test_ray_job_submit_runs_harden_on_a_started_cluster(tmp_path):
         cmd = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
                "--", "immunize-cli", "harden", "--method", "random-freeze", "--rho", "0.25",
                "--target", str(tmp_path / "target"), "--out", str(out), "--workers", "1", "--cluster", "auto"]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(12):  # the job agent may come up after the dashboard port does ("try again later")
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in res.stderr:
+                break
+            time.sleep(5)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["method"] == "random-freeze" and abs(manifest["frozen_ratio"] - 0.25) <= 0.02
