@@ -47,7 +47,8 @@ def guarded(fn):
 
 def quiet_libraries() -> None:
     """Silence the progress bars and notices of diffusers/transformers/deepspeed; ours are rich."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_cuda_hint() else None
+    if not _has_cuda_hint():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -194,10 +194,12 @@ def quality(
             "families": [{"name": f.name, "accuracy": f.accuracy, **f.per_attribute} for f in fams],
             "settings": {"samples": samples, "steps": steps, "guidance": guidance, "seed": seed}}, indent=2))
     if grid:
+        import numpy as np
+
         from raystack.imageio import save_png
         from raystack.sampling import image_grid
 
         imgs = [f.images[:: max(1, len(f.images) // 16)][:16] for f in fams]
-        save_png(grid, image_grid(__import__("numpy").concatenate(imgs), cols=16).repeat(3, 0).repeat(3, 1))
+        save_png(grid, image_grid(np.concatenate(imgs), cols=16).repeat(3, 0).repeat(3, 1))
     if not ok:
         raise typer.Exit(1)

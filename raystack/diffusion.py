@@ -76,5 +76,23 @@ def encode_text(text_encoder, tokenizer, captions: list[str]):
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
+class FrozenTextCache:
+    """Text encodings of a frozen text encoder, computed once per distinct caption."""
+
+    def __init__(self, text_encoder, tokenizer):
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self._cache: dict = {}
+
+    def __call__(self, captions: list[str]):
+        import torch
+
+        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
+        if missing:
+            with torch.no_grad():
+                enc = encode_text(self.text_encoder, self.tokenizer, missing)
+            self._cache.update(zip(missing, enc))
+        return torch.stack([self._cache[c] for c in captions])
+
+
 def resolution_of(pipe) -> int:
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)

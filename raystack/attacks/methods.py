@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..diffusion import encode_text
+from ..diffusion import FrozenTextCache, encode_text
 from ..errors import UserError
 from .spec import AttackSpec
 
@@ -31,7 +31,7 @@ class Adaptation:
 
     def __init__(self, spec: AttackSpec, pipe, freeze_mask: dict[str, bool] | None = None):
         self.spec, self.pipe, self.mask = spec, pipe, freeze_mask or {}
-        self._cache: dict[str, object] = {}
+        self._frozen_text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         pipe.unet.requires_grad_(False)
@@ -41,16 +41,9 @@ class Adaptation:
         return self.spec.prompt or text
 
     def encode(self, captions: list[str]):
-        import torch
-
         if self.trains_text_encoder:
             return encode_text(self.pipe.text_encoder, self.pipe.tokenizer, captions)
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            with torch.no_grad():
-                enc = encode_text(self.pipe.text_encoder, self.pipe.tokenizer, missing)
-            self._cache.update({c: e for c, e in zip(missing, enc)})
-        return torch.stack([self._cache[c] for c in captions])
+        return self._frozen_text(captions)
 
     # φ ------------------------------------------------------------------------------------
     def named_parameters(self) -> dict[str, "torch.nn.Parameter"]:  # noqa: F821

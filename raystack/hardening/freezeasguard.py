@@ -125,7 +125,7 @@ class FreezeAsGuardRecipe:
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         import torch
 
-        from ..diffusion import encode_text, train_noise_scheduler
+        from ..diffusion import FrozenTextCache, train_noise_scheduler
         from .data import load_shard
 
         self.spec, self.pipe = spec, pipe
@@ -144,8 +144,7 @@ class FreezeAsGuardRecipe:
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.theta_d: list | None = None
-        self._cache: dict = {}
-        self._encode_text = encode_text
+        self._encode = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
         self.engine = None
 
     def engine_module(self):
@@ -162,16 +161,6 @@ class FreezeAsGuardRecipe:
     def bind(self, engine, gather=None) -> None:
         """`engine`: anything with forward/backward/step over the mask module (DeepSpeed or a shim)."""
         self.engine, self._gather = engine, gather
-
-    def _encode(self, captions):
-        import torch
-
-        missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
-        if missing:
-            with torch.no_grad():
-                enc = self._encode_text(self.pipe.text_encoder, self.pipe.tokenizer, missing)
-            self._cache.update(zip(missing, enc))
-        return torch.stack([self._cache[c] for c in captions])
 
     def _loss(self, shard):
         from .data import shard_loss

@@ -171,6 +171,7 @@ def _apply_released(unet, tensors: dict) -> None:
 
 def _report(recipe, engine, meta: dict, carried: dict, rank: int, phase: str) -> None:
     import ray.train
+    import torch
 
     with tempfile.TemporaryDirectory() as d:
         tensors = {}
@@ -180,7 +181,7 @@ def _report(recipe, engine, meta: dict, carried: dict, rank: int, phase: str) ->
         tensors.update({f"carried/{k}": v for k, v in carried.items()})
         meta = {**meta, "carried": bool(carried), "phase": phase}
         if rank == 0:
-            _save_tensors(Path(d) / STATE_FILE, tensors or {"empty": __import__("torch").zeros(1)}, meta)
+            _save_tensors(Path(d) / STATE_FILE, tensors or {"empty": torch.zeros(1)}, meta)
         ray.train.report({"step": meta["step"], "phase_index": meta["phase_index"], **meta["losses"]},
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
