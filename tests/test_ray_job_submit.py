@@ -28,13 +28,20 @@ def test_ray_job_submit_runs_harden_on_a_started_cluster(tmp_path):
 
     write_concept_folder(tmp_path / "target", ["circle"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
     gcs, dash = _free_port(), _free_port()
+    # The session's own Ray (conftest) already holds Ray's default agent/metrics ports: a second node
+    # started with defaults never gets a job agent ("No available agent"), so every port is picked here.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    low = _free_port()
+    ports += [f"--min-worker-port={low}", f"--max-worker-port={low + 200}"]
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
+                             "--include-dashboard=true", *ports], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
