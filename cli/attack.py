@@ -30,6 +30,7 @@ def attack(
     prior_loss_weight: float = typer.Option(1.0, "--prior-loss-weight"),
     num_vectors: int = typer.Option(1, "--num-vectors", help="textual-inversion: vectors of the new token."),
     initializer_token: str = typer.Option("emblem", "--initializer-token", help="textual-inversion: init word."),
+    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="Min-SNR loss weight γ (e.g. 5.0)."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save weights every N steps."),
     freeze_mask: Optional[Path] = typer.Option(None, "--freeze-mask", help="FreezeAsGuard mask to respect."),
     seed: int = typer.Option(0, "--seed"),
@@ -44,7 +45,7 @@ def attack(
                       prior_preservation=prior_preservation, class_prompt=class_prompt,
                       num_class_images=num_class_images, prior_loss_weight=prior_loss_weight,
                       num_vectors=num_vectors, initializer_token=initializer_token,
-                      checkpoint_every=checkpoint_every, freeze_mask=freeze_mask, seed=seed, device=device,
+                      snr_gamma=snr_gamma, checkpoint_every=checkpoint_every, freeze_mask=freeze_mask, seed=seed, device=device,
                       overwrite=overwrite)
     if out.exists() and not overwrite:
         from raystack.errors import UserError

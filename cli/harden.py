@@ -44,6 +44,8 @@ def harden(
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     finetune_steps: Optional[int] = typer.Option(None, "--finetune-steps"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    max_failures: Optional[int] = typer.Option(None, "--max-failures",
+                                               help="Restart failed workers from the last checkpoint N times."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in <out>.run."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace --out if it exists."),
 ):
@@ -58,7 +60,7 @@ def harden(
                  inner_steps=inner_steps, params=params, retain_weight=retain_weight, token=token, rank=rank,
                  jpeg_mix=jpeg_mix, rho=rho, lambda1=lambda1, lambda2=lambda2, mask_lr=mask_lr, user_lr=user_lr,
                  user_steps=user_steps, temperature=temperature, finetune_steps=finetune_steps, seed=seed,
-                 resume=resume, overwrite=overwrite)
+                 max_failures=max_failures, resume=resume, overwrite=overwrite)
     values.update({k: v for k, v in flags.items() if v is not None})
     spec = build_spec(HardenSpec, values, source=str(config) if config else "flags")
     from raystack.hardening.launcher import validate_inputs

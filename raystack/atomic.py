@@ -24,16 +24,48 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        _fault_point()
         if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "x")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(tmp, dest):  # no atomic swap here: two renames, a short window without dest
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                os.replace(dest, old / "x")
+                os.replace(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the new contents on failure, the previous ones after a swap
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange)
+    return rc == 0
+
+
+def _fault_point() -> None:
+    """Fault injection for tests: IMMUNIZE_FAULT_SAVE_PAUSE=seconds holds a finished output before its
+    commit, so a test can kill the process while it saves."""
+    pause = os.environ.get("IMMUNIZE_FAULT_SAVE_PAUSE")
+    if pause:
+        import time
+
+        marker = os.environ.get("IMMUNIZE_FAULT_SAVE_MARKER")
+        if marker:
+            Path(marker).write_text("saving")
+        time.sleep(float(pause))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

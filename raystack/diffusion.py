@@ -51,7 +51,10 @@ def train_noise_scheduler(pipe):
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, reduce: bool = True):
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, reduce: bool = True,
+                   snr_gamma: float | None = None):
+    """Denoising MSE at uniform timesteps; `snr_gamma` weights each sample by min(SNR, γ)/SNR (Min-SNR,
+    Hang et al. 2023, the diffusers examples' --snr_gamma) so easy low-noise steps stop dominating."""
     import torch
 
     dev = next(unet.parameters()).device
@@ -64,8 +67,12 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
     else:
         target = noise
     pred = unet(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample
-    err = (pred.float() - target.to(dev).float()).pow(2)
-    return err.mean() if reduce else err.mean(dim=tuple(range(1, err.ndim)))
+    err = (pred.float() - target.to(dev).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+    if snr_gamma:
+        snr = noise_scheduler.alphas_cumprod[t] / (1 - noise_scheduler.alphas_cumprod[t])
+        w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if noise_scheduler.config.prediction_type == "v_prediction" else snr)
+        err = err * w.to(dev)
+    return err.mean() if reduce else err
 
 
 def encode_text(text_encoder, tokenizer, captions: list[str]):

@@ -57,6 +57,8 @@ class AttackSpec:
     """textual-inversion: embedding vectors of the new token."""
     initializer_token: str = "emblem"
     """textual-inversion: existing word whose embedding initialises the new one."""
+    snr_gamma: float | None = None
+    """Min-SNR loss weighting γ (the diffusers examples' --snr_gamma, 5.0 is usual); None: plain MSE."""
     checkpoint_every: int = 50
     """Save the adapter/weights every N steps (for curves of quality against attack steps)."""
     seed: int = 0
@@ -83,6 +85,8 @@ class AttackSpec:
                 raise UserError(f"{name} {val}: must be a positive integer")
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: must be positive")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            raise UserError(f"--snr-gamma {self.snr_gamma}: must be positive")
         if self.prior_preservation and not self.class_prompt:
             raise UserError("--prior-preservation needs --class-prompt")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -91,16 +91,40 @@ class Engine:
                 out["opt/step"] = torch.as_tensor(steps[0]).float().reshape(1)
         return out
 
+    def _create_optimizer_state(self, keys) -> None:
+        """Torch Adam (and ZeRO-1/2 around it) create their state on the first step; a resumed run has taken
+        none yet, so make it now (zeros, step 0) for the checkpoint's values to be written into."""
+        import torch
+
+        base = self.engine.optimizer
+        if self.stage == 0:
+            holders = [(base, p) for p in self.params]
+        elif self.stage in (1, 2):
+            holders = [(base.optimizer, flat) for flat in base.single_partition_of_fp32_groups]
+        else:
+            return  # ZeRO-3 creates its state when it is built
+        for opt, p in holders:
+            st = opt.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                for k in keys:
+                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if self.stage in (1, 2):
+            base._hp_optimizer_states_linked = False
+            base._lazy_init_hp_params_optimizer_state()
+
     def load_state(self, tensors: dict) -> None:
         """Parameters from the module (already restored by the recipe) and Adam moments + step."""
         import torch
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        keys = sorted({k.split("/")[2] for k in tensors if k.startswith("opt/") and k.count("/") == 2})
+        self._create_optimizer_state(keys)
         base = self.engine.optimizer
         if self.stage == 0:
             for i, p in enumerate(self.params):
                 st = base.state.setdefault(p, {})
-                for k in self._adam_keys():
+                for k in keys:
                     if f"opt/{i}/{k}" in tensors:
                         st[k] = tensors[f"opt/{i}/{k}"].to(p.device, p.dtype).clone()
                 if "opt/step" in tensors:
@@ -113,7 +137,7 @@ class Engine:
             else:
                 value = p.detach().clone()
             safe_set_full_fp32_param(p, value)
-            for k in self._adam_keys():
+            for k in keys:
                 if f"opt/{i}/{k}" in tensors:
                     safe_set_full_optimizer_state(p, tensors[f"opt/{i}/{k}"].clone(), k)
         if "opt/step" in tensors:

@@ -92,6 +92,9 @@ def train_loop(config: dict) -> None:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             resume_tensors, resume_meta = _load_tensors(Path(d) / STATE_FILE)
+            mine = Path(d) / _rank_file(get_rank())
+            if mine.exists():
+                resume_tensors["state/rng/generator"] = _load_tensors(mine)[0]["rng/generator"]
 
     seed_everything(spec.seed)
     pipe = load_pipeline(spec.model, device=device)
@@ -100,6 +103,9 @@ def train_loop(config: dict) -> None:
         carried = {k[len("carried/"):]: v for k, v in resume_tensors.items() if k.startswith("carried/")}
     all_phases = phases(spec.method)
     start_phase = resume_meta.get("phase_index", 0)
+    # where this attempt picked the run up (None: from the start), kept in the manifest
+    resumed_from = {"phase": all_phases[start_phase] if start_phase < len(all_phases) else None,
+                    "step": int(resume_meta.get("step", 0))} if resume_meta else None
     result: dict = {}
     losses: dict = resume_meta.get("losses", {})
     t0 = time.time()
@@ -123,6 +129,7 @@ def train_loop(config: dict) -> None:
                 recipe.load_logits(resume_tensors["state/mask/logits"])
             engine.load_state(resume_tensors)
             start = int(resume_meta["step"])
+            print(f"[immunize] rank {rank}: resumed {phase} at step {start}", flush=True)
         elif phase != "imma":
             losses.update(recipe.prepare())
         for step in range(start, spec.steps):
@@ -133,6 +140,7 @@ def train_loop(config: dict) -> None:
                 progress.update.remote(phase, done, spec.steps, losses)
             if fault.get("rank") == rank and fault.get("step") == done and not _fault_fired(fault):
                 _mark_fault(fault)
+                time.sleep(float(fault.get("delay", 0)))  # let the controller take the last report first
                 os._exit(1)  # fault injection: this worker dies once
             if done % spec.checkpoint_every == 0 and done < spec.steps:
                 _report(recipe, engine, {"phase_index": pi, "step": done, "losses": losses}, carried, rank, phase)
@@ -156,7 +164,7 @@ def train_loop(config: dict) -> None:
                 tensors[MASK_KEY_PREFIX + name] = torch.tensor([1 if frozen else 0], dtype=torch.uint8)
             _save_tensors(Path(d) / RESULT_FILE, tensors or {"empty": torch.zeros(1)},
                           {"losses": losses, "wall_seconds": round(time.time() - t0, 2), "world_size": world,
-                           "final": True})
+                           "final": True, "resumed_from": resumed_from})
         ray.train.report({"final": 1, **losses}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -182,8 +190,14 @@ def _report(recipe, engine, meta: dict, carried: dict, rank: int, phase: str) ->
         meta = {**meta, "carried": bool(carried), "phase": phase}
         if rank == 0:
             _save_tensors(Path(d) / STATE_FILE, tensors or {"empty": torch.zeros(1)}, meta)
+        if recipe is not None:  # every rank draws its own noise: each keeps its own RNG (Ray merges the files)
+            _save_tensors(Path(d) / _rank_file(rank), {"rng/generator": recipe.generator.get_state()}, {})
         ray.train.report({"step": meta["step"], "phase_index": meta["phase_index"], **meta["losses"]},
                          checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _rank_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
 
 
 def _fault_fired(fault: dict) -> bool:

@@ -129,7 +129,7 @@ def run_dir_for(spec: HardenSpec) -> Path:
 
 
 def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = None,
-               fault_injection: dict | None = None, max_failures: int = 0) -> dict:
+               fault_injection: dict | None = None) -> dict:
     """Submit the job, wait, assemble outputs; returns the manifest."""
     validate_inputs(spec)
     import ray
@@ -153,7 +153,7 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
                                      resources_per_worker=None if spec.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(run_dir),
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     box: dict = {}
@@ -261,6 +261,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
             "frozen_ratio": ratio,
             "final_losses": meta.get("losses", {}),
             "world_size": meta.get("world_size"),
+            "resumed_from": meta.get("resumed_from"),
             "worker_seconds": meta.get("wall_seconds"),
             "wall_seconds": round(wall, 2),
             "versions": _versions(),

@@ -41,6 +41,8 @@ class HardenSpec:
     """Images per batch and worker."""
     checkpoint_every: int = 25
     """Report a resumable checkpoint to Ray Train every N outer steps."""
+    max_failures: int = 0
+    """Ray Train FailureConfig: restart the workers from the last checkpoint up to N times (-1: forever)."""
     resume: bool = False
     """Continue the run found in --out's run folder instead of starting over."""
     overwrite: bool = False
@@ -98,6 +100,8 @@ class HardenSpec:
                         ("--user-steps", self.user_steps), ("--rank", self.rank)):
             if v <= 0:
                 raise UserError(f"{flag} {v}: must be a positive integer")
+        if self.max_failures < -1:
+            raise UserError(f"--max-failures {self.max_failures}: expected -1 (retry forever) or more")
         if self.finetune_steps < 0:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must not be negative")
         for flag, v in (("--outer-lr", self.outer_lr), ("--inner-lr", self.inner_lr), ("--mask-lr", self.mask_lr),
