@@ -8,6 +8,7 @@ import typer
 from .attack import attack
 from .evaluate import evaluate
 from .harden import harden
+from .tune import tune
 from .verify import verify
 from .world import world_app
 
@@ -21,6 +22,7 @@ app = typer.Typer(
 app.command(name="harden")(harden)
 app.command(name="attack")(attack)
 app.command(name="evaluate")(evaluate)
+app.command(name="tune")(tune)
 app.command(name="verify")(verify)
 app.add_typer(world_app, name="world")
 

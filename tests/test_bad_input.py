@@ -8,6 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+
+TINY_SPACE = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tune_spaces" / "tiny_rho_4.yaml")
 from raystack.freeze_mask import save_freeze_mask
 from raystack.tinyworld.folder import write_concept_folder
 
@@ -34,6 +36,12 @@ def world(tmp_path_factory, tiny_model_path):
     (root / "unknown_key.yaml").write_text("method: imma\nsteps: 3\nlearning_rate: 1\n")
     (root / "wrong_type.yaml").write_text("method: imma\nsteps: three\n")
     (root / "not_yaml.yaml").write_text("method: [imma\n")
+    space = "name: s\nharden: {method: freezeasguard}\nsearch: {rho: {grid: [0.1, 0.3]}}\n"
+    (root / "space_rho.yaml").write_text(space.replace("0.3]", "1.3]"))
+    (root / "space_key.yaml").write_text(space + "trials: 4\n")
+    (root / "space_algo.yaml").write_text(space + "algorithm: annealing\n")
+    (root / "space_flag.yaml").write_text(space.replace("rho:", "rhoo:"))
+    (root / "space_attack.yaml").write_text(space + "attacks: [{method: hypernet}]\n")
     save_freeze_mask(root / "badmask.safetensors", {"nope.weight": True})
     (root / "corruptmask.safetensors").write_bytes(b"garbage-garbage-garbage")
     return root
@@ -75,6 +83,16 @@ def cases(r):
         ("attack: empty folder", ["attack", "--method", "lora", "--data", str(r / "empty")], "no images"),
         ("attack: pickle model", ["attack", "--method", "lora", "--data", str(r / "good"), "--model",
                                   str(r / "m_pickle")], "pickle weights are refused"),
+        ("harden: max failures -2", h + t + ["--max-failures", "-2"], "--max-failures -2"),
+        ("tune: missing space", ["tune", "--space", str(r / "nope.yaml")], "--space"),
+        ("tune: rho outside [0, 1]", ["tune", "--space", str(r / "space_rho.yaml")], "search.rho: 1.3"),
+        ("tune: unknown key", ["tune", "--space", str(r / "space_key.yaml")], "unknown key 'trials'"),
+        ("tune: unknown algorithm", ["tune", "--space", str(r / "space_algo.yaml")], "algorithm annealing"),
+        ("tune: unknown harden flag", ["tune", "--space", str(r / "space_flag.yaml")], "unknown key 'rhoo'"),
+        ("tune: unknown attack", ["tune", "--space", str(r / "space_attack.yaml")], "unknown method 'hypernet'"),
+        ("tune: zero samples", ["tune", "--space", TINY_SPACE, "--samples", "0"], "--samples 0"),
+        ("tune: unreachable cluster", ["tune", "--space", TINY_SPACE, "--cluster", "127.0.0.1:1"],
+         "--cluster 127.0.0.1:1"),
         ("evaluate: missing run", ["evaluate", "--run", f"a={r / 'nope'}", "--target", "zigzag"], "no such folder"),
         ("evaluate: unknown target", ["evaluate", "--run", f"a={r / 'm_trunc'}", "--target", "blob"], "blob"),
     ]

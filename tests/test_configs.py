@@ -35,3 +35,26 @@ def test_harden_configs_build_a_spec(path, tmp_path):
     values.setdefault("legal", str(tmp_path))
     spec = build_spec(HardenSpec, values, source=str(path))
     assert spec.method in ("imma", "freezeasguard", "random-freeze", "imma+freeze")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_tune_spaces_validate_and_show_their_command(path):
+    from raystack.tuning.space import load_space, param_space
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# immunize-cli tune --space tune_spaces/" + path.name), first
+    space = load_space(path)
+    assert set(param_space(space)) == set(space.search)
+    assert space.attacks and all(a["method"] for a in space.attacks)
+
+
+def test_pareto_front_and_scalarisation():
+    from raystack.tuning.space import TuneSpace
+    from raystack.tuning.sweep import pareto_front, scalarise
+
+    rows = [{"mitigation": 0.1, "utility": 0.8}, {"mitigation": 0.2, "utility": 0.9},
+            {"mitigation": 0.3, "utility": 0.7}, {"mitigation": 0.1, "utility": 0.6}]
+    assert pareto_front(rows) == [0, 1]  # 2 is beaten by 0 on both; 3 by 0 on utility at equal mitigation
+    space = TuneSpace(name="s", harden={"method": "freezeasguard"}, search={"rho": {"grid": [0.2]}},
+                      mitigation_weight=2.0, utility_weight=0.5)
+    assert scalarise(space, 0.1, 0.8) == pytest.approx(0.5 * 0.8 - 2.0 * 0.1)

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps of harden settings scored by simulated attacks."""

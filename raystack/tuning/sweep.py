@@ -1,0 +1,262 @@
+"""The sweep: every trial hardens (a Ray Train run inside the Tune trial), attacks, scores; the driver
+collects the trials, the Pareto front and a harden spec that reruns the best one."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UserError
+from .space import TuneSpace, param_space
+
+RESULTS = "results.json"
+BEST = "best.yaml"
+PARETO_PNG = "pareto.png"
+
+
+# data ---------------------------------------------------------------------------------------------------
+def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
+    """Paths of the target, legal and attacker folders; tiny-world generator specs are written once."""
+    from ..tinyworld.folder import write_concept_folder, write_emblem_folder
+
+    out = {}
+    for role in ("target", "legal", "attacker"):
+        v = space.data.get(role)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            p = Path(v).expanduser()
+            if not p.is_dir():
+                raise UserError(f"data.{role} {p}: no such folder")
+            out[role] = p.resolve()
+            continue
+        dest = root / "data" / role
+        if not (dest / "metadata.jsonl").is_file():
+            if "emblem" in v:
+                write_emblem_folder(dest, v["emblem"], int(v.get("n", 4)), int(v.get("seed", 0)),
+                                    v.get("caption", "a photo of sks emblem"), True)
+            else:
+                write_concept_folder(dest, v.get("shape"), v.get("colour"), v.get("style"), int(v.get("n", 1)),
+                                     int(v.get("seed", 0)), v.get("caption"), True)
+        out[role] = dest.resolve()
+    if "target" not in out:
+        raise UserError("data.target: the concept to protect is needed")
+    out.setdefault("attacker", out["target"])
+    return out
+
+
+# objectives ---------------------------------------------------------------------------------------------
+def scalarise(space: TuneSpace, mitigation: float, utility: float) -> float:
+    return space.utility_weight * utility - space.mitigation_weight * mitigation
+
+
+def pareto_front(rows: list[dict]) -> list[int]:
+    """Indices of trials no other trial beats on both (lower mitigation, higher utility)."""
+    front = []
+    for i, a in enumerate(rows):
+        dominated = any(b["mitigation"] <= a["mitigation"] and b["utility"] >= a["utility"]
+                        and (b["mitigation"] < a["mitigation"] or b["utility"] > a["utility"])
+                        for j, b in enumerate(rows) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+# the trial ----------------------------------------------------------------------------------------------
+def _score(pipe, prompts: list[str], criterion: dict, judge, space: TuneSpace, seed: int) -> float:
+    from ..sampling import generate
+    from ..tinyworld.classifier import concept_accuracy
+
+    n = space.eval_samples
+    imgs = generate(pipe, [prompts[i % len(prompts)] for i in range(n)], steps=space.eval_steps, seed=seed)
+    return concept_accuracy(judge(imgs), **criterion)
+
+
+def _utility(pipe, judge, space: TuneSpace) -> float:
+    from ..evaluation import tiny_world_others
+
+    accs = [_score(pipe, c.prompts, c.criterion, judge, space, 1) for c in tiny_world_others(space.target_concept)]
+    return float(np.mean(accs))
+
+
+def run_trial(config: dict) -> None:
+    """Ray Tune function trainable: harden -> attacks (intermediate reports) -> utility -> final report."""
+    import ray.tune
+
+    from ..attacks.recipe import run_attack
+    from ..attacks.spec import AttackSpec
+    from ..evaluation import tiny_world_target
+    from ..hardening.launcher import run_harden
+    from ..hardening.spec import HardenSpec
+    from ..models.pipeline_io import load_pipeline
+    from ..runtime import configure_threads
+    from ..specs import build_spec
+    from ..tinyworld.classifier import Judge
+
+    configure_threads(1)
+    space = TuneSpace(**config["space"])
+    data = {k: Path(v) for k, v in config["data"].items()}
+    sampled = {k: v for k, v in config.items() if k not in ("space", "data")}
+    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    values = {**space.harden, **sampled, "target": [str(data["target"])], "out": str(trial_dir / "hardened"),
+              "overwrite": True, "cluster": None}
+    if "legal" in data:
+        values.setdefault("legal", str(data["legal"]))
+    spec = build_spec(HardenSpec, values, source="trial")
+    t0 = time.time()
+    manifest = run_harden(spec)
+    judge = Judge()
+    concept, _ = tiny_world_target(space.target_concept)
+    mask = spec.out / "freeze_mask.safetensors"
+    mitigations, it = [], 0
+    for ai, a in enumerate(space.attacks):
+        aspec = build_spec(AttackSpec, {"data": str(data["attacker"]), **a, "model": str(spec.out),
+                                        "out": str(trial_dir / f"attack{ai}"), "overwrite": True,
+                                        "freeze_mask": str(mask) if mask.exists() else None}, source=f"attacks[{ai}]")
+        pipe = load_pipeline(spec.out)
+        every = max(1, aspec.checkpoint_every)
+        last = {}
+
+        def on_step(step, loss, pipe=pipe, aspec=aspec, last=last):
+            nonlocal it
+            if step % every == 0 or step == aspec.steps:
+                acc = _score(pipe, concept.prompts, concept.criterion, judge, space, 0)
+                last["acc"] = acc
+                it += 1
+                ray.tune.report({"mitigation_running": acc, "attack": ai, "attack_step": step,
+                                 "objective_running": -space.mitigation_weight * acc})
+
+        run_attack(aspec, on_step=on_step, pipe=pipe)
+        mitigations.append(last["acc"])
+    mitigation = float(np.mean(mitigations))
+    if space.legal_finetune:
+        lf = build_spec(AttackSpec, {"data": str(data.get("legal") or data["target"]), **space.legal_finetune,
+                                     "model": str(spec.out), "out": str(trial_dir / "legal"), "overwrite": True,
+                                     "freeze_mask": str(mask) if mask.exists() else None}, source="legal_finetune")
+        pipe = load_pipeline(spec.out)
+        run_attack(lf, pipe=pipe)
+    else:
+        pipe = load_pipeline(spec.out)
+    utility = _utility(pipe, judge, space)
+    ray.tune.report({"mitigation": mitigation, "utility": utility,
+                     "objective": scalarise(space, mitigation, utility),
+                     "objective_running": scalarise(space, mitigation, utility),
+                     "frozen_ratio": manifest.get("frozen_ratio"), "trial_seconds": round(time.time() - t0, 1),
+                     "done_all": True})
+
+
+# the driver ---------------------------------------------------------------------------------------------
+def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
+              resume: bool = False, on_result: Callable[[list[dict]], None] | None = None) -> dict:
+    from ray import tune
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(space, out)
+    storage, name = out / "tune", space.name
+    trainable = tune.with_resources(run_trial, {"cpu": 1})
+    if resume:
+        if not tune.Tuner.can_restore(str(storage / name)):
+            raise UserError(f"--resume: no sweep to resume in {storage / name}")
+        tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
+    else:
+        import shutil
+
+        if (storage / name).exists():
+            shutil.rmtree(storage / name)
+        scheduler = None
+        if space.scheduler == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2,
+                                      max_t=10_000)
+        search_alg = None
+        if space.algorithm == "optuna":
+            try:
+                from ray.tune.search.optuna import OptunaSearch
+            except ImportError:
+                raise UserError("algorithm optuna: the optuna package is not installed "
+                                "(pip install optuna)") from None
+            from ray.tune.search import ConcurrencyLimiter
+
+            search_alg = ConcurrencyLimiter(OptunaSearch(), max_concurrent=max_concurrent)
+        space_dict = param_space(space)
+        space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
+        space_dict["data"] = {k: str(v) for k, v in data.items()}
+        tuner = tune.Tuner(
+            trainable, param_space=space_dict,
+            tune_config=tune.TuneConfig(metric="objective_running", mode="max", scheduler=scheduler,
+                                        search_alg=search_alg, num_samples=samples or space.samples,
+                                        max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        row = {"trial": Path(r.path).name if r.path else None,
+               "setting": {k: v for k, v in (r.config or {}).items() if k not in ("space", "data")},
+               "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
+               "mitigation": m.get("mitigation", m.get("mitigation_running")),
+               "utility": m.get("utility"), "objective": m.get("objective"),
+               "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds")}
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        raise RuntimeError("no trial finished; see " + str(storage / name))
+    front = pareto_front(done)
+    for i, r in enumerate(done):
+        r["pareto"] = i in front
+    best = max(done, key=lambda r: r["objective"])
+    results = {"space": space.name, "trials": rows, "best": best, "pareto": [done[i]["trial"] for i in front],
+               "objective": f"{space.utility_weight} * utility - {space.mitigation_weight} * mitigation"}
+    _write_outputs(space, out, results, done, best, data)
+    if on_result:
+        on_result(rows)
+    return results
+
+
+def best_spec(space: TuneSpace, best: dict, data: dict) -> dict:
+    values = {**space.harden, **best["setting"], "target": [str(data["target"])]}
+    if "legal" in data:
+        values.setdefault("legal", str(data["legal"]))
+    return values
+
+
+def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict], best: dict, data: dict) -> None:
+    import yaml
+
+    from ..atomic import atomic_write_bytes, atomic_write_text
+
+    atomic_write_text(out / RESULTS, json.dumps(results, indent=2, default=str))
+    header = (f"# best trial of sweep {space.name!r}: objective {best['objective']:.4f} "
+              f"(mitigation {best['mitigation']:.4f}, utility {best['utility']:.4f})\n"
+              f"# immunize-cli harden --config {out / BEST} --out hardened-best\n")
+    atomic_write_text(out / BEST, header + yaml.safe_dump(best_spec(space, best, data), sort_keys=True))
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    xs = [r["mitigation"] for r in done]
+    ys = [r["utility"] for r in done]
+    ax.scatter(xs, ys, c=["tab:red" if r["pareto"] else "tab:blue" for r in done])
+    front = sorted((r["mitigation"], r["utility"]) for r in done if r["pareto"])
+    ax.plot([f[0] for f in front], [f[1] for f in front], "r--", lw=1)
+    for r in done:
+        ax.annotate(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["setting"].items()),
+                    (r["mitigation"], r["utility"]), fontsize=6)
+    ax.set_xlabel("mitigation: target accuracy after attack (lower is better)")
+    ax.set_ylabel("utility: other concepts' accuracy (higher is better)")
+    ax.set_title(f"sweep {space.name}: Pareto front in red")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out / PARETO_PNG, buf.getvalue())

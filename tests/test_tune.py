@@ -1,0 +1,63 @@
+"""`tune` end to end: a 4-trial ρ sweep on the tiny world, then `harden --config best.yaml` reruns the best."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.e2e, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).parent / "immunize-cli")
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+            "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
+
+
+def test_four_trial_rho_sweep_then_best_yaml_reproduces(tmp_path):
+    out = tmp_path / "sweep"
+    res = subprocess.run([CLI, "tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--out", str(out),
+                          "--num-cpus", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    trials = results["trials"]
+    assert sorted(t["setting"]["rho"] for t in trials) == [0.1, 0.3, 0.5, 0.7]
+    for t in trials:
+        assert t["status"] == "done"
+        assert 0.0 <= t["mitigation"] <= 1.0 and 0.0 <= t["utility"] <= 1.0
+        assert t["objective"] == pytest.approx(t["utility"] - t["mitigation"])
+        assert abs(t["frozen_ratio"] - t["setting"]["rho"]) <= 0.02
+        assert f"rho={t['setting']['rho']}" in res.stdout  # the terminal table lists every trial
+    assert results["best"]["objective"] == max(t["objective"] for t in trials)
+    assert results["pareto"]
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    assert best["rho"] == results["best"]["setting"]["rho"] and best["method"] == "freezeasguard"
+    rerun = tmp_path / "best"
+    res = subprocess.run([CLI, "harden", "--config", str(out / "best.yaml"), "--out", str(rerun)], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # same attack and score as the trials: the rerun's mitigation lies within the spread seen across trials
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+    from raystack.evaluation import tiny_world_target
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.tinyworld.classifier import Judge
+    from raystack.tuning.space import load_space
+    from raystack.tuning.sweep import _score
+
+    space = load_space(ROOT / "tune_spaces" / "tiny_rho_4.yaml")
+    a = space.attacks[0]
+    pipe = load_pipeline(rerun)
+    run_attack(AttackSpec(data=out / "data" / "attacker", model=str(rerun), out=tmp_path / "attack",
+                          freeze_mask=rerun / "freeze_mask.safetensors", **a), pipe=pipe)
+    concept, _ = tiny_world_target(space.target_concept)
+    mitigation = _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
+    spread = max(t["mitigation"] for t in trials) - min(t["mitigation"] for t in trials)
+    assert abs(mitigation - results["best"]["mitigation"]) <= max(spread, 0.15)
