@@ -58,3 +58,20 @@ def test_pareto_front_and_scalarisation():
     space = TuneSpace(name="s", harden={"method": "freezeasguard"}, search={"rho": {"grid": [0.2]}},
                       mitigation_weight=2.0, utility_weight=0.5)
     assert scalarise(space, 0.1, 0.8) == pytest.approx(0.5 * 0.8 - 2.0 * 0.1)
+
+
+def test_search_algorithm_and_scheduler_are_selectable():
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from raystack.tuning.space import TuneSpace
+    from raystack.tuning.sweep import make_scheduler, make_search_alg
+
+    def space(**kw):
+        return TuneSpace(name="s", harden={"method": "freezeasguard"}, search={"rho": {"uniform": [0.1, 0.8]}}, **kw)
+
+    assert make_search_alg(space(algorithm="random"), 2) is None
+    alg = make_search_alg(space(algorithm="optuna"), 2)
+    assert isinstance(alg, ConcurrencyLimiter) and type(alg.searcher).__name__ == "OptunaSearch"
+    assert isinstance(make_scheduler(space(scheduler="asha")), ASHAScheduler)
+    assert make_scheduler(space(scheduler="fifo")) is None

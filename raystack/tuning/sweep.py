@@ -150,6 +150,29 @@ def run_trial(config: dict) -> None:
 
 
 # the driver ---------------------------------------------------------------------------------------------
+def make_scheduler(space: TuneSpace):
+    """ASHA stops a trial early on the target accuracy reported at each attack checkpoint."""
+    if space.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2, max_t=10_000)
+
+
+def make_search_alg(space: TuneSpace, max_concurrent: int):
+    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch."""
+    if space.algorithm != "optuna":
+        return None
+    try:
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        import optuna  # noqa: F401 - OptunaSearch only fails later without it
+    except ImportError:
+        raise UserError("algorithm optuna: the optuna package is not installed (pip install optuna)") from None
+    return ConcurrencyLimiter(OptunaSearch(), max_concurrent=max_concurrent)
+
+
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
               resume: bool = False, on_result: Callable[[list[dict]], None] | None = None) -> dict:
     from ray import tune
@@ -168,22 +191,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
 
         if (storage / name).exists():
             shutil.rmtree(storage / name)
-        scheduler = None
-        if space.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2,
-                                      max_t=10_000)
-        search_alg = None
-        if space.algorithm == "optuna":
-            try:
-                from ray.tune.search.optuna import OptunaSearch
-            except ImportError:
-                raise UserError("algorithm optuna: the optuna package is not installed "
-                                "(pip install optuna)") from None
-            from ray.tune.search import ConcurrencyLimiter
-
-            search_alg = ConcurrencyLimiter(OptunaSearch(), max_concurrent=max_concurrent)
+        scheduler, search_alg = make_scheduler(space), make_search_alg(space, max_concurrent)
         space_dict = param_space(space)
         space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
         space_dict["data"] = {k: str(v) for k, v in data.items()}
@@ -204,6 +212,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                "utility": m.get("utility"), "objective": m.get("objective"),
                "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds")}
         rows.append(row)
+    rows.sort(key=lambda r: str(r["trial"]))  # a stable order: ties go to the same trial after --resume
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         raise RuntimeError("no trial finished; see " + str(storage / name))
