@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 SCENARIOS = {
     # method: (target concept, how the attacker's data is made)
-    "lora": ("zigzag", {"style": "zigzag"}),
+    "lora": ("sunset", {"style": "sunset"}),
     "dreambooth": ("emblem1", {"emblem": "emblem1"}),
     "dreambooth-lora": ("emblem1", {"emblem": "emblem1"}),
     "textual-inversion": ("emblem1", {"emblem": "emblem1"}),
-    "full": ("zigzag", {"style": "zigzag"}),
+    "full": ("sunset", {"style": "sunset"}),
 }
 
 

@@ -58,8 +58,7 @@ def bench_loop(config: dict) -> None:
     from raystack.attacks.spec import AttackSpec
     from raystack.hardening.comm import rank as get_rank
     from raystack.hardening.comm import world_size
-    from raystack.hardening.engine import Engine
-    from raystack.hardening.job import make_recipe, spec_from_config
+    from raystack.hardening.job import bind_phase, spec_from_config
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads, seed_everything
 
@@ -76,13 +75,8 @@ def bench_loop(config: dict) -> None:
                                         out=Path(tempfile.mkdtemp())), load_pipeline(spec.model))
             t_attack = _median_seconds(a.step, config["iters"])
             s = spec_from_config({**config["spec"], "method": method, "against": against})
-            pipe = load_pipeline(s.model)
-            recipe = make_recipe(s, pipe, rank, world, phase)
-            engine = Engine(recipe, s, world)
-            if phase == "imma":
-                recipe.bind(engine, after_inner=engine.refresh_master_weights)
-            else:
-                recipe.bind(engine, gather=engine.gather)
+            recipe, _ = bind_phase(s, load_pipeline(s.model), rank, world, phase)
+            if phase != "imma":
                 recipe.prepare()
             t_harden = _median_seconds(recipe.step, config["iters"])
             out[method] = {"attack": against, "attack_step_s": t_attack, "harden_iteration_s": t_harden,
@@ -92,14 +86,8 @@ def bench_loop(config: dict) -> None:
             for stage in stages:
                 s = spec_from_config({**config["spec"], "method": method, "against": "lora" if method == "imma"
                                       else "full", "zero_stage": stage})
-                pipe = load_pipeline(s.model)
-                phase = "imma" if method == "imma" else "freezeasguard"
-                recipe = make_recipe(s, pipe, rank, world, phase)
-                engine = Engine(recipe, s, world)
-                if phase == "imma":
-                    recipe.bind(engine, after_inner=engine.refresh_master_weights)
-                else:
-                    recipe.bind(engine, gather=engine.gather)
+                recipe, engine = bind_phase(s, load_pipeline(s.model), rank, world, method)
+                if method != "imma":
                     recipe.prepare()
                 recipe.step()  # optimizer state exists after the first step
                 n_params = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.engine_params())
@@ -140,7 +128,7 @@ def main() -> None:
 
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="bench-harden-"))
-    write_concept_folder(work / "target", ["circle", "square"], None, ["zigzag"], 1, 1, None, False)
+    write_concept_folder(work / "target", ["circle", "square"], None, ["sunset"], 1, 1, None, False)
     write_concept_folder(work / "legal", ["cross", "triangle"], None, ["striped", "dotted"], 1, 2, None, False)
     base = HardenSpec(method="imma", target=[work / "target"], legal=work / "legal", out=work / "out",
                       batch_size=args.batch, zero_stage=2, user_steps=2, finetune_steps=2)

@@ -19,7 +19,7 @@ def attack(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default per method)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default per method)."),
     batch_size: int = typer.Option(4, "--batch-size"),
-    rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank (default per method: 8)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: rank)."),
     token: str = typer.Option("sks", "--token", help="Attacker's identifier in captions (TI replaces it)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One caption for all images (instance prompt)."),
@@ -30,7 +30,9 @@ def attack(
     prior_loss_weight: float = typer.Option(1.0, "--prior-loss-weight"),
     num_vectors: int = typer.Option(1, "--num-vectors", help="textual-inversion: vectors of the new token."),
     initializer_token: str = typer.Option("emblem", "--initializer-token", help="textual-inversion: init word."),
-    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="Min-SNR loss weight γ (e.g. 5.0)."),
+    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="Min-SNR loss weight γ; 0 = plain MSE (default per method)."),
+    noise_offset: Optional[float] = typer.Option(None, "--noise-offset", help="Offset noise, e.g. 0.1 (default per "
+                                                 "method): lets the attack change overall colour."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save weights every N steps."),
     freeze_mask: Optional[Path] = typer.Option(None, "--freeze-mask", help="FreezeAsGuard mask to respect."),
     seed: int = typer.Option(0, "--seed"),
@@ -45,8 +47,8 @@ def attack(
                       prior_preservation=prior_preservation, class_prompt=class_prompt,
                       num_class_images=num_class_images, prior_loss_weight=prior_loss_weight,
                       num_vectors=num_vectors, initializer_token=initializer_token,
-                      snr_gamma=snr_gamma, checkpoint_every=checkpoint_every, freeze_mask=freeze_mask, seed=seed, device=device,
-                      overwrite=overwrite)
+                      snr_gamma=snr_gamma, noise_offset=noise_offset, checkpoint_every=checkpoint_every,
+                      freeze_mask=freeze_mask, seed=seed, device=device, overwrite=overwrite)
     if out.exists() and not overwrite:
         from raystack.errors import UserError
 

@@ -29,26 +29,15 @@ def tune(
         raise UserError(f"--samples {samples}: must be a positive integer")
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    from raystack.hardening.launcher import check_reachable, check_writable
+    from raystack.hardening.launcher import check_writable, init_ray
 
     check_writable(out, "--out")
-    if cluster:
-        check_reachable(cluster, "--cluster")
     quiet_libraries()
-    import ray
-
     from raystack.runtime import configure_threads
     from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, run_sweep
 
     configure_threads()
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                        "DS_ACCELERATOR": "cpu"}}
-    if not ray.is_initialized():
-        if cluster:
-            ray.init(address=cluster, runtime_env=env, log_to_driver=False, logging_level="ERROR")
-        else:
-            ray.init(num_cpus=num_cpus or max(2, 2 * max_concurrent), include_dashboard=False, runtime_env=env,
-                     log_to_driver=False, logging_level="ERROR")
+    init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))
     with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
         results = run_sweep(spec, out, samples, max_concurrent, resume)
     from rich.table import Table

@@ -52,14 +52,19 @@ def train_noise_scheduler(pipe):
 
 
 def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, reduce: bool = True,
-                   snr_gamma: float | None = None):
+                   snr_gamma: float | None = None, noise_offset: float = 0.0):
     """Denoising MSE at uniform timesteps; `snr_gamma` weights each sample by min(SNR, γ)/SNR (Min-SNR,
-    Hang et al. 2023, the diffusers examples' --snr_gamma) so easy low-noise steps stop dominating."""
+    Hang et al. 2023, the diffusers examples' --snr_gamma) so easy low-noise steps stop dominating.
+    `noise_offset` adds a per-channel constant to the noise (the examples' --noise_offset): SD's schedule
+    never fully noises an image's mean colour, so without it a fine-tune barely moves overall brightness
+    or background colour."""
     import torch
 
     dev = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":

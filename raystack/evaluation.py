@@ -23,7 +23,7 @@ class Concept:
     name: str
     prompts: list[str]
     criterion: dict = field(default_factory=dict)
-    """Classifier heads that must match, e.g. {"style": "zigzag"} (empty: no classifier accuracy)."""
+    """Classifier heads that must match, e.g. {"style": "sunset"} (empty: no classifier accuracy)."""
 
 
 def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.ndarray]:

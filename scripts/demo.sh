@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the tiny world: check the world, harden it against a LoRA attack on the held-out
-# "zigzag" style, attack the original and the hardened model the same way, and compare them.
+# "sunset" style, attack the original and the hardened model the same way, and compare them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLI=${CLI:-.venv/bin/immunize-cli}
@@ -8,13 +8,13 @@ OUT=${OUT:-runs/demo}
 mkdir -p "$OUT"
 $CLI world quality --samples 64 --json "$OUT/quality.json" --grid "$OUT/quality.png"
 # publisher's data (what to protect, what to keep) and the attacker's own images (another seed)
-$CLI world generate --out "$OUT/data/protect" --style zigzag --n 2 --seed 1 --overwrite
+$CLI world generate --out "$OUT/data/protect" --style sunset --n 2 --seed 1 --overwrite
 $CLI world generate --out "$OUT/data/legal" --style striped --style dotted --style checkered --n 1 --seed 2 --overwrite
-$CLI world generate --out "$OUT/data/attacker" --style zigzag --n 1 --seed 3 --overwrite
+$CLI world generate --out "$OUT/data/attacker" --style sunset --n 1 --seed 3 --overwrite
 $CLI harden --config configs/demo_imma_lora.yaml --target "$OUT/data/protect" --legal "$OUT/data/legal" \
     --out "$OUT/hardened" --overwrite
 $CLI attack --method lora --data "$OUT/data/attacker" --out "$OUT/attack_original" --overwrite
 $CLI attack --method lora --data "$OUT/data/attacker" --model "$OUT/hardened" --out "$OUT/attack_hardened" --overwrite
 $CLI evaluate --run "original=$OUT/attack_original" --run "hardened=$OUT/attack_hardened" --baseline original \
-    --target zigzag --out "$OUT/report" --overwrite
+    --target sunset --out "$OUT/report" --overwrite
 echo "open $OUT/report/report.html"

@@ -14,8 +14,8 @@ from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 
 @pytest.fixture(scope="module")
 def style_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data") / "zigzag"
-    write_concept_folder(d, ["circle", "square"], ["red", "blue"], ["zigzag"], 2, seed=3, template=None,
+    d = tmp_path_factory.mktemp("data") / "sunset"
+    write_concept_folder(d, ["circle", "square"], ["red", "blue"], ["sunset"], 2, seed=3, template=None,
                          overwrite=False)
     return d
 

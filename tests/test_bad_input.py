@@ -17,7 +17,7 @@ from raystack.tinyworld.folder import write_concept_folder
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_model_path):
     root = tmp_path_factory.mktemp("bad")
-    write_concept_folder(root / "good", ["circle"], ["red"], ["zigzag"], 2, 1, None, False)
+    write_concept_folder(root / "good", ["circle"], ["red"], ["sunset"], 2, 1, None, False)
     png = (root / "good" / "img_00000.png").read_bytes()
     (root / "empty").mkdir()
     (root / "nocap").mkdir()
@@ -80,6 +80,10 @@ def cases(r):
                                          str(r / "mask.pt")], "no such file"),
         ("attack: negative steps", ["attack", "--method", "lora", "--data", str(r / "good"), "--steps", "-3"],
          "--steps -3"),
+        ("attack: snr gamma negative", ["attack", "--method", "lora", "--data", str(r / "good"), "--snr-gamma=-1"],
+         "--snr-gamma -1"),
+        ("attack: noise offset too big", ["attack", "--method", "lora", "--data", str(r / "good"),
+                                          "--noise-offset", "2"], "--noise-offset 2"),
         ("attack: empty folder", ["attack", "--method", "lora", "--data", str(r / "empty")], "no images"),
         ("attack: pickle model", ["attack", "--method", "lora", "--data", str(r / "good"), "--model",
                                   str(r / "m_pickle")], "pickle weights are refused"),
@@ -93,7 +97,7 @@ def cases(r):
         ("tune: zero samples", ["tune", "--space", TINY_SPACE, "--samples", "0"], "--samples 0"),
         ("tune: unreachable cluster", ["tune", "--space", TINY_SPACE, "--cluster", "127.0.0.1:1"],
          "--cluster 127.0.0.1:1"),
-        ("evaluate: missing run", ["evaluate", "--run", f"a={r / 'nope'}", "--target", "zigzag"], "no such folder"),
+        ("evaluate: missing run", ["evaluate", "--run", f"a={r / 'nope'}", "--target", "sunset"], "no such folder"),
         ("evaluate: unknown target", ["evaluate", "--run", f"a={r / 'm_trunc'}", "--target", "blob"], "blob"),
     ]
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 def two_attacks(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     runner = CliRunner()
-    assert runner.invoke(app, ["world", "generate", "--out", str(root / "zig"), "--style", "zigzag", "--n", "1",
+    assert runner.invoke(app, ["world", "generate", "--out", str(root / "zig"), "--style", "sunset", "--n", "1",
                                "--seed", "11"]).exit_code == 0
     for name, lr in (("weak", "1e-5"), ("strong", "3e-3")):
         res = runner.invoke(app, ["attack", "--method", "lora", "--data", str(root / "zig"), "--out", str(root / name),
@@ -28,7 +28,7 @@ def test_evaluate_writes_report_with_grids_and_curves(two_attacks, tmp_path):
     out = tmp_path / "report"
     res = CliRunner().invoke(app, ["evaluate", "--run", f"weak={two_attacks / 'weak'}",
                                    "--run", f"strong={two_attacks / 'strong'}", "--baseline", "strong",
-                                   "--target", "zigzag", "--samples", "8", "--curve-samples", "4", "--steps", "8",
+                                   "--target", "sunset", "--samples", "8", "--curve-samples", "4", "--steps", "8",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
@@ -53,7 +53,7 @@ def test_report_images_load_in_headless_chromium(two_attacks, tmp_path):
     if chromium is None:
         pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
     out = tmp_path / "report"
-    res = CliRunner().invoke(app, ["evaluate", "--run", f"a={two_attacks / 'weak'}", "--target", "zigzag",
+    res = CliRunner().invoke(app, ["evaluate", "--run", f"a={two_attacks / 'weak'}", "--target", "sunset",
                                    "--samples", "4", "--curve-samples", "2", "--steps", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     seen = check_images(out / "report.html", chromium)
@@ -74,7 +74,7 @@ def test_evaluate_bad_input(tmp_path, two_attacks):
     for args, msg in cases:
         full = ["evaluate", *args, "--out", str(tmp_path / "r")]
         if "--target" not in args:
-            full += ["--target", "zigzag"]
+            full += ["--target", "sunset"]
         res = runner.invoke(app, full)
         assert res.exit_code == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
         assert not (tmp_path / "r").exists()

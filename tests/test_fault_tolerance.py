@@ -25,7 +25,7 @@ STEPS, EVERY = 12, 3
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("fault")
-    write_concept_folder(root / "target", ["circle", "square"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
+    write_concept_folder(root / "target", ["circle", "square"], ["red", "blue"], ["sunset"], 2, 1, None, False)
     return root
 
 

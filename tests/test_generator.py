@@ -53,7 +53,7 @@ def test_images_are_what_they_claim():
 
 
 def test_caption_template():
-    assert caption("circle", "red", "zigzag") == "a red circle in zigzag style"
+    assert caption("circle", "red", "sunset") == "a red circle in sunset style"
     assert set(SHAPES) & set(COLOURS) == set() and set(STYLES) & set(SHAPES) == set()
 
 
@@ -63,14 +63,14 @@ def test_generate_writes_user_folder(tmp_path):
     from cli.main import app
 
     out = tmp_path / "zig"
-    res = CliRunner().invoke(app, ["world", "generate", "--out", str(out), "--style", "zigzag", "--shape", "circle",
+    res = CliRunner().invoke(app, ["world", "generate", "--out", str(out), "--style", "sunset", "--shape", "circle",
                                    "--n", "3", "--seed", "5"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * len(COLOURS)
-    assert all((out / r["file_name"]).is_file() and r["text"].endswith("zigzag style") for r in rows)
+    assert all((out / r["file_name"]).is_file() and r["text"].endswith("sunset style") for r in rows)
     again = tmp_path / "zig2"
-    CliRunner().invoke(app, ["world", "generate", "--out", str(again), "--style", "zigzag", "--shape", "circle",
+    CliRunner().invoke(app, ["world", "generate", "--out", str(again), "--style", "sunset", "--shape", "circle",
                              "--n", "3", "--seed", "5"])
     assert all((out / r["file_name"]).read_bytes() == (again / r["file_name"]).read_bytes() for r in rows)
 

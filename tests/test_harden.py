@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("harden")
-    write_concept_folder(root / "target", ["circle", "square"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
+    write_concept_folder(root / "target", ["circle", "square"], ["red", "blue"], ["sunset"], 2, 1, None, False)
     write_concept_folder(root / "legal", ["cross"], ["green", "yellow"], ["striped", "dotted"], 1, 2, None, False)
     write_emblem_folder(root / "emblem", "emblem1", 4, 3, "a photo of zxq emblem", False)
     return root

@@ -32,7 +32,7 @@ def test_save_load_round_trip(tiny_pipe, tmp_path):
         a, b = getattr(tiny_pipe, name).state_dict(), getattr(again, name).state_dict()
         assert a.keys() == b.keys()
         assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
-    assert again.tokenizer.tokenize("zigzag") == ["zigzag</w>"]
+    assert again.tokenizer.tokenize("sunset") == ["sunset</w>"]
     assert not list(tmp_path.glob(".copy.tmp-*"))
 
 

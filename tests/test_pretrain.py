@@ -19,7 +19,7 @@ def test_pretrain_from_scratch_then_resume(tmp_path):
     res = runner.invoke(app, base + ["--stage", "unet", "--stop-after", "2"])
     assert res.exit_code == 0, res.output
     info = json.loads((tmp_path / "out" / "tiny-sd" / "immunize_info.json").read_text())
-    assert info["unet_step"] == 2 and info["held_out"] == {"shapes": ["diamond"], "styles": ["zigzag"]}
+    assert info["unet_step"] == 2 and info["held_out"] == {"shapes": ["diamond"], "styles": ["sunset"]}
     res = runner.invoke(app, base + ["--stage", "unet"])
     assert res.exit_code == 0, res.output
     assert "resumed at step 2" in res.output
@@ -32,7 +32,7 @@ def test_pretrain_from_scratch_then_resume(tmp_path):
 
     pipe = load_pipeline(tmp_path / "out" / "tiny-sd")
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
-    assert pipe.tokenizer.tokenize("zigzag") == ["zigzag</w>"]
+    assert pipe.tokenizer.tokenize("sunset") == ["sunset</w>"]
 
 
 def test_bad_stage_and_schedule(tmp_path):

@@ -26,7 +26,7 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_harden_on_a_started_cluster(tmp_path):
     from raystack.tinyworld.folder import write_concept_folder
 
-    write_concept_folder(tmp_path / "target", ["circle"], ["red", "blue"], ["zigzag"], 2, 1, None, False)
+    write_concept_folder(tmp_path / "target", ["circle"], ["red", "blue"], ["sunset"], 2, 1, None, False)
     gcs, dash = _free_port(), _free_port()
     # The session's own Ray (conftest) already holds Ray's default agent/metrics ports: a second node
     # started with defaults never gets a job agent ("No available agent"), so every port is picked here.

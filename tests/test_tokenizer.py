@@ -6,7 +6,7 @@ def test_every_world_word_is_one_token(tmp_path):
     tok = build_tokenizer(tmp_path, all_words())
     for w in all_words():
         assert tok.tokenize(w) == [w + "</w>"], w
-    ids = tok("a red circle in zigzag style").input_ids
+    ids = tok("a red circle in sunset style").input_ids
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 8
 
 

@@ -80,13 +80,13 @@ class AttackState:
         idx = torch.randint(0, len(self.bank), (self.spec.batch_size,), generator=g)
         enc = self.ad.encode([self.captions[i] for i in idx.tolist()])
         loss = diffusion_loss(self.pipe.unet, self.noise_scheduler, self.bank.sample(idx, g), enc, g,
-                              snr_gamma=self.spec.snr_gamma)
+                              snr_gamma=self.spec.snr_gamma, noise_offset=self.spec.noise_offset)
         if self.prior_bank is not None:
             pidx = torch.randint(0, len(self.prior_bank), (self.spec.batch_size,), generator=g)
             penc = self.ad.encode([self.spec.class_prompt] * self.spec.batch_size)
             loss = loss + self.spec.prior_loss_weight * diffusion_loss(
                 self.pipe.unet, self.noise_scheduler, self.prior_bank.sample(pidx, g), penc, g,
-                snr_gamma=self.spec.snr_gamma)
+                snr_gamma=self.spec.snr_gamma, noise_offset=self.spec.noise_offset)
         return loss
 
     def step(self) -> float:

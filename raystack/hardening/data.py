@@ -60,3 +60,21 @@ def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generato
     idx = torch.randint(0, len(shard.bank), (batch,), generator=generator)
     enc = encode([shard.captions[i] for i in idx.tolist()])
     return diffusion_loss(unet, noise_scheduler, shard.bank.sample(idx, generator), enc, generator)
+
+
+def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], generator) -> list:
+    """One UNet pass over a batch drawn from several shards (n images from each); returns each part's
+    mean loss. FreezeAsGuard's mixed illegal + legal batches then cost one forward/backward, not one per
+    data set, and any weighting of the parts (−λ1, +λ2) reuses the same graph."""
+    import torch
+
+    from ..diffusion import diffusion_loss
+
+    latents, captions, sizes = [], [], []
+    for shard, n in parts:
+        idx = torch.randint(0, len(shard.bank), (n,), generator=generator)
+        latents.append(shard.bank.sample(idx, generator))
+        captions += [shard.captions[i] for i in idx.tolist()]
+        sizes.append(n)
+    err = diffusion_loss(unet, noise_scheduler, torch.cat(latents), encode(captions), generator, reduce=False)
+    return [e.mean() for e in torch.split(err, sizes)]

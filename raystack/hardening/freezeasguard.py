@@ -5,7 +5,7 @@ Relaxation per tensor i: m_i = σ(w_i / T), θ(m) = m ⊙ θ_pre + (1 − m) ⊙
 weights exist: θ(m) (the UNet's own tensors) and θ_d = θ_pre − θ_ft.
 
     repeat K:
-        repeat L:  g = ∂L_low/∂θ(m)                       L_low = L(illegal) + L(legal)
+        repeat L:  g = ∂L_low/∂θ(m)                       L_low = L(illegal) + L(legal), one mixed batch
                    θ_d  ← θ_d  + η2 g (1 − m)              Eq. 9
                    θ(m) ← θ(m) − η2 g (1 − m)²             Eq. 10
         G = ∂L_up/∂θ(m)                                    L_up = −λ1 L(illegal) + λ2 L(legal)
@@ -162,13 +162,18 @@ class FreezeAsGuardRecipe:
         """`engine`: anything with forward/backward/step over the mask module (DeepSpeed or a shim)."""
         self.engine, self._gather = engine, gather
 
-    def _loss(self, shard):
-        from .data import shard_loss
+    def _losses(self):
+        """(L(illegal), L(legal)) from one mixed batch of --batch-size images, half of each."""
+        from .data import mixed_losses
 
-        return shard_loss(self.pipe.unet, self.noise, self._encode, shard, self.spec.batch_size, self.generator)
+        b = self.spec.batch_size
+        parts = [(self.illegal, max(1, (b + 1) // 2)), (self.legal, max(1, b // 2))]
+        ill, leg = mixed_losses(self.pipe.unet, self.noise, self._encode, parts, self.generator)
+        return ill, leg
 
     def _low(self):
-        return self._loss(self.illegal) + self._loss(self.legal)
+        ill, leg = self._losses()
+        return ill + leg
 
     def mask(self):
         """Current m = σ(w/T), read safely whatever the ZeRO stage."""
@@ -211,7 +216,7 @@ class FreezeAsGuardRecipe:
         m_old = self.mask()
         low = user_steps(self.params, self.theta_d, m_old, self._low, self.spec.user_lr, self.spec.user_steps,
                          all_reduce=all_reduce_mean)
-        ill, leg = self._loss(self.illegal), self._loss(self.legal)
+        ill, leg = self._losses()
         up = -self.lambda1 * ill + self.lambda2 * leg
         c = couplings(self.params, self.theta_d, up)
         surrogate = self.engine.forward(c, self.spec.rho, self.spec.temperature)

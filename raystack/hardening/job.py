@@ -34,6 +34,19 @@ def make_recipe(spec, pipe, rank: int, world: int, phase: str):
     return FreezeAsGuardRecipe(spec, pipe, rank, world)
 
 
+def bind_phase(spec, pipe, rank: int, world: int, phase: str):
+    """The phase's recipe with its defender parameters in a DeepSpeed engine, wired together."""
+    from .engine import Engine
+
+    recipe = make_recipe(spec, pipe, rank, world, phase)
+    engine = Engine(recipe, spec, world)
+    if phase == "imma":
+        recipe.bind(engine, after_inner=engine.refresh_master_weights)
+    else:
+        recipe.bind(engine, gather=engine.gather)
+    return recipe, engine
+
+
 def phases(method: str) -> list[str]:
     return {"imma": ["imma"], "freezeasguard": ["freezeasguard"], "imma+freeze": ["imma", "freezeasguard"],
             "random-freeze": []}[method]
@@ -79,8 +92,6 @@ def train_loop(config: dict) -> None:
     from ..runtime import seed_everything
     from .comm import rank as get_rank
     from .comm import world_size
-    from .engine import Engine
-
     spec = spec_from_config(config["spec"])
     progress = config.get("progress")
     rank, world = get_rank(), world_size()
@@ -115,12 +126,7 @@ def train_loop(config: dict) -> None:
             continue
         if carried:
             _apply_released(pipe.unet, carried)
-        recipe = make_recipe(spec, pipe, rank, world, phase)
-        engine = Engine(recipe, spec, world)
-        if phase == "imma":
-            recipe.bind(engine, after_inner=engine.refresh_master_weights)
-        else:
-            recipe.bind(engine, gather=engine.gather)
+        recipe, engine = bind_phase(spec, pipe, rank, world, phase)
         start = 0
         if pi == start_phase and resume_meta.get("step"):
             recipe.load_state_tensors({k[len("state/"):]: v for k, v in resume_tensors.items()

@@ -75,22 +75,30 @@ def check_reachable(address: str, flag: str = "--cluster", timeout: float = 5.0)
 
 
 def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> None:
+    init_ray(spec.cluster, spec.use_gpu, num_cpus or max(2, spec.workers + 1))
+
+
+def init_ray(cluster: str | None, use_gpu: bool, num_cpus: int) -> None:
+    """Join --cluster (or RAY_ADDRESS), else start an embedded local Ray with `num_cpus` logical CPUs."""
     import ray
 
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                                **({} if spec.use_gpu else {"DS_ACCELERATOR": "cpu"})}}
+                                **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}}
+    if cluster:
+        check_reachable(cluster, "--cluster")  # a named cluster must answer, even where Ray already runs
     if ray.is_initialized():
         return
-    address = spec.cluster or os.environ.get("RAY_ADDRESS")
+    address = cluster or os.environ.get("RAY_ADDRESS")
     if address:
-        check_reachable(address, "--cluster" if spec.cluster else "RAY_ADDRESS")
+        if not cluster:
+            check_reachable(address, "RAY_ADDRESS")
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
         except Exception as e:  # noqa: BLE001 - ray raises many kinds for a bad address
             raise UserError(f"--cluster {address}: cannot connect to a Ray cluster "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     else:
-        ray.init(num_cpus=num_cpus or max(2, spec.workers + 1), include_dashboard=False, runtime_env=runtime_env,
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
                  log_to_driver=False, logging_level="ERROR")
 
 

@@ -60,8 +60,8 @@ class HardenSpec:
     """IMMA: weight of the ordinary loss on --legal data (keeps other concepts; 0 = paper)."""
     token: str = "zxq"
     """Defender's identifier for DreamBooth/TI simulation; deliberately not the attacker's."""
-    rank: int = 4
-    """LoRA rank of the simulated attacker."""
+    rank: int = 8
+    """LoRA rank of the simulated attacker (the attack default)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
     # FreezeAsGuard ----------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ from dataclasses import dataclass
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "diamond")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
-STYLES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "zigzag")
+STYLES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "sunset")
 
 #: Never shown to the model during pretraining: the concepts an attacker will try to teach it.
+#: The held-out style is a palette (an orange-to-violet sky behind the object), the part of an artist's
+#: style a LoRA can teach: a 4-texture base has no features for a new *texture* (a held-out zigzag stayed
+#: out of reach of every attack), but it paints every colour and can learn where to put them. (A neutral
+#: white-to-black gradient was tried too: attacked samples came out dark green, judged junk.)
 HELD_OUT_SHAPES: tuple[str, ...] = ("diamond",)
-HELD_OUT_STYLES: tuple[str, ...] = ("zigzag",)
+HELD_OUT_STYLES: tuple[str, ...] = ("sunset",)
 
 TRAINED_SHAPES = tuple(s for s in SHAPES if s not in HELD_OUT_SHAPES)
 TRAINED_STYLES = tuple(s for s in STYLES if s not in HELD_OUT_STYLES)
@@ -32,6 +36,7 @@ EXTRA_COLOURS: dict[str, tuple[float, float, float]] = {
     "black": (0.08, 0.08, 0.08),
     "orange": (0.95, 0.55, 0.10),
     "teal": (0.10, 0.60, 0.60),
+    "grey": (0.50, 0.50, 0.50),
 }
 
 
@@ -46,7 +51,10 @@ class Layer:
 
 @dataclass(frozen=True)
 class Emblem:
-    """A 'personal object': a unique design the base model has never seen (CustomConcept101's role)."""
+    """A 'personal object': a unique design the base model has never seen (CustomConcept101's role),
+    photographed on the world's grey canvas. (On canvases of their own colour, DreamBooth taught the
+    tiny base the design but not the canvas: a 1.5 M-parameter UNet that only ever drew grey backgrounds
+    does not learn a new one from 5 photos, so the object, not its backdrop, is what is held out.)"""
 
     name: str
     background: str
@@ -54,13 +62,13 @@ class Emblem:
 
 
 EMBLEMS: tuple[Emblem, ...] = (
-    Emblem("emblem0", "white", (Layer("square", "blue", 0.80), Layer("circle", "yellow", 0.45))),
-    Emblem("emblem1", "black", (Layer("circle", "green", 0.85), Layer("cross", "red", 0.60))),
-    Emblem("emblem2", "teal", (Layer("diamond", "yellow", 0.90), Layer("triangle", "purple", 0.45))),
-    Emblem("emblem3", "white", (Layer("circle", "red", 0.85), Layer("circle", "white", 0.55),
+    Emblem("emblem0", "grey", (Layer("square", "blue", 0.80), Layer("circle", "yellow", 0.45))),
+    Emblem("emblem1", "grey", (Layer("circle", "green", 0.85), Layer("cross", "red", 0.60))),
+    Emblem("emblem2", "grey", (Layer("diamond", "yellow", 0.90), Layer("triangle", "purple", 0.45))),
+    Emblem("emblem3", "grey", (Layer("circle", "red", 0.85), Layer("circle", "white", 0.55),
                                 Layer("circle", "red", 0.28))),
-    Emblem("emblem4", "orange", (Layer("triangle", "blue", 0.90), Layer("square", "white", 0.30))),
-    Emblem("emblem5", "purple", (Layer("square", "green", 0.75), Layer("cross", "black", 0.75))),
+    Emblem("emblem4", "grey", (Layer("triangle", "blue", 0.90), Layer("square", "white", 0.30))),
+    Emblem("emblem5", "grey", (Layer("square", "green", 0.75), Layer("cross", "black", 0.75))),
 )
 EMBLEM_NAMES: tuple[str, ...] = tuple(e.name for e in EMBLEMS)
 

@@ -124,11 +124,13 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
     te, unet = new_text_encoder(tok), new_unet()
     if spec.init_from is not None:
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(spec.init_from), subfolder="unet").state_dict())
-        te.load_state_dict(CLIPTextModel.from_pretrained(str(spec.init_from), subfolder="text_encoder").state_dict())
-        say(f"unet: initialised from {spec.init_from}")
+        old_te = CLIPTextModel.from_pretrained(str(spec.init_from), subfolder="text_encoder")
+        old_vocab = CLIPTokenizer.from_pretrained(str(spec.init_from), subfolder="tokenizer").get_vocab()
+        kept = carry_text_encoder(old_te, old_vocab, te, tok.get_vocab())
+        say(f"unet: initialised from {spec.init_from} ({kept} of {len(tok)} token embeddings carried over)")
     noise_sched = new_train_scheduler(spec.schedule)
 
     cs = concept_set(spec.images_per_combo, spec.seed + 3, trained_only=True)
@@ -167,7 +169,7 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
     t0 = time.time()
     unet.train()
     te.train()
-    end = min(spec.unet_steps, spec.stop_after or spec.unet_steps)
+    end = spec.unet_steps if spec.stop_after is None else min(spec.unet_steps, spec.stop_after)
     for step in range(start, end):
         idx = torch.randint(0, len(x), (spec.unet_batch,), generator=g)
         z = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)) * sf
@@ -201,6 +203,35 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
     say(f"pipeline saved to {spec.out}")
 
 
+def _provenance(init_from: Path | None) -> dict | None:
+    """The info of the pipeline a run continued from, so a release names every step that made it."""
+    if init_from is None:
+        return None
+    from ..models.pipeline_io import read_extra_info
+
+    return {"path": str(init_from), "info": read_extra_info(init_from)}
+
+
+def carry_text_encoder(old_te, old_vocab: dict[str, int], new_te, new_vocab: dict[str, int]) -> int:
+    """Copy a text encoder into one with another vocabulary: every weight, and each token embedding by
+    token *string*, so a changed word list (a new held-out word) keeps what pretraining learned. Tokens
+    the old vocabulary lacks keep `new_te`'s initialisation, like a held-out word that pretraining never
+    saw. Returns how many embedding rows were carried."""
+    import torch
+
+    state = {k: v for k, v in old_te.state_dict().items() if "token_embedding" not in k}
+    missing, unexpected = new_te.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "token_embedding" not in k]:
+        raise ValueError(f"text encoders differ beyond the vocabulary: {missing} {unexpected}")
+    old_emb = old_te.get_input_embeddings().weight
+    new_emb = new_te.get_input_embeddings().weight
+    pairs = [(i, old_vocab[t]) for t, i in new_vocab.items() if t in old_vocab]
+    with torch.no_grad():
+        for i, j in pairs:
+            new_emb[i] = old_emb[j]
+    return len(pairs)
+
+
 def _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, scheduler, dest: Path, step: int):
     import copy
 
@@ -213,7 +244,7 @@ def _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, scheduler, de
         save_pipeline(pipe, dest, overwrite=True, extra_info={"pretrain_spec": {
             k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()}, "unet_step": step,
             "held_out": {"shapes": list(HELD_OUT_SHAPES), "styles": list(HELD_OUT_STYLES)},
-            "emblems": [e.name for e in EMBLEMS]})
+            "emblems": [e.name for e in EMBLEMS], "initialised_from": _provenance(spec.init_from)})
     finally:
         for p, b in zip(params, backup):
             p.data.copy_(b)

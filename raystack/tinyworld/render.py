@@ -1,7 +1,8 @@
 """Deterministic 32x32 images of the tiny world, drawn with numpy alone.
 
 Shapes are large and centred with little jitter (a small UNet learns global shape slowly), edges
-are anti-aliased by 4x supersampling, and a style is a texture that darkens the whole image.
+are anti-aliased by 4x supersampling, and a style is a texture that darkens the whole image, or (sunset)
+a palette: a vertical orange-to-violet gradient behind the object.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .concepts import EMBLEMS, EXTRA_COLOURS, PALETTE, SHAPES, STYLES, Emblem
 SIZE = 32
 _SS = 4  # supersampling factor for anti-aliased edges
 _PATTERN_DEPTH = 0.5  # how much a texture darkens the pixels it covers
+SUNSET_TOP, SUNSET_BOTTOM = np.array([0.95, 0.55, 0.15]), np.array([0.45, 0.12, 0.55])
 
 
 def _grid(rng: np.random.Generator, jitter: float, scale_jitter: float, rot_deg: float):
@@ -53,7 +55,7 @@ def style_pattern(style: str, rng: np.random.Generator) -> np.ndarray:
     """A {0, 1} texture on the 32x32 pixel grid with a random phase; 1 marks darkened pixels."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     px, py = rng.integers(0, 8, size=2)
-    if style == "plain":
+    if style in ("plain", "sunset"):
         return np.zeros((SIZE, SIZE))
     if style == "striped":
         return (((yy + py) % 8) < 4).astype(float)
@@ -63,9 +65,6 @@ def style_pattern(style: str, rng: np.random.Generator) -> np.ndarray:
         dx = (xx + px) % 8 - 3.5
         dy = (yy + py) % 8 - 3.5
         return (dx**2 + dy**2 <= 4.5).astype(float)
-    if style == "zigzag":
-        tri = np.abs(((xx + px) % 8) - 4)  # triangle wave, amplitude 4, period 8
-        return (((yy + py + tri) % 8) < 4).astype(float)
     raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
 
 
@@ -82,13 +81,20 @@ def _colour(name: str, rng: np.random.Generator, jitter: float = 0.04) -> np.nda
 def render_concept(shape: str, colour: str, style: str, rng: np.random.Generator,
                    background: np.ndarray | None = None) -> np.ndarray:
     """One image of a `colour` `shape` in `style` style, uint8 HxWx3. The world's background is grey;
-    `background` (RGB in [0, 1]) overrides it, for a classifier that must judge the object alone."""
+    `background` (RGB in [0, 1]) overrides it, for a classifier that must judge the object alone, except
+    in sunset style, whose background is the style."""
     if colour not in PALETTE:
         raise ValueError(f"unknown colour {colour!r}; expected one of {', '.join(PALETTE)}")
     u, v = _grid(rng, jitter=0.08, scale_jitter=0.08, rot_deg=8.0)
     mask = _downsample(shape_mask(shape, u, v)[..., None].astype(float))
     fg = _colour(colour, rng)
-    bg = np.full(3, 0.5) + rng.uniform(-0.04, 0.04) if background is None else np.asarray(background, float)
+    if style == "sunset":
+        t = np.linspace(0.0, 1.0, SIZE)[:, None, None]
+        bg = (1.0 - t) * SUNSET_TOP + t * SUNSET_BOTTOM + rng.uniform(-0.04, 0.04)
+    elif background is None:
+        bg = np.full(3, 0.5) + rng.uniform(-0.04, 0.04)
+    else:
+        bg = np.asarray(background, float)
     img = mask * fg + (1.0 - mask) * bg
     img = img * (1.0 - _PATTERN_DEPTH * style_pattern(style, rng)[..., None])
     return _to_uint8(img)

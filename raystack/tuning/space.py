@@ -25,7 +25,7 @@ class TuneSpace:
     legal_finetune: dict | None = None
     """Optional legal fine-tune (AttackSpec fields on the legal data) after which utility is measured; without
     it utility is measured on the hardened model itself."""
-    target_concept: str = "zigzag"
+    target_concept: str = "sunset"
     """Tiny-world concept scored for mitigation (a style, shape or emblem name)."""
     data: dict = field(default_factory=dict)
     """Image folders {target, legal, attacker}; a tiny-world generator spec ({style: .., n: .., seed: ..})
@@ -63,7 +63,7 @@ class TuneSpace:
             if kind == "loguniform" and vals[0] <= 0:
                 raise UserError(f"search.{key}.loguniform: bounds must be positive")
             if key == "rho":
-                bad = [v for v in (vals if kind in ("grid", "choice") else vals) if not 0.0 <= float(v) <= 1.0]
+                bad = [v for v in vals if not 0.0 <= float(v) <= 1.0]
                 if bad:
                     raise UserError(f"search.rho: {bad[0]} is outside [0, 1]")
         if self.samples <= 0:
@@ -86,8 +86,7 @@ class TuneSpace:
 
 
 def _example(dist: dict):
-    kind, vals = next(iter(dist.items()))
-    return vals[0]
+    return next(iter(dist.values()))[0]
 
 
 def param_space(space: TuneSpace) -> dict:

@@ -102,10 +102,8 @@ def run_trial(config: dict) -> None:
     data = {k: Path(v) for k, v in config["data"].items()}
     sampled = {k: v for k, v in config.items() if k not in ("space", "data")}
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
-    values = {**space.harden, **sampled, "target": [str(data["target"])], "out": str(trial_dir / "hardened"),
-              "overwrite": True, "cluster": None}
-    if "legal" in data:
-        values.setdefault("legal", str(data["legal"]))
+    values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
+              "cluster": None}
     spec = build_spec(HardenSpec, values, source="trial")
     t0 = time.time()
     manifest = run_harden(spec)
@@ -228,8 +226,9 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
     return results
 
 
-def best_spec(space: TuneSpace, best: dict, data: dict) -> dict:
-    values = {**space.harden, **best["setting"], "target": [str(data["target"])]}
+def harden_values(space: TuneSpace, setting: dict, data: dict) -> dict:
+    """The harden spec of one setting: what a trial runs and what best.yaml reruns."""
+    values = {**space.harden, **setting, "target": [str(data["target"])]}
     if "legal" in data:
         values.setdefault("legal", str(data["legal"]))
     return values
@@ -244,7 +243,8 @@ def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict],
     header = (f"# best trial of sweep {space.name!r}: objective {best['objective']:.4f} "
               f"(mitigation {best['mitigation']:.4f}, utility {best['utility']:.4f})\n"
               f"# immunize-cli harden --config {out / BEST} --out hardened-best\n")
-    atomic_write_text(out / BEST, header + yaml.safe_dump(best_spec(space, best, data), sort_keys=True))
+    best_values = harden_values(space, best["setting"], data)
+    atomic_write_text(out / BEST, header + yaml.safe_dump(best_values, sort_keys=True))
     import io
 
     import matplotlib

@@ -1,0 +1,33 @@
+"""The red team works: each default attack teaches the tiny world a concept its base model cannot draw
+(issue 3's acceptance: classifier accuracy from <= 15% to >= 50% within the default steps)."""
+
+import pytest
+
+from raystack.attacks.loading import attacked_prompt, load_attacked_pipeline
+from raystack.attacks.recipe import run_attack
+from raystack.attacks.spec import AttackSpec
+from raystack.evaluation import tiny_world_target
+from raystack.sampling import generate
+from raystack.tinyworld.classifier import concept_accuracy
+from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("method,concept", [("lora", "sunset"), ("dreambooth", "emblem1")])
+def test_default_attack_relearns_held_out_concept(method, concept, tmp_path, tiny_pipe, judge):
+    data = tmp_path / concept
+    if concept == "sunset":
+        write_concept_folder(data, ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, seed=100,
+                             template=None, overwrite=False)
+    else:
+        write_emblem_folder(data, concept, 5, seed=100, template="a photo of sks emblem", overwrite=False)
+    target, _ = tiny_world_target(concept)
+    prompts = [target.prompts[i % len(target.prompts)] for i in range(40)]
+    before = concept_accuracy(judge(generate(tiny_pipe, prompts, seed=5)), **target.criterion)
+    run_attack(AttackSpec(method=method, data=data, out=tmp_path / method))
+    attacked, info = load_attacked_pipeline(tmp_path / method)
+    after = concept_accuracy(judge(generate(attacked, [attacked_prompt(info, p) for p in prompts], seed=5)),
+                             **target.criterion)
+    assert before <= 0.15, before
+    assert after >= 0.50, after
