@@ -85,7 +85,6 @@ def main() -> None:
     base_scores["original"] = score(load_pipeline(None))
     for seed in [int(s) for s in args.seeds.split(",")]:
         s = str(seed)
-        models = {"original": None}
         minutes = {}
         hard = {"imma": w / f"imma-{s}", "freezeasguard": w / f"fag-{s}", "random-freeze": w / f"random-{s}"}
         common = ["--target", str(d / "protect"), "--legal", str(d / "legal"), "--seed", s, "--overwrite"]
@@ -99,7 +98,6 @@ def main() -> None:
         if not (hard["random-freeze"] / "manifest.json").exists():
             _cli("harden", "--method", "random-freeze", "--rho", str(args.rho), "--out", str(hard["random-freeze"]),
                  *common)
-        models["imma"] = str(hard["imma"])
         scores = {"imma (no attack)": score(load_pipeline(hard["imma"]))}
         runs = {  # name: (attack method, model, freeze mask)
             "original + lora": ("lora", None, None),

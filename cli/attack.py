@@ -30,7 +30,8 @@ def attack(
     prior_loss_weight: float = typer.Option(1.0, "--prior-loss-weight"),
     num_vectors: int = typer.Option(1, "--num-vectors", help="textual-inversion: vectors of the new token."),
     initializer_token: str = typer.Option("emblem", "--initializer-token", help="textual-inversion: init word."),
-    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma", help="Min-SNR loss weight γ; 0 = plain MSE (default per method)."),
+    snr_gamma: Optional[float] = typer.Option(None, "--snr-gamma",
+                                              help="Min-SNR loss weight γ; 0 = plain MSE (default per method)."),
     noise_offset: Optional[float] = typer.Option(None, "--noise-offset", help="Offset noise, e.g. 0.1 (default per "
                                                  "method): lets the attack change overall colour."),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Save weights every N steps."),

@@ -61,7 +61,10 @@ def pretrain(
     schedule: str = typer.Option("scaled_linear", "--schedule", help="Noise schedule: scaled_linear | linear."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Continue text encoder + UNet (and "
                                              "take the VAE) from this pipeline folder."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after N steps of the schedule (0 with --init-from: carry the model over to the current word list, no training)."),
+    stop_after: Optional[int] = typer.Option(
+        None, "--stop-after",
+        help="Stop after N steps of the schedule (0 with --init-from: carry the model over to the current word "
+             "list, no training)."),
     threads: int = typer.Option(1, "--threads", min=1, help="torch threads (1 is fastest on a shared 2-core box)."),
 ):
     """Pretrain the tiny world from scratch (VAE, then text encoder + UNet, then the classifier).

@@ -64,7 +64,8 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
     dtype = next(unet.parameters()).dtype
     noise = torch.randn(latents.shape, generator=generator)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], *[1] * (latents.ndim - 2)), generator=generator)
+        per_channel = (*latents.shape[:2], *[1] * (latents.ndim - 2))
+        noise = noise + noise_offset * torch.randn(per_channel, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":

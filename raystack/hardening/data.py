@@ -53,13 +53,7 @@ def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str 
 
 
 def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator):
-    import torch
-
-    from ..diffusion import diffusion_loss
-
-    idx = torch.randint(0, len(shard.bank), (batch,), generator=generator)
-    enc = encode([shard.captions[i] for i in idx.tolist()])
-    return diffusion_loss(unet, noise_scheduler, shard.bank.sample(idx, generator), enc, generator)
+    return mixed_losses(unet, noise_scheduler, encode, [(shard, batch)], generator)[0]
 
 
 def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], generator) -> list:

@@ -168,8 +168,7 @@ class FreezeAsGuardRecipe:
 
         b = self.spec.batch_size
         parts = [(self.illegal, max(1, (b + 1) // 2)), (self.legal, max(1, b // 2))]
-        ill, leg = mixed_losses(self.pipe.unet, self.noise, self._encode, parts, self.generator)
-        return ill, leg
+        return tuple(mixed_losses(self.pipe.unet, self.noise, self._encode, parts, self.generator))
 
     def _low(self):
         ill, leg = self._losses()
