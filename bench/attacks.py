@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -24,7 +25,8 @@ SCENARIOS = {
     "lora": ("sunset", {"style": "sunset"}),
     "dreambooth": ("emblem1", {"emblem": "emblem1"}),
     "dreambooth-lora": ("emblem1", {"emblem": "emblem1"}),
-    "textual-inversion": ("emblem1", {"emblem": "emblem1"}),
+    # TI only finds a word for what the frozen base draws: a personal object it has no name for
+    "textual-inversion": ("yellow-dotted-triangle", {"object": ("triangle", "yellow", "dotted")}),
     "full": ("sunset", {"style": "sunset"}),
 }
 
@@ -40,6 +42,7 @@ def main() -> None:
     from cli.common import quiet_libraries
 
     quiet_libraries()
+    from raystack.atomic import atomic_write_text
     from raystack.attacks.loading import attacked_prompt, load_attacked_pipeline
     from raystack.attacks.recipe import run_attack
     from raystack.attacks.spec import METHOD_DEFAULTS, AttackSpec
@@ -51,6 +54,7 @@ def main() -> None:
     from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 
     configure_threads(1)
+    load_at_start = os.getloadavg()[0]
     judge = Judge()
     base = load_pipeline(None)
     rows = []
@@ -62,6 +66,10 @@ def main() -> None:
             if "style" in how:
                 write_concept_folder(data, ["circle", "square", "triangle", "cross"], None, [how["style"]], 1,
                                      seed=100 + args.seed, template=None, overwrite=False)
+            elif "object" in how:
+                shape, colour, style = how["object"]
+                write_concept_folder(data, [shape], [colour], [style], 5, seed=100 + args.seed, template="a sks",
+                                     overwrite=False)
             else:
                 write_emblem_folder(data, how["emblem"], 5, seed=100 + args.seed, template="a photo of sks emblem",
                                     overwrite=False)
@@ -69,7 +77,8 @@ def main() -> None:
             prompts = [concept.prompts[i % len(concept.prompts)] for i in range(args.samples)]
             before = concept_accuracy(judge(generate(base, prompts, seed=args.seed)), **concept.criterion)
             t0 = time.time()
-            kw = {"initializer_token": "emblem"} if method == "textual-inversion" else {}
+            # as in diffusers' example, the attacker names a word close to the object to start from
+            kw = {"initializer_token": how["object"][0]} if "object" in how else {}
             run_attack(AttackSpec(method=method, data=data, out=tmp / f"out-{method}", seed=args.seed, **kw))
             minutes = (time.time() - t0) / 60
             pipe, info = load_attacked_pipeline(tmp / f"out-{method}")
@@ -79,15 +88,18 @@ def main() -> None:
                          "lr": METHOD_DEFAULTS[method]["lr"], "accuracy_before": before, "accuracy_after": after,
                          "attack_minutes": round(minutes, 2), "samples": args.samples})
             print(json.dumps(rows[-1]), flush=True)
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} logical CPUs, torch threads 1"
+    machine = f"{platform.machine()}, {os.cpu_count()} logical CPUs, torch threads 1"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attacks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    atomic_write_text(args.out / "attacks.json", json.dumps({"machine": machine, "load_at_start": load_at_start,
+                                                             "rows": rows}, indent=2))
     lines = ["| attack | target | default steps | lr | accuracy before | accuracy after | minutes |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['target']} | {r['steps']} | {r['lr']:g} | {r['accuracy_before']:.1%} | "
               f"{r['accuracy_after']:.1%} | {r['attack_minutes']:.1f} |" for r in rows]
-    (args.out / "attacks.md").write_text(f"Machine: {machine}. Command: `.venv/bin/python bench/attacks.py`.\n\n"
-                                         + "\n".join(lines) + "\n")
+    head = (f"Machine: {machine}; 1-minute load average {load_at_start:.1f} at the start (other jobs share the "
+            f"cores when it exceeds 0). Command: `.venv/bin/python bench/attacks.py`. {args.samples} samples "
+            "per model, scored by the tiny world's classifier.")
+    atomic_write_text(args.out / "attacks.md", head + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,13 +32,13 @@ def _parse_runs(values: list[str]) -> dict[str, Path]:
 @guarded
 def evaluate(
     run: list[str] = typer.Option(..., "--run", help="NAME=FOLDER: an attack output or a pipeline (repeatable)."),
-    target: str = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape or emblem name)."),
+    target: str = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape, emblem or colour-style-shape object)."),
     out: Path = typer.Option(..., "--out", help="Report folder: report.json, report.html, images/."),
     baseline: Optional[str] = typer.Option(None, "--baseline",
                                            help="Run attacked WITHOUT hardening (x_A) for SGR/RSGR."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference images of the target "
                                              "(default: the tiny world's generator)."),
-    token: str = typer.Option("sks", "--token", help="Identifier the attacker used in prompts (emblems)."),
+    token: str = typer.Option("sks", "--token", help="Identifier the attacker used in prompts (emblems, objects)."),
     samples: int = typer.Option(24, "--samples", min=1, help="Images per concept and run."),
     curve_samples: int = typer.Option(12, "--curve-samples", min=1, help="Images per checkpoint on the curves."),
     steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),

@@ -28,9 +28,10 @@ class Concept:
 
 def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.ndarray]:
     """The target concept's prompts, classifier criterion and reference images in the tiny world."""
-    from .tinyworld.concepts import COLOURS, EMBLEM_NAMES, SHAPES, STYLES, TRAINED_SHAPES, TRAINED_STYLES, caption
+    from .tinyworld.concepts import (COLOURS, EMBLEM_NAMES, SHAPES, STYLES, TRAINED_SHAPES, TRAINED_STYLES, caption,
+                                     parse_object)
     from .tinyworld.data import concept_set
-    from .tinyworld.render import emblem_by_name, render_emblem
+    from .tinyworld.render import emblem_by_name, render_concept, render_emblem
 
     rng = np.random.default_rng(2024)
     if concept in STYLES:
@@ -47,7 +48,12 @@ def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.nda
         e = emblem_by_name(concept)
         ref = np.stack([render_emblem(e, rng) for _ in range(16)])
         return Concept(concept, [f"a photo of {token} emblem"], {"emblem": concept}), ref
-    raise UserError(f"--target {concept}: not a tiny-world concept (a style, shape or emblem name)")
+    if obj := parse_object(concept):
+        shape, colour, style = obj
+        ref = np.stack([render_concept(shape, colour, style, rng) for _ in range(16)])
+        return Concept(concept, [f"a {token}"], {"shape": shape, "colour": colour, "style": style}), ref
+    raise UserError(f"--target {concept}: not a tiny-world concept (a style, shape, emblem name or a "
+                    "colour-style-shape object such as yellow-dotted-triangle)")
 
 
 def tiny_world_others(exclude: str | None = None) -> list[Concept]:

@@ -14,18 +14,24 @@ from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("method,concept", [("lora", "sunset"), ("dreambooth", "emblem1")])
+@pytest.mark.parametrize("method,concept", [("lora", "sunset"), ("dreambooth", "emblem1"),
+                                            ("textual-inversion", "yellow-dotted-triangle")])
 def test_default_attack_relearns_held_out_concept(method, concept, tmp_path, tiny_pipe, judge):
     data = tmp_path / concept
+    extra = {}
     if concept == "sunset":
         write_concept_folder(data, ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, seed=100,
                              template=None, overwrite=False)
-    else:
+    elif concept.startswith("emblem"):
         write_emblem_folder(data, concept, 5, seed=100, template="a photo of sks emblem", overwrite=False)
+    else:  # a personal object the base draws but cannot name: 5 photos captioned with the rare token only
+        write_concept_folder(data, ["triangle"], ["yellow"], ["dotted"], 5, seed=100, template="a sks",
+                             overwrite=False)
+        extra = {"initializer_token": "triangle"}
     target, _ = tiny_world_target(concept)
     prompts = [target.prompts[i % len(target.prompts)] for i in range(40)]
     before = concept_accuracy(judge(generate(tiny_pipe, prompts, seed=5)), **target.criterion)
-    run_attack(AttackSpec(method=method, data=data, out=tmp_path / method))
+    run_attack(AttackSpec(method=method, data=data, out=tmp_path / method, **extra))
     attacked, info = load_attacked_pipeline(tmp_path / method)
     after = concept_accuracy(judge(generate(attacked, [attacked_prompt(info, p) for p in prompts], seed=5)),
                              **target.criterion)

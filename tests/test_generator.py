@@ -86,3 +86,19 @@ def test_generate_emblem_folder(tmp_path):
     assert len(rows) == 5 and rows[0]["text"] == "a photo of sks emblem"
     img = render_emblem(EMBLEMS[2], np.random.default_rng(0))
     assert img.shape == (32, 32, 3)
+
+
+def test_personal_object_target_names_prompt_and_criterion():
+    from raystack.errors import UserError
+    from raystack.evaluation import tiny_world_target
+    from raystack.tinyworld.concepts import parse_object
+
+    assert parse_object("yellow-dotted-triangle") == ("triangle", "yellow", "dotted")
+    for bad in ("yellow-triangle", "teal-dotted-triangle", "yellow-dotted-triangle-x", "sunset"):
+        assert parse_object(bad) is None
+    concept, ref = tiny_world_target("yellow-dotted-triangle", token="zwx")
+    assert concept.prompts == ["a zwx"]
+    assert concept.criterion == {"shape": "triangle", "colour": "yellow", "style": "dotted"}
+    assert ref.shape == (16, 32, 32, 3)
+    with pytest.raises(UserError, match="colour-style-shape"):
+        tiny_world_target("teal-dotted-triangle")

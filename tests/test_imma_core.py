@@ -1,5 +1,6 @@
 """IMMA's loop body on a toy model: warm start (line 5), overlap copy (line 7), ascent."""
 
+import pytest
 import torch
 
 from raystack.hardening.imma import TorchOuter, imma_iteration
@@ -86,3 +87,24 @@ def test_outer_step_ascends_the_attack_loss():
             after = float(outer())  # same φ, θ after the outer step
         assert after > stats["outer_loss"]
     assert not phi.requires_grad and theta.requires_grad
+
+
+def test_retain_term_enters_the_outer_gradient_with_its_weight():
+    a, b = torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 0.5])
+    phi = torch.nn.Parameter(torch.zeros(2))
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.7]))
+    ad = ToyAdapter(phi)
+    captured = {}
+
+    class Capture(TorchOuter):
+        def step(self):
+            captured["grad"] = theta.grad.detach().clone()
+
+    w = 0.5
+    outer = lambda: (((theta + phi - a) ** 2).sum(), ((theta - b) ** 2).sum())  # noqa: E731
+    _, stats = imma_iteration(ad, None, lambda: ((phi - a) ** 2).sum(), outer, Capture([theta], lr=0.1), [theta],
+                              inner_lr=0.1, retain_weight=w)
+    phi_i = 0.1 * 2 * a  # one inner step from 0
+    expected = -2 * (theta.detach() + phi_i - a) + w * 2 * (theta.detach() - b)
+    assert torch.allclose(captured["grad"], expected)
+    assert stats["retain_loss"] == pytest.approx(float(((theta.detach() - b) ** 2).sum()))

@@ -44,10 +44,13 @@ class TorchOuter:
 
 
 def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "torch.Tensor"],  # noqa: F821
-                   outer_loss: Callable[[], "torch.Tensor"], outer: OuterOptimizer, theta_s: list,  # noqa: F821
-                   inner_lr: float, inner_steps: int = 1, retain_loss: Callable | None = None,
-                   retain_weight: float = 0.0, after_inner: Callable[[], None] | None = None) -> tuple[dict, dict]:
-    """One outer iteration; returns (φ to warm-start the next one, losses)."""
+                   outer_loss: Callable, outer: OuterOptimizer, theta_s: list,
+                   inner_lr: float, inner_steps: int = 1, retain_weight: float = 0.0,
+                   after_inner: Callable[[], None] | None = None) -> tuple[dict, dict]:
+    """One outer iteration; returns (φ to warm-start the next one, losses).
+
+    `outer_loss()` gives the attacker's loss at φ^i, or a pair (that loss, the retain loss on legal data)
+    when the retain term is wanted: the recipe draws both from one UNet pass."""
     import torch
 
     adaptation.load_warm_state(phi_prev or {})  # line 5
@@ -72,16 +75,19 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
         p.requires_grad_(False)
     for p in theta_s:
         p.requires_grad_(True)
-    loss_i = outer_loss()
+    loss_i, r = _pair(outer_loss())
     total = -loss_i  # ascent on the attacker's loss
     retain_val = None
-    if retain_loss is not None and retain_weight > 0:
-        r = retain_loss()
+    if r is not None and retain_weight > 0:
         total = total + retain_weight * r
         retain_val = float(r.detach())
     outer.backward(total)
     outer.step()
     return phi_next, {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val}
+
+
+def _pair(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out, None)
 
 
 def select_outer_params(unet, patterns: list[str]) -> dict:
@@ -151,11 +157,20 @@ class IMMARecipe:
         return shard_loss(self.pipe.unet, self.noise, encode or self.ad.encode, shard, self.spec.batch_size,
                           self.generator)
 
+    def _outer_losses(self):
+        """L_A(θ, φ^i) on target data, and the retain loss on legal data from the same UNet pass."""
+        if self.legal is None:
+            return self._loss(self.target)
+        from .data import mixed_losses
+
+        b = self.spec.batch_size
+        return tuple(mixed_losses(self.pipe.unet, self.noise, self.ad.encode, [(self.target, b), (self.legal, b)],
+                                  self.generator))
+
     def step(self) -> dict:
-        retain = (lambda: self._loss(self.legal)) if self.legal is not None else None
         self.phi_prev, stats = imma_iteration(
-            self.ad, self.phi_prev, lambda: self._loss(self.target), lambda: self._loss(self.target), self.outer,
-            self.engine_params(), self.spec.inner_lr, self.spec.inner_steps, retain, self.spec.retain_weight,
+            self.ad, self.phi_prev, lambda: self._loss(self.target), self._outer_losses, self.outer,
+            self.engine_params(), self.spec.inner_lr, self.spec.inner_steps, self.spec.retain_weight,
             self.after_inner)
         return stats
 

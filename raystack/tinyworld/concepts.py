@@ -86,5 +86,22 @@ def all_words() -> list[str]:
     return sorted(set(words))
 
 
+def parse_object(name: str) -> tuple[str, str, str] | None:
+    """A personal object the base can draw but has no word for, named colour-style-shape
+    (e.g. yellow-dotted-triangle): (shape, colour, style), or None if `name` is not one.
+
+    Textual inversion only finds a new word for something the frozen model already draws: on an emblem
+    (two stacked shapes, which this UNet never learned to draw) it learned the outer disc and never the
+    inner cross (2.5% emblem accuracy), while on such an object it succeeds. So the tiny world has both
+    kinds of personal object, as real ones range from a face SD can already render to a design it cannot."""
+    parts = name.split("-")
+    if len(parts) != 3:
+        return None
+    colour, style, shape = parts
+    if colour in COLOURS and style in STYLES and shape in SHAPES:
+        return shape, colour, style
+    return None
+
+
 def is_held_out(shape: str, style: str) -> bool:
     return shape in HELD_OUT_SHAPES or style in HELD_OUT_STYLES

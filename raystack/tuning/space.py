@@ -26,7 +26,7 @@ class TuneSpace:
     """Optional legal fine-tune (AttackSpec fields on the legal data) after which utility is measured; without
     it utility is measured on the hardened model itself."""
     target_concept: str = "sunset"
-    """Tiny-world concept scored for mitigation (a style, shape or emblem name)."""
+    """Tiny-world concept scored for mitigation (a style, shape, emblem or colour-style-shape object)."""
     data: dict = field(default_factory=dict)
     """Image folders {target, legal, attacker}; a tiny-world generator spec ({style: .., n: .., seed: ..})
     instead of a path makes the sweep create it."""
