@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -24,15 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _median_seconds(fn, iters: int, warmup: int = 2) -> float:
+def _interleaved_medians(fa, fb, iters: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of fa and of fb, timed alternately (a, b, a, b, ...) so that a change of load on a
+    shared machine touches both sides of the ratio alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fa()
+        fb()
+    ta, tb = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def _optimizer_state_bytes(engine) -> int:
@@ -73,12 +78,11 @@ def bench_loop(config: dict) -> None:
             # the attacker's own step: same method, model and batch
             a = attack_setup(AttackSpec(method=against, data=spec.target[0], batch_size=spec.batch_size,
                                         out=Path(tempfile.mkdtemp())), load_pipeline(spec.model))
-            t_attack = _median_seconds(a.step, config["iters"])
             s = spec_from_config({**config["spec"], "method": method, "against": against})
             recipe, _ = bind_phase(s, load_pipeline(s.model), rank, world, phase)
             if phase != "imma":
                 recipe.prepare()
-            t_harden = _median_seconds(recipe.step, config["iters"])
+            t_attack, t_harden = _interleaved_medians(a.step, recipe.step, config["iters"])
             out[method] = {"attack": against, "attack_step_s": t_attack, "harden_iteration_s": t_harden,
                            "ratio": t_harden / t_attack, "user_steps": s.user_steps}
     else:
@@ -138,6 +142,7 @@ def main() -> None:
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                        "PYTHONWARNINGS": "ignore"}})
     t0 = time.time()
+    load_at_start = os.getloadavg()[0]
     timing = _run("time", 1, spec, args.iters, work / "ray")[0]
     memory = _run("memory", 2, spec, 1, work / "ray")
     ray.shutdown()
@@ -146,7 +151,8 @@ def main() -> None:
     res = {
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 cores, no GPU; torch 1 thread/process",
         "command": "python bench/harden_step.py " + " ".join(sys.argv[1:]),
-        "batch": args.batch, "iters": args.iters, "wall_seconds": round(time.time() - t0, 1),
+        "batch": args.batch, "iters": args.iters, "load_at_start": load_at_start,
+        "wall_seconds": round(time.time() - t0, 1),
         "timing": timing,
         "targets": {
             "imma_ratio": {"value": timing["imma"]["ratio"], "target": 2.2,
@@ -163,7 +169,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "harden_step.json", json.dumps(res, indent=2))
     lines = [f"# harden step benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}` "
-             f"(batch {args.batch}, median of {args.iters} after 2 warm-up).\n",
+             f"(batch {args.batch}; medians of {args.iters} attacker steps and {args.iters} harden iterations, "
+             f"timed alternately after 2 warm-ups; 1-minute load average at the start {res['load_at_start']:.1f}).\n",
              "| method | attacker step | harden iteration | ratio | target |", "|---|---|---|---|---|"]
     for m, t in timing.items():
         if isinstance(t, dict):
