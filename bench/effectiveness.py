@@ -36,13 +36,40 @@ def _cli(*args: str) -> float:
     return time.time() - t0
 
 
+def _attacks(hard: dict) -> dict:
+    """name: (attack method, model, freeze mask)"""
+    return {
+        "original + lora": ("lora", None, None),
+        "imma + lora": ("lora", str(hard["imma"]), None),
+        "original + full": ("full", None, None),
+        "freezeasguard + full": ("full", None, hard["freezeasguard"] / "freeze_mask.safetensors"),
+        "random-freeze + full": ("full", None, hard["random-freeze"] / "freeze_mask.safetensors"),
+    }
+
+
+def _attack(w: Path, name: str, s: str, method: str, model, mask, seed: int, d: Path, minutes: dict) -> Path:
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+
+    out = w / f"attack-{name.replace(' + ', '-')}-{s}"
+    t0 = time.time()
+    if not (out / "attack.json").exists():
+        run_attack(AttackSpec(method=method, data=d / "attacker", out=out, model=model, seed=seed,
+                              freeze_mask=mask, overwrite=True))
+        minutes[f"attack {name}"] = (time.time() - t0) / 60
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--samples", type=int, default=40, help="images per concept and model")
+    ap.add_argument("--samples", type=int, default=40, help="images of the target concept per model")
+    ap.add_argument("--other-samples", type=int, default=16,
+                    help="images per other concept and model (8 concepts, averaged)")
     ap.add_argument("--rho", type=float, default=0.3)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-effectiveness")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--prepare-only", action="store_true", help="harden and attack, score nothing")
     args = ap.parse_args()
 
     from cli.common import quiet_libraries
@@ -50,8 +77,6 @@ def main() -> None:
     quiet_libraries()
     from raystack.atomic import atomic_write_text
     from raystack.attacks.loading import load_attacked_pipeline
-    from raystack.attacks.recipe import run_attack
-    from raystack.attacks.spec import AttackSpec
     from raystack.evaluation import tiny_world_others, tiny_world_target
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
@@ -64,13 +89,21 @@ def main() -> None:
     target, _ = tiny_world_target("sunset")
     others = tiny_world_others("sunset")
 
-    def score(pipe) -> dict:
-        def acc(concept):
-            prompts = [concept.prompts[i % len(concept.prompts)] for i in range(args.samples)]
+    def score(key: str, load) -> dict:
+        """Scores of one model, cached in the work folder (a rerun after a crash only scores what is new)."""
+        cache = args.work / "scores" / f"{key}-n{args.samples}-{args.other_samples}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        pipe = load()
+
+        def acc(concept, n=args.other_samples):
+            prompts = [concept.prompts[i % len(concept.prompts)] for i in range(n)]
             return concept_accuracy(judge(generate(pipe, prompts, seed=11)), **concept.criterion)
 
         other = {c.name: acc(c) for c in others}
-        return {"target": acc(target), "others_mean": sum(other.values()) / len(other), "others": other}
+        result = {"target": acc(target, args.samples), "others_mean": sum(other.values()) / len(other), "others": other}
+        atomic_write_text(cache, json.dumps(result))
+        return result
 
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -82,10 +115,12 @@ def main() -> None:
         write_concept_folder(d / "attacker", ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, 3,
                              None, True)
     rows, base_scores = [], {}
-    base_scores["original"] = score(load_pipeline(None))
+    if not args.prepare_only:
+        base_scores["original"] = score("original", lambda: load_pipeline(None))
     for seed in [int(s) for s in args.seeds.split(",")]:
         s = str(seed)
-        minutes = {}
+        minutes_file = w / f"minutes-{s}.json"  # wall time of what this or an earlier run made
+        minutes = json.loads(minutes_file.read_text()) if minutes_file.is_file() else {}
         hard = {"imma": w / f"imma-{s}", "freezeasguard": w / f"fag-{s}", "random-freeze": w / f"random-{s}"}
         common = ["--target", str(d / "protect"), "--legal", str(d / "legal"), "--seed", s, "--overwrite"]
         if not (hard["imma"] / "manifest.json").exists():
@@ -98,22 +133,16 @@ def main() -> None:
         if not (hard["random-freeze"] / "manifest.json").exists():
             _cli("harden", "--method", "random-freeze", "--rho", str(args.rho), "--out", str(hard["random-freeze"]),
                  *common)
-        scores = {"imma (no attack)": score(load_pipeline(hard["imma"]))}
-        runs = {  # name: (attack method, model, freeze mask)
-            "original + lora": ("lora", None, None),
-            "imma + lora": ("lora", str(hard["imma"]), None),
-            "original + full": ("full", None, None),
-            "freezeasguard + full": ("full", None, hard["freezeasguard"] / "freeze_mask.safetensors"),
-            "random-freeze + full": ("full", None, hard["random-freeze"] / "freeze_mask.safetensors"),
-        }
-        for name, (method, model, mask) in runs.items():
-            out = w / f"attack-{name.replace(' + ', '-')}-{s}"
-            t0 = time.time()
-            if not (out / "attack.json").exists():
-                run_attack(AttackSpec(method=method, data=d / "attacker", out=out, model=model, seed=seed,
-                                      freeze_mask=mask, overwrite=True))
-                minutes[f"attack {name}"] = (time.time() - t0) / 60
-            scores[name] = score(load_attacked_pipeline(out)[0])
+        if args.prepare_only:  # hardening and attacks only (e.g. beside a run that is still scoring)
+            for name, (method, model, mask) in _attacks(hard).items():
+                _attack(w, name, s, method, model, mask, seed, d, minutes)
+                atomic_write_text(minutes_file, json.dumps(minutes))
+            continue
+        scores = {"imma (no attack)": score(f"imma-{s}", lambda: load_pipeline(hard["imma"]))}
+        for name, (method, model, mask) in _attacks(hard).items():
+            out = _attack(w, name, s, method, model, mask, seed, d, minutes)
+            scores[name] = score(out.name, lambda: load_attacked_pipeline(out)[0])
+        atomic_write_text(minutes_file, json.dumps(minutes))
         row = {"seed": seed, "scores": scores, "minutes": {k: round(v, 2) for k, v in minutes.items()}}
         o_l, i_l = scores["original + lora"]["target"], scores["imma + lora"]["target"]
         row["imma_target_ratio"] = i_l / o_l if o_l else None
@@ -123,14 +152,18 @@ def main() -> None:
         row["fag_beats_random"] = scores["freezeasguard + full"]["target"] < scores["random-freeze + full"]["target"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.prepare_only:
+        return
 
     machine = f"{platform.machine()}, {os.cpu_count()} logical CPUs, torch threads 1"
-    result = {"machine": machine, "samples": args.samples, "rho": args.rho, "original": base_scores["original"],
+    result = {"machine": machine, "samples": args.samples, "other_samples": args.other_samples, "rho": args.rho,
+              "original": base_scores["original"],
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "effectiveness.json", json.dumps(result, indent=2))
     lines = [f"Machine: {machine}. Command: `.venv/bin/python bench/effectiveness.py --seeds {args.seeds}`. "
-             f"Held-out style `sunset`; {args.samples} samples per concept and model, scored by the tiny world's "
+             f"Held-out style `sunset`; {args.samples} samples of it and {args.other_samples} of each of the 8 other "
+             "concepts per model, scored by the tiny world's "
              f"classifier. Original model without attack: target {base_scores['original']['target']:.1%}, "
              f"other concepts {base_scores['original']['others_mean']:.1%}.", "",
              "| seed | model + attack | target accuracy | other concepts |", "|---|---|---|---|"]

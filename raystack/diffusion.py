@@ -32,7 +32,8 @@ class LatentBank:
                 d = vae.encode(to_model_tensor(images[i : i + batch]).to(dev, dtype)).latent_dist
                 means.append(d.mean.float().cpu())
                 stds.append(d.std.float().cpu())
-        return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
+        # the VAE's convolutions hand back channels-last tensors on CPU; see diffusion_loss
+        return cls(torch.cat(means).contiguous(), torch.cat(stds).contiguous(), float(vae.config.scaling_factor))
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -72,6 +73,10 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         target = noise_scheduler.get_velocity(latents, noise, t)
     else:
         target = noise
+    # Contiguous, not channels-last: with conv_in frozen (a FreezeAsGuard mask may freeze it) the first
+    # GroupNorm gets an input that needs no gradient, and torch 2.13's CPU GroupNorm backward segfaults on
+    # a channels-last one (tests/test_attacks.py::test_frozen_input_layer_trains).
+    noisy = noisy.contiguous()
     pred = unet(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample
     err = (pred.float() - target.to(dev).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
     if snr_gamma:

@@ -64,6 +64,21 @@ def test_textual_inversion_saves_one_embedding_and_touches_nothing_else(emblem_d
                for k, v in tiny_pipe.unet.state_dict().items())
 
 
+def test_frozen_input_layer_trains(emblem_data, tmp_path, tiny_pipe):
+    """A mask that freezes conv_in leaves the first GroupNorm with trainable weights and an input that needs
+    no gradient; on channels-last latents torch 2.13's CPU GroupNorm backward then wrote to a null pointer
+    (segfault). Latents are kept contiguous, so this mask trains."""
+    names = [n for n, _ in tiny_pipe.unet.named_parameters()]
+    mask = {n: n.startswith("conv_in.") for n in names}
+    save_freeze_mask(tmp_path / "mask.safetensors", mask)
+    _run("full", emblem_data, tmp_path / "a", freeze_mask=tmp_path / "mask.safetensors", lr=1e-3)
+    after = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    before = tiny_pipe.unet.state_dict()
+    assert all(np.array_equal(after[n].numpy(), before[n].numpy()) for n in names if mask[n])
+    assert not np.array_equal(after["down_blocks.0.resnets.0.norm1.weight"].numpy(),
+                              before["down_blocks.0.resnets.0.norm1.weight"].numpy())
+
+
 @pytest.mark.parametrize("method", ["full", "dreambooth"])
 def test_freeze_mask_leaves_frozen_tensors_bitwise_unchanged(method, emblem_data, tmp_path, tiny_pipe):
     names = [n for n, _ in tiny_pipe.unet.named_parameters()]
