@@ -8,15 +8,16 @@ from pathlib import Path
 from ..errors import UserError
 
 METHODS = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion", "full")
+DEFAULT_RANK = 8  # kohya-style LoRA rank; IMMA's simulated attacker uses the same
 
 #: Defaults scaled for the tiny world on 2 CPU cores (a few minutes each); real SD users pass their own.
 #: The LoRA methods run what kohya-style users run (rank 8, alpha = rank, min-SNR γ = 5, offset noise
 #: 0.1) at a learning rate and step count sized so the default attack re-learns the held-out style
 #: (bench/results/attacks.md). Unlisted knobs: rank 8, no min-SNR, no offset noise.
 METHOD_DEFAULTS: dict[str, dict] = {
-    "lora": {"steps": 400, "lr": 3e-3, "rank": 8, "snr_gamma": 5.0, "noise_offset": 0.1},
+    "lora": {"steps": 400, "lr": 3e-3, "rank": DEFAULT_RANK, "snr_gamma": 5.0, "noise_offset": 0.1},
     "dreambooth": {"steps": 400, "lr": 5e-4},
-    "dreambooth-lora": {"steps": 400, "lr": 3e-3, "rank": 8, "snr_gamma": 5.0, "noise_offset": 0.1},
+    "dreambooth-lora": {"steps": 400, "lr": 3e-3, "rank": DEFAULT_RANK, "snr_gamma": 5.0, "noise_offset": 0.1},
     "textual-inversion": {"steps": 400, "lr": 5e-3},
     "full": {"steps": 200, "lr": 1e-4},
 }
@@ -85,7 +86,7 @@ class AttackSpec:
         self.steps = d["steps"] if self.steps is None else self.steps
         self.lr = d["lr"] if self.lr is None else self.lr
         self.noise_offset = d.get("noise_offset", 0.0) if self.noise_offset is None else self.noise_offset
-        self.rank = d.get("rank", 8) if self.rank is None else self.rank
+        self.rank = d.get("rank", DEFAULT_RANK) if self.rank is None else self.rank
         self.snr_gamma = d.get("snr_gamma", 0.0) if self.snr_gamma is None else self.snr_gamma
         self.alpha = float(self.rank) if self.alpha is None else self.alpha
         for name, val in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--rank", self.rank),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..attacks.spec import DEFAULT_RANK
 from ..attacks.spec import METHODS as ATTACK_METHODS
 from ..errors import UserError
 
@@ -60,7 +61,7 @@ class HardenSpec:
     """IMMA: weight of the ordinary loss on --legal data (keeps other concepts; 0 = paper)."""
     token: str = "zxq"
     """Defender's identifier for DreamBooth/TI simulation; deliberately not the attacker's."""
-    rank: int = 8
+    rank: int = DEFAULT_RANK
     """LoRA rank of the simulated attacker (the attack default)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
