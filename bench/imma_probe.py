@@ -1,0 +1,71 @@
+"""Probe one IMMA setting on the tiny world: harden (the real CLI, seed 0, 1 worker), score the other
+concepts without attack, run the default LoRA attack on the held-out style, score the target after it.
+
+    .venv/bin/python bench/imma_probe.py NAME OUTER_LR [extra harden flags, e.g. --retain-weight 10]
+
+Needs the data folders of bench/effectiveness.py (run that first). Appends one JSON row to
+bench/results/imma_probe.jsonl. Others: 8 samples per concept (8 concepts); target: 40 samples.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    name, lr = sys.argv[1], sys.argv[2]
+    extra = sys.argv[3:]
+    d = ROOT / "runs/bench-effectiveness/data"
+    out = ROOT / "runs/imma-probe" / name
+    t0 = time.time()
+    if not (out / "manifest.json").exists():
+        subprocess.run([str(ROOT / ".venv/bin/immunize-cli"), "harden", "--config",
+                        str(ROOT / "configs/demo_imma_lora.yaml"), "--target", str(d / "protect"), "--legal",
+                        str(d / "legal"), "--seed", "0", "--overwrite", "--outer-lr", lr, "--workers", "1",
+                        "--out", str(out), *extra], check=True, stdout=subprocess.DEVNULL)
+    harden_s = time.time() - t0
+
+    from cli.common import quiet_libraries
+
+    quiet_libraries()
+    from raystack.atomic import atomic_write_text
+    from raystack.attacks.loading import load_attacked_pipeline
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+    from raystack.evaluation import tiny_world_others, tiny_world_target
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.runtime import configure_threads
+    from raystack.sampling import generate
+    from raystack.tinyworld.classifier import Judge, concept_accuracy
+
+    configure_threads(1)
+    judge = Judge()
+    target, _ = tiny_world_target("sunset")
+    others = tiny_world_others("sunset")
+
+    def acc(pipe, c, n):
+        prompts = [c.prompts[i % len(c.prompts)] for i in range(n)]
+        return concept_accuracy(judge(generate(pipe, prompts, seed=11)), **c.criterion)
+
+    hardened = load_pipeline(out)
+    others_no_attack = sum(acc(hardened, c, 8) for c in others) / len(others)
+    if not (out / "atk" / "attack.json").exists():
+        run_attack(AttackSpec(method="lora", data=d / "attacker", out=out / "atk", model=str(out), seed=0,
+                              overwrite=True))
+    attacked = load_attacked_pipeline(out / "atk")[0]
+    row = {"name": name, "lr": lr, "extra": extra, "harden_min": round(harden_s / 60, 1),
+           "others_no_attack": others_no_attack, "target_attacked": acc(attacked, target, 40),
+           "others_attacked": sum(acc(attacked, c, 8) for c in others) / len(others)}
+    print(json.dumps(row), flush=True)
+    log = ROOT / "bench/results/imma_probe.jsonl"
+    old = log.read_text() if log.exists() else ""
+    atomic_write_text(log, old + json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
