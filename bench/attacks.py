@@ -46,11 +46,10 @@ def main() -> None:
     from raystack.attacks.loading import attacked_prompt, load_attacked_pipeline
     from raystack.attacks.recipe import run_attack
     from raystack.attacks.spec import METHOD_DEFAULTS, AttackSpec
-    from raystack.evaluation import tiny_world_target
+    from raystack.evaluation import sampled_accuracy, tiny_world_target
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
-    from raystack.sampling import generate
-    from raystack.tinyworld.classifier import Judge, concept_accuracy
+    from raystack.tinyworld.classifier import Judge
     from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 
     configure_threads(1)
@@ -74,16 +73,15 @@ def main() -> None:
                 write_emblem_folder(data, how["emblem"], 5, seed=100 + args.seed, template="a photo of sks emblem",
                                     overwrite=False)
             concept, _ = tiny_world_target(target)
-            prompts = [concept.prompts[i % len(concept.prompts)] for i in range(args.samples)]
-            before = concept_accuracy(judge(generate(base, prompts, seed=args.seed)), **concept.criterion)
+            before = sampled_accuracy(base, concept.prompts, concept.criterion, args.samples, judge, seed=args.seed)
             t0 = time.time()
             # as in diffusers' example, the attacker names a word close to the object to start from
             kw = {"initializer_token": how["object"][0]} if "object" in how else {}
             run_attack(AttackSpec(method=method, data=data, out=tmp / f"out-{method}", seed=args.seed, **kw))
             minutes = (time.time() - t0) / 60
             pipe, info = load_attacked_pipeline(tmp / f"out-{method}")
-            after = concept_accuracy(judge(generate(pipe, [attacked_prompt(info, p) for p in prompts], seed=args.seed)),
-                                     **concept.criterion)
+            after = sampled_accuracy(pipe, [attacked_prompt(info, p) for p in concept.prompts], concept.criterion,
+                                     args.samples, judge, seed=args.seed)
             rows.append({"method": method, "target": target, "steps": METHOD_DEFAULTS[method]["steps"],
                          "lr": METHOD_DEFAULTS[method]["lr"], "accuracy_before": before, "accuracy_after": after,
                          "attack_minutes": round(minutes, 2), "samples": args.samples})

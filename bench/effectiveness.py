@@ -77,11 +77,10 @@ def main() -> None:
     quiet_libraries()
     from raystack.atomic import atomic_write_text
     from raystack.attacks.loading import load_attacked_pipeline
-    from raystack.evaluation import tiny_world_others, tiny_world_target
+    from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
-    from raystack.sampling import generate
-    from raystack.tinyworld.classifier import Judge, concept_accuracy
+    from raystack.tinyworld.classifier import Judge
     from raystack.tinyworld.folder import write_concept_folder
 
     configure_threads(1)
@@ -97,8 +96,7 @@ def main() -> None:
         pipe = load()
 
         def acc(concept, n=args.other_samples):
-            prompts = [concept.prompts[i % len(concept.prompts)] for i in range(n)]
-            return concept_accuracy(judge(generate(pipe, prompts, seed=11)), **concept.criterion)
+            return sampled_accuracy(pipe, concept.prompts, concept.criterion, n, judge, seed=11)
 
         other = {c.name: acc(c) for c in others}
         result = {"target": acc(target, args.samples), "others_mean": sum(other.values()) / len(other), "others": other}

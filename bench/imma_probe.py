@@ -37,11 +37,10 @@ def main() -> None:
     from raystack.attacks.loading import load_attacked_pipeline
     from raystack.attacks.recipe import run_attack
     from raystack.attacks.spec import AttackSpec
-    from raystack.evaluation import tiny_world_others, tiny_world_target
+    from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
-    from raystack.sampling import generate
-    from raystack.tinyworld.classifier import Judge, concept_accuracy
+    from raystack.tinyworld.classifier import Judge
 
     configure_threads(1)
     judge = Judge()
@@ -49,8 +48,7 @@ def main() -> None:
     others = tiny_world_others("sunset")
 
     def acc(pipe, c, n):
-        prompts = [c.prompts[i % len(c.prompts)] for i in range(n)]
-        return concept_accuracy(judge(generate(pipe, prompts, seed=11)), **c.criterion)
+        return sampled_accuracy(pipe, c.prompts, c.criterion, n, judge, seed=11)
 
     hardened = load_pipeline(out)
     others_no_attack = sum(acc(hardened, c, 8) for c in others) / len(others)

@@ -32,8 +32,7 @@ class LatentBank:
                 d = vae.encode(to_model_tensor(images[i : i + batch]).to(dev, dtype)).latent_dist
                 means.append(d.mean.float().cpu())
                 stds.append(d.std.float().cpu())
-        # the VAE's convolutions hand back channels-last tensors on CPU; see diffusion_loss
-        return cls(torch.cat(means).contiguous(), torch.cat(stds).contiguous(), float(vae.config.scaling_factor))
+        return cls(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
 
     def __len__(self) -> int:
         return len(self.mean)

@@ -83,8 +83,22 @@ class EvalSettings:
     curves: bool = True
 
 
+def cycled(prompts: list[str], n: int) -> list[str]:
+    """n prompts, repeating the list: several samples per prompt."""
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
 def _prompts(concept: Concept, n: int) -> list[str]:
-    return [concept.prompts[i % len(concept.prompts)] for i in range(n)]
+    return cycled(concept.prompts, n)
+
+
+def sampled_accuracy(pipe, prompts: list[str], criterion: dict, n: int, judge, seed: int = 0,
+                     steps: int = 25) -> float:
+    """Classifier accuracy of n images sampled from `prompts` (cycled): one concept's score."""
+    from .sampling import generate
+    from .tinyworld.classifier import concept_accuracy
+
+    return concept_accuracy(judge(generate(pipe, cycled(prompts, n), steps=steps, seed=seed)), **criterion)
 
 
 def _load_run(path: Path, weights: Path | None = None):

@@ -6,9 +6,7 @@ import pytest
 from raystack.attacks.loading import attacked_prompt, load_attacked_pipeline
 from raystack.attacks.recipe import run_attack
 from raystack.attacks.spec import AttackSpec
-from raystack.evaluation import tiny_world_target
-from raystack.sampling import generate
-from raystack.tinyworld.classifier import concept_accuracy
+from raystack.evaluation import sampled_accuracy, tiny_world_target
 from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 
 pytestmark = pytest.mark.e2e
@@ -29,11 +27,10 @@ def test_default_attack_relearns_held_out_concept(method, concept, tmp_path, tin
                              overwrite=False)
         extra = {"initializer_token": "triangle"}
     target, _ = tiny_world_target(concept)
-    prompts = [target.prompts[i % len(target.prompts)] for i in range(40)]
-    before = concept_accuracy(judge(generate(tiny_pipe, prompts, seed=5)), **target.criterion)
+    before = sampled_accuracy(tiny_pipe, target.prompts, target.criterion, 40, judge, seed=5)
     run_attack(AttackSpec(method=method, data=data, out=tmp_path / method, **extra))
     attacked, info = load_attacked_pipeline(tmp_path / method)
-    after = concept_accuracy(judge(generate(attacked, [attacked_prompt(info, p) for p in prompts], seed=5)),
-                             **target.criterion)
+    after = sampled_accuracy(attacked, [attacked_prompt(info, p) for p in target.prompts], target.criterion, 40,
+                             judge, seed=5)
     assert before <= 0.15, before
     assert after >= 0.50, after

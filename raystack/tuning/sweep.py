@@ -68,12 +68,9 @@ def pareto_front(rows: list[dict]) -> list[int]:
 
 # the trial ----------------------------------------------------------------------------------------------
 def _score(pipe, prompts: list[str], criterion: dict, judge, space: TuneSpace, seed: int) -> float:
-    from ..sampling import generate
-    from ..tinyworld.classifier import concept_accuracy
+    from ..evaluation import sampled_accuracy
 
-    n = space.eval_samples
-    imgs = generate(pipe, [prompts[i % len(prompts)] for i in range(n)], steps=space.eval_steps, seed=seed)
-    return concept_accuracy(judge(imgs), **criterion)
+    return sampled_accuracy(pipe, prompts, criterion, space.eval_samples, judge, seed=seed, steps=space.eval_steps)
 
 
 def _utility(pipe, judge, space: TuneSpace) -> float:
