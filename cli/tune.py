@@ -19,12 +19,14 @@ def tune(
     max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="Embedded Ray: logical CPUs."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep found in --out."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set harden.seed=1 "
+                                        "--set name=my-sweep (repeatable; give the same ones to --resume)."),
 ):
     """Sweep rho / learning rates / lambda weights; every trial hardens, attacks and is scored."""
     from raystack.errors import UserError
     from raystack.tuning.space import load_space
 
-    spec = load_space(space)
+    spec = load_space(space, overrides)
     if samples is not None and samples <= 0:
         raise UserError(f"--samples {samples}: must be a positive integer")
     if max_concurrent <= 0:

@@ -91,6 +91,32 @@ def read_yaml(path: Path, flag: str = "--config") -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def apply_overrides(values: dict, overrides: list[str], flag: str = "--set") -> dict:
+    """A copy of `values` with dotted `KEY.SUB=VALUE` overrides applied (VALUE read as YAML: 1, 0.3, [a, b])."""
+    import copy
+
+    import yaml
+
+    out = copy.deepcopy(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} {item}: expected KEY=VALUE, e.g. harden.seed=1")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise UserError(f"{flag} {item}: the value is not valid YAML") from None
+        *parents, leaf = [k.strip().replace("-", "_") for k in key.split(".")]
+        node = out
+        for k in parents:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"{flag} {item}: {k} is not a mapping")
+            node = nxt
+        node[leaf] = value
+    return out
+
+
 def spec_to_yaml_dict(spec) -> dict:
     out = {}
     for f in dataclasses.fields(spec):

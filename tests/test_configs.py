@@ -75,3 +75,14 @@ def test_search_algorithm_and_scheduler_are_selectable():
     assert isinstance(alg, ConcurrencyLimiter) and type(alg.searcher).__name__ == "OptunaSearch"
     assert isinstance(make_scheduler(space(scheduler="asha")), ASHAScheduler)
     assert make_scheduler(space(scheduler="fifo")) is None
+
+
+def test_tune_space_overrides_are_dotted_and_typed():
+    from raystack.tuning.space import load_space
+
+    path = ROOT / "tune_spaces" / "freezeasguard_vs_random_rho.yaml"
+    base = load_space(path)
+    space = load_space(path, ["harden.seed=1", "name=seed1", "search.rho={grid: [0.2, 0.4]}", "eval_samples=8"])
+    assert space.harden == {**base.harden, "seed": 1} and base.harden.get("seed") is None
+    assert space.name == "seed1" and space.eval_samples == 8
+    assert space.search == {**base.search, "rho": {"grid": [0.2, 0.4]}}

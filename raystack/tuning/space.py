@@ -106,10 +106,11 @@ def param_space(space: TuneSpace) -> dict:
     return out
 
 
-def load_space(path: Path) -> TuneSpace:
-    from ..specs import build_spec, read_yaml
+def load_space(path: Path, overrides: list[str] | None = None) -> TuneSpace:
+    """The space file, with `--set KEY=VALUE` overrides (e.g. harden.seed=1 for a second seed)."""
+    from ..specs import apply_overrides, build_spec, read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--space {path}: no such file")
-    return build_spec(TuneSpace, read_yaml(path), source=str(path))
+    return build_spec(TuneSpace, apply_overrides(read_yaml(path, "--space"), overrides or []), source=str(path))
