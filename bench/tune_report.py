@@ -1,9 +1,9 @@
 """Markdown table of a finished sweep whose space grids `method` (FreezeAsGuard vs Random-ρ) and `rho`:
 one row per ρ with both methods' objectives side by side, the best trial, and the paper's defaults.
 
-    .venv/bin/python bench/tune_report.py runs/tune-fag-vs-random bench/results/tune_fag_vs_random
+    .venv/bin/python bench/tune_report.py SWEEP_DIR OUT "THE TUNE COMMAND THAT MADE SWEEP_DIR"
 
-Copies the sweep's results.json to OUT.json and writes OUT.md. Numbers are the sweep's own.
+Copies the sweep's results.json and pareto.png to OUT.json and OUT.png and writes OUT.md. Numbers are the sweep's own.
 """
 
 import json
@@ -22,9 +22,9 @@ def _pct(v) -> str:
 
 
 def main() -> None:
-    from raystack.atomic import atomic_write_text
+    from raystack.atomic import atomic_write_bytes, atomic_write_text
 
-    sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
+    sweep, out, command = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     res = json.loads((sweep / "results.json").read_text())
     by = {}
     for r in res["trials"]:
@@ -35,8 +35,7 @@ def main() -> None:
     lines = [f"Sweep `{res['space']}`, objective `{res['objective']}` (mitigation: held-out style's accuracy after "
              f"the attack, lower is better; utility: other concepts' accuracy after a legal fine-tune). "
              f"Machine: {platform.machine()}, {__import__('os').cpu_count()} logical CPUs, 1 torch thread per "
-             f"process. Command: `immunize-cli tune --space tune_spaces/{res['space'].replace('-', '_')}.yaml` "
-             f"(see the space file), then `python bench/tune_report.py SWEEP_DIR {out}`.", "",
+             f"process. Command: `{command}`, then `python bench/tune_report.py {sweep} {out} ...`.", "",
              "| ρ | FreezeAsGuard mitigation | utility | objective | Random-ρ mitigation | utility | objective |",
              "|---|---|---|---|---|---|---|"]
     for rho in rhos:
@@ -50,6 +49,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(res, indent=2))
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_bytes(out.with_suffix(".png"), (sweep / "pareto.png").read_bytes())
     print("\n".join(lines))
 
 
