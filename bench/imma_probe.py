@@ -2,6 +2,10 @@
 concepts without attack, run the default LoRA attack on the held-out style, score the target after it.
 
     .venv/bin/python bench/imma_probe.py NAME OUTER_LR [extra harden flags, e.g. --retain-weight 10]
+    .venv/bin/python bench/imma_probe.py NAME none --rank 1     # no IMMA: the original model, attacked
+
+`--rank R` sets the LoRA rank of both IMMA's simulated attacker and the attack (default 8); OUTER_LR `none`
+skips hardening and attacks the original model, the baseline for a non-default attack.
 
 Needs the data folders of bench/effectiveness.py (run that first). Appends one JSON row to
 bench/results/imma_probe.jsonl. Others: 8 samples per concept (8 concepts); target: 40 samples.
@@ -21,9 +25,10 @@ def main() -> None:
     name, lr = sys.argv[1], sys.argv[2]
     extra = sys.argv[3:]
     d = ROOT / "runs/bench-effectiveness/data"
+    rank = int(extra[extra.index("--rank") + 1]) if "--rank" in extra else None
     out = ROOT / "runs/imma-probe" / name
     t0 = time.time()
-    if not (out / "manifest.json").exists():
+    if lr != "none" and not (out / "manifest.json").exists():
         subprocess.run([str(ROOT / ".venv/bin/immunize-cli"), "harden", "--config",
                         str(ROOT / "configs/demo_imma_lora.yaml"), "--target", str(d / "protect"), "--legal",
                         str(d / "legal"), "--seed", "0", "--overwrite", "--outer-lr", lr, "--workers", "1",
@@ -36,7 +41,7 @@ def main() -> None:
     from raystack.atomic import atomic_write_text
     from raystack.attacks.loading import load_attacked_pipeline
     from raystack.attacks.recipe import run_attack
-    from raystack.attacks.spec import AttackSpec
+    from raystack.attacks.spec import DEFAULT_RANK, AttackSpec
     from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
@@ -50,13 +55,13 @@ def main() -> None:
     def acc(pipe, c, n):
         return sampled_accuracy(pipe, c.prompts, c.criterion, n, judge, seed=11)
 
-    hardened = load_pipeline(out)
+    hardened = load_pipeline(out if lr != "none" else None)
     others_no_attack = sum(acc(hardened, c, 8) for c in others) / len(others)
     if not (out / "atk" / "attack.json").exists():
-        run_attack(AttackSpec(method="lora", data=d / "attacker", out=out / "atk", model=str(out), seed=0,
-                              overwrite=True))
+        run_attack(AttackSpec(method="lora", data=d / "attacker", out=out / "atk",
+                              model=str(out) if lr != "none" else None, seed=0, overwrite=True, rank=rank))
     attacked = load_attacked_pipeline(out / "atk")[0]
-    row = {"name": name, "lr": lr, "extra": extra, "harden_min": round(harden_s / 60, 1),
+    row = {"name": name, "lr": lr, "extra": extra, "attack_rank": rank or DEFAULT_RANK, "harden_min": round(harden_s / 60, 1),
            "others_no_attack": others_no_attack, "target_attacked": acc(attacked, target, 40),
            "others_attacked": sum(acc(attacked, c, 8) for c in others) / len(others)}
     print(json.dumps(row), flush=True)

@@ -1,9 +1,12 @@
-"""`tune` end to end: a 4-trial ρ sweep on the tiny world, then `harden --config best.yaml` reruns the best."""
+"""`tune` end to end: a 4-trial ρ sweep on the tiny world, killed after two trials and resumed, then
+`harden --config best.yaml` reruns the best."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +22,36 @@ def _env():
             "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
 
 
-def test_four_trial_rho_sweep_then_best_yaml_reproduces(tmp_path):
+def _finished_trials(out: Path) -> dict[str, str]:
+    """result.json of every trial that made its final report, by trial folder."""
+    rows = {}
+    for f in (out / "tune" / "tiny-rho-4").glob("*/result.json"):
+        text = f.read_text()
+        if '"done_all": true' in text:
+            rows[f.parent.name] = text
+    return rows
+
+
+def test_four_trial_rho_sweep_survives_a_crash_then_best_yaml_reproduces(tmp_path):
     out = tmp_path / "sweep"
-    res = subprocess.run([CLI, "tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--out", str(out),
-                          "--num-cpus", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
+    cmd = [CLI, "tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--out", str(out), "--num-cpus", "4"]
+    # a crash mid-sweep: the driver and its embedded Ray are killed once two trials have finished
+    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    t0 = time.time()
+    while len(_finished_trials(out)) < 2 and first.poll() is None and time.time() - t0 < 1200:
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = _finished_trials(out)
+    assert len(before) == 2 and not (out / "results.json").exists()
+
+    res = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
+    after = _finished_trials(out)
+    assert len(after) == 4
+    assert {k: after[k] for k in before} == before  # finished trials were kept, not run again
     results = json.loads((out / "results.json").read_text())
     trials = results["trials"]
     assert sorted(t["setting"]["rho"] for t in trials) == [0.1, 0.3, 0.5, 0.7]
