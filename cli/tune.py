@@ -42,15 +42,32 @@ def tune(
     init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))
     with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
         results = run_sweep(spec, out, samples, max_concurrent, resume)
-    from rich.table import Table
-
-    table = Table(title=f"sweep {spec.name}: {results['objective']}")
-    for col in ("trial", "setting", "mitigation", "utility", "objective", "status", "pareto"):
-        table.add_column(col)
-    for r in results["trials"]:
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        setting = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["setting"].items())
-        table.add_row(str(r["trial"]), setting, fmt(r["mitigation"]), fmt(r["utility"]), fmt(r["objective"]),
-                      r["status"], "yes" if r.get("pareto") else "")
+    table = trials_table(results)
     console.print(table)
     console.print(f"best: {results['best']['setting']} -> {out / BEST}; {out / RESULTS}, {out / PARETO_PNG}")
+
+
+def trials_table(results: dict):
+    """The terminal table: one row per trial, short trial ids, settings folded to fit the terminal."""
+    from rich.table import Table
+
+    from raystack.tuning.sweep import setting_label
+
+    table = Table(title=f"sweep {results['space']}: {results['objective']}",
+                  caption="mitig.: target accuracy after the attack (lower is better); util.: other concepts' "
+                          "accuracy (higher is better); obj.: the objective; front: on the Pareto front")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("setting", ratio=1, overflow="fold")
+    for col in ("mitig.", "util.", "obj.", "status", "front"):
+        table.add_column(col, no_wrap=True)
+    for r in results["trials"]:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(short_trial_name(r["trial"]), setting_label(r["setting"]), fmt(r["mitigation"]),
+                      fmt(r["utility"]), fmt(r["objective"]), r["status"], "yes" if r.get("pareto") else "")
+    return table
+
+
+def short_trial_name(name) -> str:
+    """`run_trial_8af01_00003_3_rho=0.7_<date>` -> `8af01_00003` (the full name is in results.json)."""
+    parts = str(name).split("_")
+    return "_".join(parts[2:4]) if len(parts) > 4 and parts[:2] == ["run", "trial"] else str(name)

@@ -231,7 +231,7 @@ def harden_values(space: TuneSpace, setting: dict, data: dict) -> dict:
     return values
 
 
-def _label(setting: dict) -> str:
+def setting_label(setting: dict) -> str:
     """Short point label: values of strings (a method), name=value for numbers."""
     return ", ".join(v if isinstance(v, str) else f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in setting.items())
@@ -262,7 +262,7 @@ def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict],
     front = sorted((r["mitigation"], r["utility"]) for r in done if r["pareto"])
     ax.plot([f[0] for f in front], [f[1] for f in front], "r--", lw=1)
     for r in done:
-        ax.annotate(_label(r["setting"]), (r["mitigation"], r["utility"]), fontsize=6, xytext=(3, 3),
+        ax.annotate(setting_label(r["setting"]), (r["mitigation"], r["utility"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
     ax.set_xlabel("mitigation: target accuracy after attack (lower is better)")
     ax.set_ylabel("utility: other concepts' accuracy (higher is better)")
