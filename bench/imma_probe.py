@@ -27,8 +27,9 @@ def main() -> None:
     d = ROOT / "runs/bench-effectiveness/data"
     rank = int(extra[extra.index("--rank") + 1]) if "--rank" in extra else None
     out = ROOT / "runs/imma-probe" / name
+    model = None if lr == "none" else out  # the attacked model: the original, or the IMMA release
     t0 = time.time()
-    if lr != "none" and not (out / "manifest.json").exists():
+    if model is not None and not (out / "manifest.json").exists():
         subprocess.run([str(ROOT / ".venv/bin/immunize-cli"), "harden", "--config",
                         str(ROOT / "configs/demo_imma_lora.yaml"), "--target", str(d / "protect"), "--legal",
                         str(d / "legal"), "--seed", "0", "--overwrite", "--outer-lr", lr, "--workers", "1",
@@ -55,13 +56,14 @@ def main() -> None:
     def acc(pipe, c, n):
         return sampled_accuracy(pipe, c.prompts, c.criterion, n, judge, seed=11)
 
-    hardened = load_pipeline(out if lr != "none" else None)
+    hardened = load_pipeline(model)
     others_no_attack = sum(acc(hardened, c, 8) for c in others) / len(others)
     if not (out / "atk" / "attack.json").exists():
         run_attack(AttackSpec(method="lora", data=d / "attacker", out=out / "atk",
-                              model=str(out) if lr != "none" else None, seed=0, overwrite=True, rank=rank))
+                              model=model and str(model), seed=0, overwrite=True, rank=rank))
     attacked = load_attacked_pipeline(out / "atk")[0]
-    row = {"name": name, "lr": lr, "extra": extra, "attack_rank": rank or DEFAULT_RANK, "harden_min": round(harden_s / 60, 1),
+    row = {"name": name, "lr": lr, "extra": extra, "attack_rank": rank or DEFAULT_RANK,
+           "harden_min": round(harden_s / 60, 1),
            "others_no_attack": others_no_attack, "target_attacked": acc(attacked, target, 40),
            "others_attacked": sum(acc(attacked, c, 8) for c in others) / len(others)}
     print(json.dumps(row), flush=True)

@@ -27,26 +27,16 @@ def main() -> None:
     from cli.common import quiet_libraries
 
     quiet_libraries()
-    from raystack.attacks.recipe import run_attack
-    from raystack.attacks.spec import AttackSpec
-    from raystack.evaluation import tiny_world_target
-    from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
-    from raystack.tinyworld.classifier import Judge
     from raystack.tuning.space import load_space
-    from raystack.tuning.sweep import _score
+    from raystack.tuning.sweep import attacked_mitigation
 
     configure_threads(1)
     space = load_space(space_path, overrides)
-    mask = out / "freeze_mask.safetensors"
-    pipe = load_pipeline(out)
-    run_attack(AttackSpec(data=sweep / "data" / "attacker", model=str(out), out=out.parent / f"{out.name}-attack",
-                          overwrite=True, freeze_mask=mask if mask.exists() else None, **space.attacks[0]), pipe=pipe)
-    concept, _ = tiny_world_target(space.target_concept)
+    mitigation = attacked_mitigation(space, out, sweep / "data" / "attacker", out.parent / f"{out.name}-attack")
     best = json.loads((sweep / "results.json").read_text())["best"]
     print(json.dumps({"setting": best["setting"], "trial_mitigation": best["mitigation"],
-                      "rerun_mitigation": _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0),
-                      "minutes": round((time.time() - t0) / 60, 1)}))
+                      "rerun_mitigation": mitigation, "minutes": round((time.time() - t0) / 60, 1)}))
 
 
 if __name__ == "__main__":

@@ -88,10 +88,6 @@ def cycled(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def _prompts(concept: Concept, n: int) -> list[str]:
-    return cycled(concept.prompts, n)
-
-
 def sampled_accuracy(pipe, prompts: list[str], criterion: dict, n: int, judge, seed: int = 0,
                      steps: int = 25) -> float:
     """Classifier accuracy of n images sampled from `prompts` (cycled): one concept's score."""
@@ -135,9 +131,9 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
     for name, path in runs.items():
         say(f"{name}: sampling")
         pipe, to_prompt, meta = _load_run(Path(path))
-        t_imgs = generate(pipe, [to_prompt(p) for p in _prompts(target, settings.samples)], settings.steps,
+        t_imgs = generate(pipe, [to_prompt(p) for p in cycled(target.prompts, settings.samples)], settings.steps,
                           settings.guidance, settings.seed)
-        o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in _prompts(c, settings.samples)], settings.steps,
+        o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, settings.samples)], settings.steps,
                                    settings.guidance, settings.seed) for c in others}
         images[name] = {"target": t_imgs, **o_imgs}
         feats[name] = {e.name: {"target": e(t_imgs), **{k: e(v) for k, v in o_imgs.items()}} for e in embedders}
@@ -153,7 +149,7 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
             for step, w in attack_checkpoints(Path(path)):
                 say(f"{name}: curve at step {step}")
                 cp, cprompt, _ = _load_run(Path(path), w)
-                imgs = generate(cp, [cprompt(p) for p in _prompts(target, settings.curve_samples)], settings.steps,
+                imgs = generate(cp, [cprompt(p) for p in cycled(target.prompts, settings.curve_samples)], settings.steps,
                                 settings.guidance, settings.seed)
                 curve.append({"step": step, "target_accuracy": score(imgs, target),
                               **{f"similarity_{e.name}": float((e(imgs) @ ref_feats[e.name].T).mean())

@@ -72,20 +72,11 @@ def test_four_trial_rho_sweep_survives_a_crash_then_best_yaml_reproduces(tmp_pat
                          env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     # same attack and score as the trials: the rerun's mitigation lies within the spread seen across trials
-    from raystack.attacks.recipe import run_attack
-    from raystack.attacks.spec import AttackSpec
-    from raystack.evaluation import tiny_world_target
-    from raystack.models.pipeline_io import load_pipeline
-    from raystack.tinyworld.classifier import Judge
     from raystack.tuning.space import load_space
-    from raystack.tuning.sweep import _score
+    from raystack.tuning.sweep import attacked_mitigation
 
     space = load_space(ROOT / "tune_spaces" / "tiny_rho_4.yaml")
-    a = space.attacks[0]
-    pipe = load_pipeline(rerun)
-    run_attack(AttackSpec(data=out / "data" / "attacker", model=str(rerun), out=tmp_path / "attack",
-                          freeze_mask=rerun / "freeze_mask.safetensors", **a), pipe=pipe)
-    concept, _ = tiny_world_target(space.target_concept)
-    mitigation = _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
+    assert (rerun / "freeze_mask.safetensors").exists()
+    mitigation = attacked_mitigation(space, rerun, out / "data" / "attacker", tmp_path / "attack")
     spread = max(t["mitigation"] for t in trials) - min(t["mitigation"] for t in trials)
     assert abs(mitigation - results["best"]["mitigation"]) <= max(spread, 0.15)

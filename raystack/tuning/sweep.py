@@ -80,12 +80,36 @@ def _utility(pipe, judge, space: TuneSpace) -> float:
     return float(np.mean(accs))
 
 
+def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str):
+    """An attack of the space (`values`: AttackSpec fields) on a hardened model, under its freeze mask if it
+    released one: how trials attack, and how a rerun of best.yaml is attacked to compare with them."""
+    from ..attacks.spec import AttackSpec
+    from ..specs import build_spec
+
+    mask = Path(hardened) / "freeze_mask.safetensors"
+    return build_spec(AttackSpec, {"data": str(data), **values, "model": str(hardened), "out": str(out),
+                                   "overwrite": True, "freeze_mask": str(mask) if mask.exists() else None},
+                      source=source)
+
+
+def attacked_mitigation(space: TuneSpace, hardened: Path, attacker: Path, out: Path) -> float:
+    """Mitigation of a hardened model under the space's first attack, attacked and scored as a trial is."""
+    from ..attacks.recipe import run_attack
+    from ..evaluation import tiny_world_target
+    from ..models.pipeline_io import load_pipeline
+    from ..tinyworld.classifier import Judge
+
+    pipe = load_pipeline(hardened)
+    run_attack(attack_spec(space.attacks[0], hardened, attacker, out, "attacks[0]"), pipe=pipe)
+    concept, _ = tiny_world_target(space.target_concept)
+    return _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
+
+
 def run_trial(config: dict) -> None:
     """Ray Tune function trainable: harden -> attacks (intermediate reports) -> utility -> final report."""
     import ray.tune
 
     from ..attacks.recipe import run_attack
-    from ..attacks.spec import AttackSpec
     from ..evaluation import tiny_world_target
     from ..hardening.launcher import run_harden
     from ..hardening.spec import HardenSpec
@@ -106,12 +130,9 @@ def run_trial(config: dict) -> None:
     manifest = run_harden(spec)
     judge = Judge()
     concept, _ = tiny_world_target(space.target_concept)
-    mask = spec.out / "freeze_mask.safetensors"
     mitigations, it = [], 0
     for ai, a in enumerate(space.attacks):
-        aspec = build_spec(AttackSpec, {"data": str(data["attacker"]), **a, "model": str(spec.out),
-                                        "out": str(trial_dir / f"attack{ai}"), "overwrite": True,
-                                        "freeze_mask": str(mask) if mask.exists() else None}, source=f"attacks[{ai}]")
+        aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", f"attacks[{ai}]")
         pipe = load_pipeline(spec.out)
         every = max(1, aspec.checkpoint_every)
         last = {}
@@ -129,9 +150,8 @@ def run_trial(config: dict) -> None:
         mitigations.append(last["acc"])
     mitigation = float(np.mean(mitigations))
     if space.legal_finetune:
-        lf = build_spec(AttackSpec, {"data": str(data.get("legal") or data["target"]), **space.legal_finetune,
-                                     "model": str(spec.out), "out": str(trial_dir / "legal"), "overwrite": True,
-                                     "freeze_mask": str(mask) if mask.exists() else None}, source="legal_finetune")
+        lf = attack_spec(space.legal_finetune, spec.out, data.get("legal") or data["target"], trial_dir / "legal",
+                         "legal_finetune")
         pipe = load_pipeline(spec.out)
         run_attack(lf, pipe=pipe)
     else:
