@@ -7,8 +7,11 @@ concepts without attack, run the default LoRA attack on the held-out style, scor
 `--rank R` sets the LoRA rank of both IMMA's simulated attacker and the attack (default 8); OUTER_LR `none`
 skips hardening and attacks the original model, the baseline for a non-default attack.
 
-Needs the data folders of bench/effectiveness.py (run that first). Appends one JSON row to
-bench/results/imma_probe.jsonl. Others: 8 samples per concept (8 concepts); target: 40 samples.
+Needs the data folders of bench/effectiveness.py (run that first). The retain set (`--legal`) is
+`legal-all`, made here: every trained style, plain included (the untextured style is the held-out sunset's
+nearest neighbour; effectiveness.py's legal folder lacks it and IMMA took plain down with sunset).
+Appends one JSON row to bench/results/imma_probe.jsonl. Others: 8 samples per concept (8 concepts);
+target: 40 samples.
 """
 
 import json
@@ -26,13 +29,18 @@ def main() -> None:
     extra = sys.argv[3:]
     d = ROOT / "runs/bench-effectiveness/data"
     rank = int(extra[extra.index("--rank") + 1]) if "--rank" in extra else None
+    legal = d / "legal-all"
+    if not legal.exists():
+        from raystack.tinyworld.folder import write_concept_folder
+
+        write_concept_folder(legal, None, None, ["plain", "striped", "dotted", "checkered"], 1, 2, None, False)
     out = ROOT / "runs/imma-probe" / name
     model = None if lr == "none" else out  # the attacked model: the original, or the IMMA release
     t0 = time.time()
     if model is not None and not (out / "manifest.json").exists():
         subprocess.run([str(ROOT / ".venv/bin/immunize-cli"), "harden", "--config",
                         str(ROOT / "configs/demo_imma_lora.yaml"), "--target", str(d / "protect"), "--legal",
-                        str(d / "legal"), "--seed", "0", "--overwrite", "--outer-lr", lr, "--workers", "1",
+                        str(legal), "--seed", "0", "--overwrite", "--outer-lr", lr, "--workers", "1",
                         "--out", str(out), *extra], check=True, stdout=subprocess.DEVNULL)
     harden_s = time.time() - t0
 

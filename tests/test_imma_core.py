@@ -108,3 +108,41 @@ def test_retain_term_enters_the_outer_gradient_with_its_weight():
     expected = -2 * (theta.detach() + phi_i - a) + w * 2 * (theta.detach() - b)
     assert torch.allclose(captured["grad"], expected)
     assert stats["retain_loss"] == pytest.approx(float(((theta.detach() - b) ** 2).sum()))
+
+
+def test_retain_term_scores_the_released_weights_not_the_attackers_adapter(tmp_path):
+    """The retain term must keep θ (what is released) good on legal data; with the simulated attacker's
+    LoRA left on, it kept θ + φ good and θ itself fell apart."""
+    from raystack.hardening.data import mixed_losses
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.spec import HardenSpec
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 1, None, False)
+    write_concept_folder(tmp_path / "l", ["square"], ["blue"], ["striped", "plain"], 1, 2, None, False)
+    spec = HardenSpec(method="imma", against="lora", target=[tmp_path / "t"], legal=tmp_path / "l",
+                      out=tmp_path / "o", retain_weight=1.0, batch_size=2)
+    r = IMMARecipe(spec, load_pipeline(None))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in r.ad.parameters():
+            p.normal_(0.0, 0.3)  # an adapter that changes every attention output
+    flags = [p.requires_grad for p in r.ad.parameters()]
+    start = r.generator.get_state()
+    _, retain = r._outer_losses()
+    assert [p.requires_grad for p in r.ad.parameters()] == flags  # peft's switch back leaves φ as it was
+
+    def legal_parts():  # the recipe's draws, replayed: its target batch first, then legal cond + uncond
+        r.generator.set_state(start)
+        r._loss(r.target)
+        cond, uncond = mixed_losses(r.pipe.unet, r.noise, r.ad.encode, [(r.legal, 2), (r.legal_uncond, 2)],
+                                    r.generator)
+        return float((cond + uncond) / 2)
+
+    with torch.no_grad():
+        with_adapter = legal_parts()
+        r.finish()  # the release: θ alone
+        released = legal_parts()
+    assert float(retain.detach()) == pytest.approx(released, rel=1e-5)
+    assert abs(with_adapter - released) > 1e-3 * released  # the adapter matters, so the check above can fail

@@ -8,6 +8,7 @@ The same classes are IMMA's inner problem (`raystack/hardening/imma.py`): `param
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..diffusion import FrozenTextCache, encode_text
@@ -78,6 +79,15 @@ class Adaptation:
     def after_step(self) -> None:
         pass
 
+    def released(self):
+        """A context in which the pipeline computes with θ alone, the weights a publisher releases (IMMA's
+        retain term must protect those, not θ with the simulated attacker's φ). Overlapping φ (DreamBooth,
+        full) is θ itself, and a new token (textual inversion) is absent from legal captions: nothing to
+        take off."""
+        from contextlib import nullcontext
+
+        return nullcontext()
+
     def export(self, dest: Path) -> list[Path]:
         raise NotImplementedError
 
@@ -130,6 +140,20 @@ class LoRA(Adaptation):
             unet_lora_adapter_metadata={"r": self.spec.rank, "lora_alpha": self.spec.alpha,
                                         "target_modules": self._target_modules()})
         return [dest / LORA_FILE]
+
+    @contextmanager
+    def released(self):
+        """The UNet without the adapter (peft's switch; re-enabling would also mark the adapter trainable,
+        so its flags are put back as they were)."""
+        unet = self.pipe.unet
+        flags = {n: p.requires_grad for n, p in self.named_parameters().items()}
+        unet.disable_adapters()
+        try:
+            yield
+        finally:
+            unet.enable_adapters()
+            for n, p in self.named_parameters().items():
+                p.requires_grad_(flags[n])
 
     def remove(self) -> None:
         """Take the adapter off the UNet again (IMMA hardens the base weights, not the adapter)."""

@@ -52,11 +52,11 @@ def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str 
     return Shard(LatentBank.encode(pipe.vae, imgs[idx]), [captions[i] for i in idx], len(imgs))
 
 
-def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator):
-    return mixed_losses(unet, noise_scheduler, encode, [(shard, batch)], generator)[0]
+def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator, **loss_kw):
+    return mixed_losses(unet, noise_scheduler, encode, [(shard, batch)], generator, **loss_kw)[0]
 
 
-def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], generator) -> list:
+def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], generator, **loss_kw) -> list:
     """One UNet pass over a batch drawn from several shards (n images from each); returns each part's
     mean loss. FreezeAsGuard's mixed illegal + legal batches then cost one forward/backward, not one per
     data set, and any weighting of the parts (−λ1, +λ2) reuses the same graph."""
@@ -70,5 +70,6 @@ def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], 
         latents.append(shard.bank.sample(idx, generator))
         captions += [shard.captions[i] for i in idx.tolist()]
         sizes.append(n)
-    err = diffusion_loss(unet, noise_scheduler, torch.cat(latents), encode(captions), generator, reduce=False)
+    err = diffusion_loss(unet, noise_scheduler, torch.cat(latents), encode(captions), generator, reduce=False,
+                         **loss_kw)
     return [e.mean() for e in torch.split(err, sizes)]

@@ -9,6 +9,13 @@
 `imma_iteration` is that loop body, plain torch; `IMMARecipe` binds it to a pipeline, data, and an
 outer optimizer (a torch Adam, or a DeepSpeed engine inside a Ray Train worker).
 
+The attacker's step: by default the attack library's own (AdamW at the method's lr, gradient clipping,
+min-SNR weighting and offset noise as `raystack/attacks/` trains), not the SGD step Alg. 1 writes. A
+LoRA moved by φ − β∇ at an attacker-sized β hardly leaves its initialisation, so the "adapted" model
+the outer step sees is nearly θ itself and IMMA degenerates into the direct maximisation the paper
+warns ruins the model; that is what the tiny world showed (bench/results/imma_probe.jsonl).
+`--inner-optimizer sgd` keeps the literal step.
+
 Overlap (line 7): for DreamBooth/full, φ is the UNet's own tensors, so the attacker's step writes θ[U]
 in place: the assignment is that write, and the next iteration starts from the θ the outer step left
 (the warm start of the overlapping part *is* θ).
@@ -46,11 +53,14 @@ class TorchOuter:
 def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "torch.Tensor"],  # noqa: F821
                    outer_loss: Callable, outer: OuterOptimizer, theta_s: list,
                    inner_lr: float, inner_steps: int = 1, retain_weight: float = 0.0,
-                   after_inner: Callable[[], None] | None = None) -> tuple[dict, dict]:
+                   after_inner: Callable[[], None] | None = None, inner_opt=None,
+                   inner_clip: float | None = None) -> tuple[dict, dict]:
     """One outer iteration; returns (φ to warm-start the next one, losses).
 
-    `outer_loss()` gives the attacker's loss at φ^i, or a pair (that loss, the retain loss on legal data)
-    when the retain term is wanted: the recipe draws both from one UNet pass."""
+    The attacker's step is φ − β∇ (Alg. 1 as written) unless `inner_opt`, the attacker's own optimizer over
+    φ, is given: then it is that optimizer's step after clipping the gradient norm to `inner_clip`, and its
+    moments carry over between iterations like φ does. `outer_loss()` gives the attacker's loss at φ^i, or
+    a pair (that loss, the retain loss on legal data) when the retain term is wanted."""
     import torch
 
     adaptation.load_warm_state(phi_prev or {})  # line 5
@@ -62,9 +72,17 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
         loss_a = inner_loss()
         grads = list(torch.autograd.grad(loss_a, phi))
         all_reduce_mean(grads)  # every rank takes the same attacker step
-        with torch.no_grad():
+        if inner_opt is None:
+            with torch.no_grad():
+                for p, g in zip(phi, grads):
+                    p.sub_(inner_lr * g)
+        else:
             for p, g in zip(phi, grads):
-                p.sub_(inner_lr * g)
+                p.grad = g
+            if inner_clip is not None:
+                torch.nn.utils.clip_grad_norm_(phi, inner_clip)
+            inner_opt.step()
+            inner_opt.zero_grad(set_to_none=True)
         adaptation.after_step()
         inner_val = float(loss_a.detach())
     # line 7: overlapping φ are θ's own tensors and already hold φ^i; an engine may need to hear of it
@@ -84,6 +102,34 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
     outer.backward(total)
     outer.step()
     return phi_next, {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val}
+
+
+INNER_CLIP = 1.0  # the attack library's gradient-norm clip
+
+
+def _optimizer_tensors(opt) -> dict:
+    """An Adam-family optimizer's per-parameter state as flat tensors (safetensors holds no pickles)."""
+    if opt is None:
+        return {}
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"inner_opt/{i}/{k}"] = v.detach().cpu().clone()
+    return out
+
+
+def _load_optimizer_tensors(opt, tensors: dict) -> None:
+    if opt is None:
+        return
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("inner_opt/"):
+            _, i, k = key.split("/", 2)
+            state.setdefault(int(i), {})[k] = v
+    if state:
+        sd = opt.state_dict()
+        sd["state"] = state
+        opt.load_state_dict(sd)
 
 
 def _pair(out) -> tuple:
@@ -116,16 +162,22 @@ class IMMARecipe:
         from ..attacks.methods import make_adaptation
         from ..attacks.spec import AttackSpec
         from ..diffusion import train_noise_scheduler
-        from .data import load_shard
+        from .data import Shard, load_shard
 
         self.spec, self.pipe = spec, pipe
         attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
                               batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
+        self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
         self.ad = make_adaptation(attacker, pipe)
+        # the attacker's optimizer, as in the attack library (raystack/attacks/recipe.py)
+        self.inner_opt = (torch.optim.AdamW(self.ad.parameters(), lr=attacker.lr, weight_decay=self.ad.weight_decay())
+                          if spec.inner_optimizer == "adamw" else None)
         self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self.ad.caption, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed)
         self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal")
                       if spec.legal is not None and spec.retain_weight > 0 else None)
+        self.legal_uncond = (None if self.legal is None else
+                             Shard(self.legal.bank, [""] * len(self.legal.captions), self.legal.total))
         self.S = select_outer_params(pipe.unet, spec.param_patterns)
         for p in self.S.values():
             p.requires_grad_(True)
@@ -151,27 +203,34 @@ class IMMARecipe:
     def bind(self, outer: OuterOptimizer, after_inner: Callable[[], None] | None = None) -> None:
         self.outer, self.after_inner = outer, after_inner if self.overlaps_s else None
 
-    def _loss(self, shard, encode=None):
+    def _loss(self, shard):
+        """L_A: the attacker's loss on target images (its min-SNR weighting and offset noise)."""
         from .data import shard_loss
 
-        return shard_loss(self.pipe.unet, self.noise, encode or self.ad.encode, shard, self.spec.batch_size,
-                          self.generator)
+        return shard_loss(self.pipe.unet, self.noise, self.ad.encode, shard, self.spec.batch_size, self.generator,
+                          snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset)
 
     def _outer_losses(self):
-        """L_A(θ, φ^i) on target data, and the retain loss on legal data from the same UNet pass."""
+        """L_A(θ, φ^i) on target data, and the retain loss on legal data at θ alone, the released weights:
+        with the adapter left on, the retain term kept θ + φ good and let θ itself fall apart. Legal
+        images are retained with their captions and unconditioned (empty caption), since classifier-free
+        guidance samples from both branches."""
+        loss_i = self._loss(self.target)
         if self.legal is None:
-            return self._loss(self.target)
+            return loss_i
         from .data import mixed_losses
 
         b = self.spec.batch_size
-        return tuple(mixed_losses(self.pipe.unet, self.noise, self.ad.encode, [(self.target, b), (self.legal, b)],
-                                  self.generator))
+        with self.ad.released():
+            cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.ad.encode,
+                                        [(self.legal, b), (self.legal_uncond, b)], self.generator)
+        return loss_i, (cond + uncond) / 2
 
     def step(self) -> dict:
         self.phi_prev, stats = imma_iteration(
             self.ad, self.phi_prev, lambda: self._loss(self.target), self._outer_losses, self.outer,
-            self.engine_params(), self.spec.inner_lr, self.spec.inner_steps, self.spec.retain_weight,
-            self.after_inner)
+            self.engine_params(), self.attacker.lr, self.spec.inner_steps, self.spec.retain_weight,
+            self.after_inner, self.inner_opt, INNER_CLIP)
         return stats
 
     # checkpoints ----------------------------------------------------------------------------
@@ -184,6 +243,7 @@ class IMMARecipe:
     def state_tensors(self) -> dict:
         out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
         out.update({f"phi/{k}": v.detach().cpu() for k, v in (self.phi_prev or {}).items()})
+        out.update(_optimizer_tensors(self.inner_opt))
         out["rng/generator"] = self.generator.get_state()
         return out
 
@@ -197,6 +257,7 @@ class IMMARecipe:
                     params[k[6:]].copy_(v)
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
+        _load_optimizer_tensors(self.inner_opt, tensors)
         self.generator.set_state(tensors["rng/generator"])
 
     def finish(self) -> None:

@@ -10,6 +10,7 @@ from ..attacks.spec import METHODS as ATTACK_METHODS
 from ..errors import UserError
 
 HARDEN_METHODS = ("imma", "freezeasguard", "random-freeze", "imma+freeze")
+INNER_OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -51,8 +52,11 @@ class HardenSpec:
     # IMMA -------------------------------------------------------------------------------------------
     outer_lr: float = 1e-3
     """IMMA α: Adam learning rate of the outer ascent on S."""
-    inner_lr: float = 2e-3
-    """IMMA β: learning rate of the simulated attacker's inner step."""
+    inner_lr: float | None = None
+    """IMMA β: learning rate of the simulated attacker's inner step (default: the attack method's own lr)."""
+    inner_optimizer: str = "adamw"
+    """IMMA: the simulated attacker's update: adamw (the attack library's step: AdamW, gradient clipping,
+    its loss weighting; moments warm-started with φ) or sgd (Alg. 1's φ − β∇ literally)."""
     inner_steps: int = 1
     """IMMA: attacker steps per outer iteration (paper: 1)."""
     params: str = "attn2"
@@ -105,7 +109,11 @@ class HardenSpec:
             raise UserError(f"--max-failures {self.max_failures}: expected -1 (retry forever) or more")
         if self.finetune_steps < 0:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must not be negative")
-        for flag, v in (("--outer-lr", self.outer_lr), ("--inner-lr", self.inner_lr), ("--mask-lr", self.mask_lr),
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise UserError(f"--inner-optimizer {self.inner_optimizer}: expected one of {', '.join(INNER_OPTIMIZERS)}")
+        if self.inner_lr is not None and not self.inner_lr > 0:
+            raise UserError(f"--inner-lr {self.inner_lr}: must be positive")
+        for flag, v in (("--outer-lr", self.outer_lr), ("--mask-lr", self.mask_lr),
                         ("--user-lr", self.user_lr), ("--temperature", self.temperature)):
             if not v > 0:
                 raise UserError(f"{flag} {v}: must be positive")
