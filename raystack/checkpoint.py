@@ -9,7 +9,7 @@ from typing import Any
 from .atomic import atomic_write_bytes
 
 
-def _flatten_optimizer(prefix: str, sd: dict, tensors: dict, meta: dict) -> None:
+def flatten_optimizer(prefix: str, sd: dict, tensors: dict, meta: dict) -> None:
     import torch
 
     scalars: dict[str, dict[str, Any]] = {}
@@ -22,7 +22,7 @@ def _flatten_optimizer(prefix: str, sd: dict, tensors: dict, meta: dict) -> None
     meta[prefix] = {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
+def unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
         if name.startswith(prefix + "/state/"):
@@ -43,7 +43,7 @@ def save_training_state(path: Path, modules: dict, optimizers: dict | None = Non
         for k, v in mod.state_dict().items():
             out[f"module/{name}/{k}"] = v.detach().cpu().contiguous()
     for name, opt in (optimizers or {}).items():
-        _flatten_optimizer(f"optim/{name}", opt.state_dict(), out, meta["optimizers"])
+        flatten_optimizer(f"optim/{name}", opt.state_dict(), out, meta["optimizers"])
     for k, v in (tensors or {}).items():
         out[f"tensor/{k}"] = v.detach().cpu().contiguous()
     atomic_write_bytes(Path(path), save(out, metadata={"immunize": json.dumps(meta)}))
@@ -61,6 +61,6 @@ def load_training_state(path: Path, modules: dict, optimizers: dict | None = Non
         pre = f"module/{name}/"
         mod.load_state_dict({k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})
     for name, opt in (optimizers or {}).items():
-        opt.load_state_dict(_unflatten_optimizer(f"optim/{name}", flat, meta["optimizers"]))
+        opt.load_state_dict(unflatten_optimizer(f"optim/{name}", flat, meta["optimizers"]))
     free = {k[len("tensor/"):]: v for k, v in flat.items() if k.startswith("tensor/")}
     return free, meta["extra"]

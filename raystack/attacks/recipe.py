@@ -38,8 +38,6 @@ def class_images(pipe, spec: AttackSpec):
 
 def setup(spec: AttackSpec, pipe=None):
     """Everything a training step needs: the pipeline with φ attached, latents, captions, optimizer."""
-    import torch
-
     from ..diffusion import LatentBank, train_noise_scheduler
     from ..freeze_mask import load_freeze_mask
     from ..models.pipeline_io import load_pipeline
@@ -57,8 +55,18 @@ def setup(spec: AttackSpec, pipe=None):
     captions = [ad.caption(c or "") for c in folder.captions]
     bank = LatentBank.encode(pipe.vae, folder.images)
     prior_bank = LatentBank.encode(pipe.vae, prior) if prior is not None else None
-    opt = torch.optim.AdamW(ad.parameters(), lr=spec.lr, weight_decay=ad.weight_decay())
-    return AttackState(spec, pipe, ad, captions, bank, prior_bank, opt, train_noise_scheduler(pipe))
+    return AttackState(spec, pipe, ad, captions, bank, prior_bank, attacker_optimizer(ad, spec.lr),
+                       train_noise_scheduler(pipe))
+
+
+GRAD_CLIP = 1.0  # gradient-norm clip of every attacker step (IMMA's simulated attacker included)
+
+
+def attacker_optimizer(ad: Adaptation, lr: float):
+    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same)."""
+    import torch
+
+    return torch.optim.AdamW(ad.parameters(), lr=lr, weight_decay=ad.weight_decay())
 
 
 class AttackState:
@@ -95,7 +103,7 @@ class AttackState:
         loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.ad.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.ad.parameters(), GRAD_CLIP)
         self.opt.step()
         self.ad.after_step()
         self.step_no += 1

@@ -104,34 +104,6 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
     return phi_next, {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val}
 
 
-INNER_CLIP = 1.0  # the attack library's gradient-norm clip
-
-
-def _optimizer_tensors(opt) -> dict:
-    """An Adam-family optimizer's per-parameter state as flat tensors (safetensors holds no pickles)."""
-    if opt is None:
-        return {}
-    out = {}
-    for i, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"inner_opt/{i}/{k}"] = v.detach().cpu().clone()
-    return out
-
-
-def _load_optimizer_tensors(opt, tensors: dict) -> None:
-    if opt is None:
-        return
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("inner_opt/"):
-            _, i, k = key.split("/", 2)
-            state.setdefault(int(i), {})[k] = v
-    if state:
-        sd = opt.state_dict()
-        sd["state"] = state
-        opt.load_state_dict(sd)
-
-
 def _pair(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out, None)
 
@@ -160,6 +132,7 @@ class IMMARecipe:
         import torch
 
         from ..attacks.methods import make_adaptation
+        from ..attacks.recipe import attacker_optimizer
         from ..attacks.spec import AttackSpec
         from ..diffusion import train_noise_scheduler
         from .data import Shard, load_shard
@@ -169,9 +142,7 @@ class IMMARecipe:
                               batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
         self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
         self.ad = make_adaptation(attacker, pipe)
-        # the attacker's optimizer, as in the attack library (raystack/attacks/recipe.py)
-        self.inner_opt = (torch.optim.AdamW(self.ad.parameters(), lr=attacker.lr, weight_decay=self.ad.weight_decay())
-                          if spec.inner_optimizer == "adamw" else None)
+        self.inner_opt = attacker_optimizer(self.ad, attacker.lr) if spec.inner_optimizer == "adamw" else None
         self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self.ad.caption, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed)
         self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal")
@@ -227,10 +198,12 @@ class IMMARecipe:
         return loss_i, (cond + uncond) / 2
 
     def step(self) -> dict:
+        from ..attacks.recipe import GRAD_CLIP
+
         self.phi_prev, stats = imma_iteration(
             self.ad, self.phi_prev, lambda: self._loss(self.target), self._outer_losses, self.outer,
             self.engine_params(), self.attacker.lr, self.spec.inner_steps, self.spec.retain_weight,
-            self.after_inner, self.inner_opt, INNER_CLIP)
+            self.after_inner, self.inner_opt, GRAD_CLIP)
         return stats
 
     # checkpoints ----------------------------------------------------------------------------
@@ -241,14 +214,19 @@ class IMMARecipe:
         return {released_name(n): params[n].detach().cpu().clone() for n in sorted(names)}
 
     def state_tensors(self) -> dict:
+        from ..checkpoint import flatten_optimizer
+
         out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
         out.update({f"phi/{k}": v.detach().cpu() for k, v in (self.phi_prev or {}).items()})
-        out.update(_optimizer_tensors(self.inner_opt))
+        if self.inner_opt is not None:  # the simulated attacker's moments, warm-started like φ
+            flatten_optimizer("inner_opt", self.inner_opt.state_dict(), out, {})
         out["rng/generator"] = self.generator.get_state()
         return out
 
     def load_state_tensors(self, tensors: dict) -> None:
         import torch
+
+        from ..checkpoint import unflatten_optimizer
 
         params = {released_name(n): p for n, p in self.pipe.unet.named_parameters()}
         with torch.no_grad():
@@ -257,7 +235,9 @@ class IMMARecipe:
                     params[k[6:]].copy_(v)
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
-        _load_optimizer_tensors(self.inner_opt, tensors)
+        if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):
+            groups = {"inner_opt": {"param_groups": self.inner_opt.state_dict()["param_groups"], "scalars": {}}}
+            self.inner_opt.load_state_dict(unflatten_optimizer("inner_opt", tensors, groups))
         self.generator.set_state(tensors["rng/generator"])
 
     def finish(self) -> None:
