@@ -1,8 +1,13 @@
-"""Probe one IMMA setting on the tiny world: harden (the real CLI, seed 0, 1 worker), score the other
+"""Probe one IMMA setting on the tiny world: harden (the real CLI; seed 0, 1 worker unless overridden), score the other
 concepts without attack, run the default LoRA attack on the held-out style, score the target after it.
 
     .venv/bin/python bench/imma_probe.py NAME OUTER_LR [extra harden flags, e.g. --retain-weight 10]
     .venv/bin/python bench/imma_probe.py NAME none --rank 1     # no IMMA: the original model, attacked
+    .venv/bin/python bench/imma_probe.py NAME 3e-3 --workers 2 --seed 1   # the demo config as shipped
+
+Harden flags after OUTER_LR override the probe's own (`--workers 1`, `--seed 0`): with `--workers 2` each
+rank draws its own batch of 4 and the gradients are averaged, so the simulated attacker and the ascent see
+8 images per step, as in the demo config.
 
 `--rank R` sets the LoRA rank of both IMMA's simulated attacker and the attack (default 8); OUTER_LR `none`
 skips hardening and attacks the original model, the baseline for a non-default attack.

@@ -71,6 +71,7 @@ def cases(r):
         ("harden: yaml wrong type", ["harden", "--config", str(r / "wrong_type.yaml")] + t, "steps: expected an integer"),
         ("harden: not yaml", ["harden", "--config", str(r / "not_yaml.yaml")] + t, "not valid YAML"),
         ("harden: zero stage 5", h + t + ["--zero-stage", "5"], "--zero-stage 5"),
+        ("harden: unknown inner optimizer", h + t + ["--inner-optimizer", "adam"], "--inner-optimizer adam"),
         ("attack: unknown method", ["attack", "--method", "hypernet", "--data", str(r / "good")], "--method hypernet"),
         ("attack: mask keys mismatch", ["attack", "--method", "full", "--data", str(r / "good"), "--freeze-mask",
                                         str(r / "badmask.safetensors")], "keys do not match"),
