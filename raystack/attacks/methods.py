@@ -8,7 +8,7 @@ The same classes are IMMA's inner problem (`raystack/hardening/imma.py`): `param
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from ..diffusion import FrozenTextCache, encode_text
@@ -84,8 +84,6 @@ class Adaptation:
         retain term must protect those, not θ with the simulated attacker's φ). Overlapping φ (DreamBooth,
         full) is θ itself, and a new token (textual inversion) is absent from legal captions: nothing to
         take off."""
-        from contextlib import nullcontext
-
         return nullcontext()
 
     def export(self, dest: Path) -> list[Path]:
