@@ -109,9 +109,12 @@ def main() -> None:
     if not (d / "attacker").exists():
         # publisher's examples of what to protect and what to keep; the attacker's own images (other seed)
         write_concept_folder(d / "protect", None, None, ["sunset"], 2, 1, None, True)
-        write_concept_folder(d / "legal", None, None, ["striped", "dotted", "checkered"], 1, 2, None, True)
         write_concept_folder(d / "attacker", ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, 3,
                              None, True)
+    if not (d / "legal-all").exists():
+        # every trained style: plain (untextured, the held-out sunset's nearest neighbour) included, else IMMA's
+        # retain term leaves plain unprotected and takes it down with sunset (README, IMMA section)
+        write_concept_folder(d / "legal-all", None, None, ["plain", "striped", "dotted", "checkered"], 1, 2, None, True)
     rows, base_scores = [], {}
     if not args.prepare_only:
         base_scores["original"] = score("original", lambda: load_pipeline(None))
@@ -120,7 +123,7 @@ def main() -> None:
         minutes_file = w / f"minutes-{s}.json"  # wall time of what this or an earlier run made
         minutes = json.loads(minutes_file.read_text()) if minutes_file.is_file() else {}
         hard = {"imma": w / f"imma-{s}", "freezeasguard": w / f"fag-{s}", "random-freeze": w / f"random-{s}"}
-        common = ["--target", str(d / "protect"), "--legal", str(d / "legal"), "--seed", s, "--overwrite"]
+        common = ["--target", str(d / "protect"), "--legal", str(d / "legal-all"), "--seed", s, "--overwrite"]
         if not (hard["imma"] / "manifest.json").exists():
             minutes["harden imma"] = _cli("harden", "--config", str(ROOT / "configs/demo_imma_lora.yaml"),
                                           "--out", str(hard["imma"]), *common) / 60

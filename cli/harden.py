@@ -34,6 +34,11 @@ def harden(
     inner_steps: Optional[int] = typer.Option(None, "--inner-steps"),
     params: Optional[str] = typer.Option(None, "--params", help="IMMA S: name patterns, comma-separated."),
     retain_weight: Optional[float] = typer.Option(None, "--retain-weight", help="IMMA retain term on --legal."),
+    retain_target: Optional[str] = typer.Option(None, "--retain-target",
+                                                help="IMMA retain term: data (denoising loss) | original "
+                                                "(match the unhardened UNet)."),
+    outer_timesteps: Optional[str] = typer.Option(None, "--outer-timesteps",
+                                                  help="IMMA: timesteps LO-HI of the outer ascent (default: all)."),
     token: Optional[str] = typer.Option(None, "--token", help="Defender's identifier (not the attacker's)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank of the simulated attacker."),
     jpeg_mix: Optional[float] = typer.Option(None, "--jpeg-mix"),
@@ -60,7 +65,8 @@ def harden(
                  cluster=cluster, workers=workers, zero_stage=zero_stage, use_gpu=use_gpu, steps=steps,
                  batch_size=batch_size, checkpoint_every=checkpoint_every, outer_lr=outer_lr, inner_lr=inner_lr,
                  inner_optimizer=inner_optimizer, inner_steps=inner_steps, params=params,
-                 retain_weight=retain_weight, token=token, rank=rank,
+                 retain_weight=retain_weight, retain_target=retain_target, outer_timesteps=outer_timesteps,
+                 token=token, rank=rank,
                  jpeg_mix=jpeg_mix, rho=rho, lambda1=lambda1, lambda2=lambda2, mask_lr=mask_lr, user_lr=user_lr,
                  user_steps=user_steps, temperature=temperature, finetune_steps=finetune_steps, seed=seed,
                  max_failures=max_failures, resume=resume, overwrite=overwrite)

@@ -52,12 +52,15 @@ def train_noise_scheduler(pipe):
 
 
 def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, reduce: bool = True,
-                   snr_gamma: float | None = None, noise_offset: float = 0.0):
+                   snr_gamma: float | None = None, noise_offset: float = 0.0,
+                   timesteps: tuple[int, int] | None = None, teacher=None):
     """Denoising MSE at uniform timesteps; `snr_gamma` weights each sample by min(SNR, γ)/SNR (Min-SNR,
     Hang et al. 2023, the diffusers examples' --snr_gamma) so easy low-noise steps stop dominating.
     `noise_offset` adds a per-channel constant to the noise (the examples' --noise_offset): SD's schedule
     never fully noises an image's mean colour, so without it a fine-tune barely moves overall brightness
-    or background colour."""
+    or background colour. `timesteps` (lo, hi) draws t uniformly from [lo, hi) instead of every step. With a
+    `teacher` UNet the target is the teacher's own prediction at the same x_t, t (distillation: no
+    irreducible noise term, so its gradient is far less noisy than the denoising loss's)."""
     import torch
 
     dev = next(unet.parameters()).device
@@ -66,12 +69,16 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
     if noise_offset:
         per_channel = (*latents.shape[:2], *[1] * (latents.ndim - 2))
         noise = noise + noise_offset * torch.randn(per_channel, generator=generator)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    lo, hi = timesteps or (0, noise_scheduler.config.num_train_timesteps)
+    t = torch.randint(lo, hi, (latents.shape[0],), generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, t)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, t)
     else:
         target = noise
+    if teacher is not None:
+        with torch.no_grad():
+            target = teacher(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample.float()
     # Contiguous, not channels-last: with conv_in frozen (a FreezeAsGuard mask may freeze it) the first
     # GroupNorm gets an input that needs no gradient, and torch 2.13's CPU GroupNorm backward segfaults on
     # a channels-last one (tests/test_attacks.py::test_frozen_input_layer_trains).

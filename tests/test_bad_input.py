@@ -72,6 +72,8 @@ def cases(r):
         ("harden: not yaml", ["harden", "--config", str(r / "not_yaml.yaml")] + t, "not valid YAML"),
         ("harden: zero stage 5", h + t + ["--zero-stage", "5"], "--zero-stage 5"),
         ("harden: unknown inner optimizer", h + t + ["--inner-optimizer", "adam"], "--inner-optimizer adam"),
+        ("harden: unknown retain target", h + t + ["--retain-target", "teacher"], "--retain-target teacher"),
+        ("harden: outer timesteps reversed", h + t + ["--outer-timesteps", "900-100"], "--outer-timesteps 900-100"),
         ("attack: unknown method", ["attack", "--method", "hypernet", "--data", str(r / "good")], "--method hypernet"),
         ("attack: mask keys mismatch", ["attack", "--method", "full", "--data", str(r / "good"), "--freeze-mask",
                                         str(r / "badmask.safetensors")], "keys do not match"),

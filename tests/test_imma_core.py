@@ -146,3 +146,73 @@ def test_retain_term_scores_the_released_weights_not_the_attackers_adapter(tmp_p
         released = legal_parts()
     assert float(retain.detach()) == pytest.approx(released, rel=1e-5)
     assert abs(with_adapter - released) > 1e-3 * released  # the adapter matters, so the check above can fail
+
+
+class _EchoUNet(torch.nn.Module):
+    """Stands in for a UNet: records the timesteps it is called with; its prediction depends on a weight."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(scale))
+        self.seen = []
+
+    def forward(self, x, t, enc):
+        from types import SimpleNamespace
+
+        self.seen.append(t.clone())
+        return SimpleNamespace(sample=self.w * x)
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+def test_timestep_range_restricts_the_loss_to_it():
+    unet = _EchoUNet(0.5)
+    from raystack.diffusion import diffusion_loss
+
+    g = torch.Generator().manual_seed(0)
+    diffusion_loss(unet, _scheduler(), torch.randn(64, 4, 2, 2), torch.zeros(64, 3, 8), g, timesteps=(700, 1000))
+    diffusion_loss(unet, _scheduler(), torch.randn(64, 4, 2, 2), torch.zeros(64, 3, 8), g)
+    ranged, full = unet.seen
+    assert ranged.min() >= 700 and ranged.max() < 1000
+    assert full.min() < 700  # the default draws every timestep, so the check above can fail
+
+
+def test_teacher_target_is_zero_at_the_teacher_and_grows_away_from_it():
+    from raystack.diffusion import diffusion_loss
+
+    lat, enc = torch.randn(8, 4, 2, 2), torch.zeros(8, 3, 8)
+    teacher = _EchoUNet(0.5).requires_grad_(False)
+    same = diffusion_loss(_EchoUNet(0.5), _scheduler(), lat, enc, torch.Generator().manual_seed(1), teacher=teacher)
+    off = diffusion_loss(_EchoUNet(0.7), _scheduler(), lat, enc, torch.Generator().manual_seed(1), teacher=teacher)
+    plain = diffusion_loss(_EchoUNet(0.5), _scheduler(), lat, enc, torch.Generator().manual_seed(1))
+    assert float(same.detach()) == 0.0
+    assert float(off.detach()) > 0.0 and float(plain.detach()) > 0.0  # against the noise the same network has a loss
+
+
+def test_retain_against_the_original_unet_starts_at_zero_and_sees_changes_to_theta(tmp_path):
+    """--retain-target original: the retain term compares θ alone with a frozen copy of the unhardened UNet,
+    taken before the attacker's adapter is attached."""
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.spec import HardenSpec
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 1, None, False)
+    write_concept_folder(tmp_path / "l", ["square"], ["blue"], ["striped", "plain"], 1, 2, None, False)
+    spec = HardenSpec(method="imma", against="lora", target=[tmp_path / "t"], legal=tmp_path / "l",
+                      out=tmp_path / "o", retain_weight=1.0, batch_size=2, retain_target="original")
+    r = IMMARecipe(spec, load_pipeline(None))
+    assert not any(".lora_" in n for n, _ in r.teacher.named_parameters())
+    with torch.no_grad():
+        for p in r.ad.parameters():
+            p.normal_(0.0, 0.3)  # the attacker's adapter is off in the retain term, so it must not count
+        _, at_start = r._outer_losses()
+        for p in r.S.values():
+            p.add_(0.05 * torch.randn_like(p))
+        _, moved = r._outer_losses()
+    assert float(at_start) == pytest.approx(0.0, abs=1e-10)
+    assert float(moved) > 1e-6

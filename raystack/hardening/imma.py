@@ -138,6 +138,11 @@ class IMMARecipe:
         from .data import Shard, load_shard
 
         self.spec, self.pipe = spec, pipe
+        self.teacher = None
+        if spec.retain_target == "original" and spec.legal is not None and spec.retain_weight > 0:
+            import copy
+
+            self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()  # before φ is attached
         attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
                               batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
         self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
@@ -174,19 +179,20 @@ class IMMARecipe:
     def bind(self, outer: OuterOptimizer, after_inner: Callable[[], None] | None = None) -> None:
         self.outer, self.after_inner = outer, after_inner if self.overlaps_s else None
 
-    def _loss(self, shard):
+    def _loss(self, shard, timesteps=None):
         """L_A: the attacker's loss on target images (its min-SNR weighting and offset noise)."""
         from .data import shard_loss
 
         return shard_loss(self.pipe.unet, self.noise, self.ad.encode, shard, self.spec.batch_size, self.generator,
-                          snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset)
+                          snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset,
+                          timesteps=timesteps)
 
     def _outer_losses(self):
         """L_A(θ, φ^i) on target data, and the retain loss on legal data at θ alone, the released weights:
         with the adapter left on, the retain term kept θ + φ good and let θ itself fall apart. Legal
         images are retained with their captions and unconditioned (empty caption), since classifier-free
         guidance samples from both branches."""
-        loss_i = self._loss(self.target)
+        loss_i = self._loss(self.target, self.spec.outer_timestep_range)
         if self.legal is None:
             return loss_i
         from .data import mixed_losses
@@ -194,7 +200,8 @@ class IMMARecipe:
         b = self.spec.batch_size
         with self.ad.released():
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.ad.encode,
-                                        [(self.legal, b), (self.legal_uncond, b)], self.generator)
+                                        [(self.legal, b), (self.legal_uncond, b)], self.generator,
+                                        teacher=self.teacher)
         return loss_i, (cond + uncond) / 2
 
     def step(self) -> dict:

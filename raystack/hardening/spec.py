@@ -11,6 +11,7 @@ from ..errors import UserError
 
 HARDEN_METHODS = ("imma", "freezeasguard", "random-freeze", "imma+freeze")
 INNER_OPTIMIZERS = ("adamw", "sgd")
+RETAIN_TARGETS = ("data", "original")
 
 
 @dataclass
@@ -63,10 +64,16 @@ class HardenSpec:
     """IMMA S: UNet parameters whose name contains any of these comma-separated patterns."""
     retain_weight: float = 0.0
     """IMMA: weight of the ordinary loss on --legal data (keeps other concepts; 0 = paper)."""
+    retain_target: str = "data"
+    """IMMA retain term's target: data (the denoising loss on --legal) or original (match the unhardened
+    UNet's predictions on --legal: same optimum, no irreducible noise in the gradient; one more UNet copy)."""
     token: str = "zxq"
     """Defender's identifier for DreamBooth/TI simulation; deliberately not the attacker's."""
     rank: int = DEFAULT_RANK
     """LoRA rank of the simulated attacker (the attack default)."""
+    outer_timesteps: str | None = None
+    """IMMA: timestep range LO-HI (e.g. 500-1000) of the outer ascent's loss; none: every timestep, as the
+    attacker's loss (paper)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
     # FreezeAsGuard ----------------------------------------------------------------------------------
@@ -111,6 +118,8 @@ class HardenSpec:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must not be negative")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
             raise UserError(f"--inner-optimizer {self.inner_optimizer}: expected one of {', '.join(INNER_OPTIMIZERS)}")
+        if self.retain_target not in RETAIN_TARGETS:
+            raise UserError(f"--retain-target {self.retain_target}: expected one of {', '.join(RETAIN_TARGETS)}")
         if self.inner_lr is not None and not self.inner_lr > 0:
             raise UserError(f"--inner-lr {self.inner_lr}: must be positive")
         for flag, v in (("--outer-lr", self.outer_lr), ("--mask-lr", self.mask_lr),
@@ -119,11 +128,25 @@ class HardenSpec:
                 raise UserError(f"{flag} {v}: must be positive")
         if not 0.0 <= self.jpeg_mix <= 1.0:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
+        if self.outer_timesteps is not None:
+            self.outer_timestep_range  # validates
         self.target = [Path(t) for t in self.target]
         if self.method != "random-freeze" and not self.target:
             raise UserError("--target: at least one image folder of the concept to protect is needed")
         if self.method in ("freezeasguard", "imma+freeze") and self.legal is None:
             raise UserError("--legal: FreezeAsGuard needs an image folder of legal data")
+
+    @property
+    def outer_timestep_range(self) -> tuple[int, int] | None:
+        if self.outer_timesteps is None:
+            return None
+        try:
+            lo, hi = (int(x) for x in str(self.outer_timesteps).split("-"))
+        except ValueError:
+            lo, hi = -1, -1
+        if not 0 <= lo < hi:
+            raise UserError(f"--outer-timesteps {self.outer_timesteps}: expected LO-HI with 0 <= LO < HI, e.g. 500-1000")
+        return lo, hi
 
     @property
     def param_patterns(self) -> list[str]:

@@ -1,0 +1,131 @@
+"""Probe an IMMA setting in one process, scoring snapshots along the run (faster than bench/imma_probe.py).
+
+    .venv/bin/python bench/imma_snapshots.py NAME SEED '{"params": "resnets", "outer_lr": 1e-2}'
+    .venv/bin/python bench/imma_snapshots.py --table      # bench/results/imma_snapshots.md from the rows
+
+The JSON holds `HardenSpec` fields over this probe's defaults (IMMA against LoRA, target `protect`, legal
+`legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2) plus `eval_at` (steps to
+snapshot, 0 for the unhardened baseline; default: the last), `legal` (folder name under runs/bench-effectiveness/data) and `restart_every`
+(φ and the attacker's AdamW moments back to the method's initialisation every N iterations: a simulated
+attacker that is always early in its fine-tune, instead of Alg. 1 line 5's warm start). The recipe is
+the repo's `IMMARecipe` with a torch Adam outer optimizer (no Ray, no DeepSpeed: one process, one thread);
+each snapshot of the released tensors goes into a fresh tiny-world pipeline, is scored on the 8 other
+concepts (8 samples each) without attack, attacked by the default LoRA attack (seed 0) and scored on the
+held-out style (40 samples). One JSON row per snapshot is appended to bench/results/imma_snapshots.jsonl.
+Two probes in parallel on this 2-core machine take about 7.5 min (300 steps, two snapshots).
+Needs the data folders of bench/effectiveness.py (run it, or its `--prepare-only`, first).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+RESULTS = ROOT / "bench/results/imma_snapshots.jsonl"
+
+
+def table() -> None:
+    """bench/results/imma_snapshots.md from the rows: one line per probe and snapshot, the baseline first."""
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    base = [r for r in rows if r["step"] == 0]
+    ref = (base[-1]["target_attacked"], base[-1]["others_no_attack"]) if base else None
+    lines = ["Machine: 2-core x86-64 CPU, one torch thread per probe, two probes at a time. Made by "
+             "`bench/imma_snapshots.py` (see its docstring); rows in `imma_snapshots.jsonl`. Others: 8 samples of "
+             "each of 8 legal concepts, no attack. Sunset: 40 samples after the default LoRA attack (seed 0).", "",
+             "| probe | harden seed | IMMA steps | settings over the probe's defaults | others, no attack (kept) "
+             "| sunset after LoRA (/ unhardened, target ≤ 0.5) |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["step"] != 0, r["name"], r["seed"], r["step"])):
+        cfg = {k: v for k, v in r["cfg"].items() if k not in ("eval_at", "steps")}
+        kept, ratio = ((f" ({r['others_no_attack'] / ref[1]:.2f})", f" ({r['target_attacked'] / ref[0]:.2f})")
+                       if ref else ("", ""))
+        lines.append(f"| {r['name']} | {r['seed']} | {r['step']} | {json.dumps(cfg) if cfg else '—'} | "
+                     f"{r['others_no_attack']:.1%}{kept} | {r['target_attacked']:.1%}{ratio} |")
+    (ROOT / "bench/results/imma_snapshots.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--table"]:
+        return table()
+    name, seed, cfg = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")
+    from cli.common import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+    from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
+    from raystack.hardening.imma import IMMARecipe, TorchOuter
+    from raystack.hardening.spec import HardenSpec
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.runtime import configure_threads
+    from raystack.tinyworld.classifier import Judge
+
+    configure_threads(1)
+    data = ROOT / "runs/bench-effectiveness/data"
+    settings = dict(cfg)
+    eval_at = settings.pop("eval_at", None)
+    legal = settings.pop("legal", "legal-all")
+    restart = settings.pop("restart_every", None)  # scratch: φ and its AdamW moments back to A's init every N
+    kw = dict(method="imma", against="lora", target=[data / "protect"], legal=data / legal, seed=seed, steps=300,
+              batch_size=8, outer_lr=3e-3, retain_weight=10.0, params="attn2")
+    kw.update(settings)
+    spec = HardenSpec(**kw)
+    eval_at = eval_at or [spec.steps]
+    torch.manual_seed(seed)
+    pipe = load_pipeline(None)
+    recipe = IMMARecipe(spec, pipe)
+    recipe.bind(TorchOuter(recipe.engine_params(), spec.outer_lr))
+    snapshots, log, t0 = {}, [], time.time()
+    phi_init = recipe.ad.state()
+    if 0 in eval_at:  # the unhardened model through the same attack and scoring: the baseline
+        snapshots[0] = recipe.changed_tensors()
+    for i in range(1, spec.steps + 1):
+        if restart and i > 1 and (i - 1) % restart == 0:
+            recipe.phi_prev = {k: v.clone() for k, v in phi_init.items()}
+            recipe.inner_opt.state.clear()
+        log.append(recipe.step())
+        if i % 25 == 0:
+            def mean(k):
+                return sum((x[k] or 0.0) for x in log[-25:]) / 25
+
+            print(f"{name} s{seed} step {i} inner {mean('inner_loss'):.4f} outer {mean('outer_loss'):.4f} "
+                  f"retain {mean('retain_loss'):.4f} {time.time() - t0:.0f}s", flush=True)
+        if i in eval_at:
+            snapshots[i] = recipe.changed_tensors()
+    harden_s = time.time() - t0
+    recipe.finish()
+
+    judge = Judge()
+    target, _ = tiny_world_target("sunset")
+    others = tiny_world_others("sunset")
+
+    def acc(p, concept, n):
+        return sampled_accuracy(p, concept.prompts, concept.criterion, n, judge, seed=11)
+
+    for step, tensors in snapshots.items():
+        p = load_pipeline(None)
+        params = dict(p.unet.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors.items():
+                params[k].copy_(v)
+        other = {c.name: acc(p, c, 8) for c in others}
+        info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True,
+                                     out=ROOT / "runs/imma-snapshots" / f"{name}-{seed}-{step}"), pipe=p)
+        row = {"name": name, "seed": seed, "step": step, "cfg": cfg, "harden_s": round(harden_s),
+               "final_losses": {k: round(sum((x[k] or 0.0) for x in log[-25:]) / 25, 4)
+                                for k in ("inner_loss", "outer_loss", "retain_loss")},
+               "others_no_attack": sum(other.values()) / len(other), "target_attacked": acc(p, target, 40),
+               "attack_final_loss": info["final_loss"], "others": other}
+        print(json.dumps(row), flush=True)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
