@@ -74,6 +74,8 @@ def cases(r):
         ("harden: unknown inner optimizer", h + t + ["--inner-optimizer", "adam"], "--inner-optimizer adam"),
         ("harden: unknown retain target", h + t + ["--retain-target", "teacher"], "--retain-target teacher"),
         ("harden: outer timesteps reversed", h + t + ["--outer-timesteps", "900-100"], "--outer-timesteps 900-100"),
+        ("harden: outer timesteps past the schedule", h + t + ["--outer-timesteps", "500-2000"],
+         "--outer-timesteps 500-2000: the model has 1000 timesteps"),
         ("attack: unknown method", ["attack", "--method", "hypernet", "--data", str(r / "good")], "--method hypernet"),
         ("attack: mask keys mismatch", ["attack", "--method", "full", "--data", str(r / "good"), "--freeze-mask",
                                         str(r / "badmask.safetensors")], "keys do not match"),

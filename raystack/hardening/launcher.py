@@ -28,7 +28,13 @@ def validate_inputs(spec: HardenSpec) -> None:
     if spec.out.exists() and not spec.overwrite and not spec.resume:
         raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
     check_writable(spec.out, "--out")
-    check_pipeline_folder(resolve_model_path(spec.model), "--model")
+    model = resolve_model_path(spec.model)
+    check_pipeline_folder(model, "--model")
+    if spec.outer_timestep_range:
+        sched = Path(model) / "scheduler" / "scheduler_config.json"
+        n = json.loads(sched.read_text()).get("num_train_timesteps", 1000) if sched.is_file() else 1000
+        if spec.outer_timestep_range[1] > n:
+            raise UserError(f"--outer-timesteps {spec.outer_timesteps}: the model has {n} timesteps (0-{n})")
     for t in spec.target:
         read_image_folder(t, flag="--target")
     if spec.legal is not None:

@@ -128,8 +128,7 @@ class HardenSpec:
                 raise UserError(f"{flag} {v}: must be positive")
         if not 0.0 <= self.jpeg_mix <= 1.0:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
-        if self.outer_timesteps is not None:
-            self.outer_timestep_range  # validates
+        _ = self.outer_timestep_range  # validates --outer-timesteps
         self.target = [Path(t) for t in self.target]
         if self.method != "random-freeze" and not self.target:
             raise UserError("--target: at least one image folder of the concept to protect is needed")
