@@ -60,6 +60,25 @@ def _attack(w: Path, name: str, s: str, method: str, model, mask, seed: int, d: 
     return out
 
 
+DATA = ROOT / "runs" / "bench-effectiveness" / "data"
+
+
+def prepare_data(d: Path = DATA) -> Path:
+    """The data every hardening bench shares (this one, imma_probe.py, imma_snapshots.py), made once."""
+    from raystack.tinyworld.folder import write_concept_folder
+
+    if not (d / "attacker").exists():
+        # publisher's examples of what to protect; the attacker's own images (other seed)
+        write_concept_folder(d / "protect", None, None, ["sunset"], 2, 1, None, True)
+        write_concept_folder(d / "attacker", ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, 3,
+                             None, True)
+    if not (d / "legal-all").exists():
+        # what to keep: every trained style, plain (untextured, the held-out sunset's nearest neighbour)
+        # included, else IMMA's retain term leaves plain unprotected and takes it down with sunset
+        write_concept_folder(d / "legal-all", None, None, ["plain", "striped", "dotted", "checkered"], 1, 2, None, True)
+    return d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", default="0,1")
@@ -81,7 +100,6 @@ def main() -> None:
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
     from raystack.tinyworld.classifier import Judge
-    from raystack.tinyworld.folder import write_concept_folder
 
     configure_threads(1)
     judge = Judge()
@@ -105,16 +123,7 @@ def main() -> None:
 
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
-    d = w / "data"
-    if not (d / "attacker").exists():
-        # publisher's examples of what to protect and what to keep; the attacker's own images (other seed)
-        write_concept_folder(d / "protect", None, None, ["sunset"], 2, 1, None, True)
-        write_concept_folder(d / "attacker", ["circle", "square", "triangle", "cross"], None, ["sunset"], 1, 3,
-                             None, True)
-    if not (d / "legal-all").exists():
-        # every trained style: plain (untextured, the held-out sunset's nearest neighbour) included, else IMMA's
-        # retain term leaves plain unprotected and takes it down with sunset (README, IMMA section)
-        write_concept_folder(d / "legal-all", None, None, ["plain", "striped", "dotted", "checkered"], 1, 2, None, True)
+    d = prepare_data(w / "data")
     rows, base_scores = [], {}
     if not args.prepare_only:
         base_scores["original"] = score("original", lambda: load_pipeline(None))

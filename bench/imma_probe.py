@@ -12,9 +12,9 @@ rank draws its own batch of 4 and the gradients are averaged, so the simulated a
 `--rank R` sets the LoRA rank of both IMMA's simulated attacker and the attack (default 8); OUTER_LR `none`
 skips hardening and attacks the original model, the baseline for a non-default attack.
 
-Needs the data folders of bench/effectiveness.py (run that first). The retain set (`--legal`) is
-`legal-all`, made here: every trained style, plain included (the untextured style is the held-out sunset's
-nearest neighbour; effectiveness.py's legal folder lacks it and IMMA took plain down with sunset).
+Data: bench/effectiveness.py's folders (`prepare_data`, made here if missing). The retain set (`--legal`) is
+`legal-all`: every trained style, plain included (the untextured style is the held-out sunset's nearest
+neighbour; without it IMMA took plain down with sunset).
 Appends one JSON row to bench/results/imma_probe.jsonl. Others: 8 samples per concept (8 concepts);
 target: 40 samples.
 """
@@ -32,13 +32,11 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     name, lr = sys.argv[1], sys.argv[2]
     extra = sys.argv[3:]
-    d = ROOT / "runs/bench-effectiveness/data"
+    from bench.effectiveness import prepare_data
+
+    d = prepare_data()
     rank = int(extra[extra.index("--rank") + 1]) if "--rank" in extra else None
     legal = d / "legal-all"
-    if not legal.exists():
-        from raystack.tinyworld.folder import write_concept_folder
-
-        write_concept_folder(legal, None, None, ["plain", "striped", "dotted", "checkered"], 1, 2, None, False)
     out = ROOT / "runs/imma-probe" / name
     model = None if lr == "none" else out  # the attacked model: the original, or the IMMA release
     t0 = time.time()

@@ -5,7 +5,8 @@
 
 The JSON holds `HardenSpec` fields over this probe's defaults (IMMA against LoRA, target `protect`, legal
 `legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2) plus `eval_at` (steps to
-snapshot, 0 for the unhardened baseline; default: the last), `legal` (folder name under runs/bench-effectiveness/data) and `restart_every`
+snapshot, 0 for the unhardened baseline; default: the last), `legal` (folder name under
+runs/bench-effectiveness/data) and `restart_every`
 (φ and the attacker's AdamW moments back to the method's initialisation every N iterations: a simulated
 attacker that is always early in its fine-tune, instead of Alg. 1 line 5's warm start). The recipe is
 the repo's `IMMARecipe` with a torch Adam outer optimizer (no Ray, no DeepSpeed: one process, one thread);
@@ -13,7 +14,7 @@ each snapshot of the released tensors goes into a fresh tiny-world pipeline, is 
 concepts (8 samples each) without attack, attacked by the default LoRA attack (seed 0) and scored on the
 held-out style (40 samples). One JSON row per snapshot is appended to bench/results/imma_snapshots.jsonl.
 Two probes in parallel on this 2-core machine take about 7.5 min (300 steps, two snapshots).
-Needs the data folders of bench/effectiveness.py (run it, or its `--prepare-only`, first).
+Data: bench/effectiveness.py's folders (`prepare_data`, made here if missing).
 """
 
 import json
@@ -66,8 +67,10 @@ def main() -> None:
     from raystack.runtime import configure_threads
     from raystack.tinyworld.classifier import Judge
 
+    from bench.effectiveness import prepare_data
+
     configure_threads(1)
-    data = ROOT / "runs/bench-effectiveness/data"
+    data = prepare_data()
     settings = dict(cfg)
     eval_at = settings.pop("eval_at", None)
     legal = settings.pop("legal", "legal-all")
@@ -85,15 +88,17 @@ def main() -> None:
     phi_init = recipe.ad.state()
     if 0 in eval_at:  # the unhardened model through the same attack and scoring: the baseline
         snapshots[0] = recipe.changed_tensors()
+    def mean(k):  # over the last 25 steps (fewer in a shorter run)
+        last = log[-25:]
+        return sum((x[k] or 0.0) for x in last) / len(last)
+
     for i in range(1, spec.steps + 1):
         if restart and i > 1 and (i - 1) % restart == 0:
             recipe.phi_prev = {k: v.clone() for k, v in phi_init.items()}
-            recipe.inner_opt.state.clear()
+            if recipe.inner_opt is not None:  # --inner-optimizer sgd keeps no moments
+                recipe.inner_opt.state.clear()
         log.append(recipe.step())
         if i % 25 == 0:
-            def mean(k):
-                return sum((x[k] or 0.0) for x in log[-25:]) / 25
-
             print(f"{name} s{seed} step {i} inner {mean('inner_loss'):.4f} outer {mean('outer_loss'):.4f} "
                   f"retain {mean('retain_loss'):.4f} {time.time() - t0:.0f}s", flush=True)
         if i in eval_at:
@@ -118,8 +123,7 @@ def main() -> None:
         info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True,
                                      out=ROOT / "runs/imma-snapshots" / f"{name}-{seed}-{step}"), pipe=p)
         row = {"name": name, "seed": seed, "step": step, "cfg": cfg, "harden_s": round(harden_s),
-               "final_losses": {k: round(sum((x[k] or 0.0) for x in log[-25:]) / 25, 4)
-                                for k in ("inner_loss", "outer_loss", "retain_loss")},
+               "final_losses": {k: round(mean(k), 4) for k in ("inner_loss", "outer_loss", "retain_loss")},
                "others_no_attack": sum(other.values()) / len(other), "target_attacked": acc(p, target, 40),
                "attack_final_loss": info["final_loss"], "others": other}
         print(json.dumps(row), flush=True)
