@@ -4,7 +4,8 @@
     .venv/bin/python bench/imma_snapshots.py --table      # bench/results/imma_snapshots.md from the rows
 
 The JSON holds `HardenSpec` fields over this probe's defaults (IMMA against LoRA, target `protect`, legal
-`legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2) plus `eval_at` (steps to
+`legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2; `rank` sets the LoRA rank of both
+the simulated and the scoring attacker) plus `eval_at` (steps to
 snapshot, 0 for the unhardened baseline; default: the last), `legal` (folder name under
 runs/bench-effectiveness/data) and `restart_every`
 (φ and the attacker's AdamW moments back to the method's initialisation every N iterations: a simulated
@@ -32,15 +33,20 @@ RESULTS = ROOT / "bench/results/imma_snapshots.jsonl"
 def table() -> None:
     """bench/results/imma_snapshots.md from the rows: one line per probe and snapshot, the baseline first."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    base = [r for r in rows if r["step"] == 0]
-    ref = (base[-1]["target_attacked"], base[-1]["others_no_attack"]) if base else None
+    def rank(r):  # the attackers' LoRA rank, which the unhardened baseline must share
+        return r["cfg"].get("rank", 8)
+
+    refs = {rank(r): (r["target_attacked"], r["others_no_attack"]) for r in rows if r["step"] == 0}
     lines = ["Machine: 2-core x86-64 CPU, one torch thread per probe, two probes at a time. Made by "
              "`bench/imma_snapshots.py` (see its docstring); rows in `imma_snapshots.jsonl`. Others: 8 samples of "
-             "each of 8 legal concepts, no attack. Sunset: 40 samples after the default LoRA attack (seed 0).", "",
+             "each of 8 legal concepts, no attack. Sunset: 40 samples after the default LoRA attack (seed 0; rank 8 "
+             "unless the settings give `rank`, which then holds for IMMA's simulated attacker too). Ratios are to the "
+             "unhardened row of the same rank.", "",
              "| probe | harden seed | IMMA steps | settings over the probe's defaults | others, no attack (kept) "
              "| sunset after LoRA (/ unhardened, target ≤ 0.5) |", "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["step"] != 0, r["name"], r["seed"], r["step"])):
+    for r in sorted(rows, key=lambda r: (rank(r) != 8, r["step"] != 0, r["name"], r["seed"], r["step"])):
         cfg = {k: v for k, v in r["cfg"].items() if k not in ("eval_at", "steps")}
+        ref = refs.get(rank(r))
         kept, ratio = ((f" ({r['others_no_attack'] / ref[1]:.2f})", f" ({r['target_attacked'] / ref[0]:.2f})")
                        if ref else ("", ""))
         lines.append(f"| {r['name']} | {r['seed']} | {r['step']} | {json.dumps(cfg) if cfg else '—'} | "
@@ -120,7 +126,7 @@ def main() -> None:
             for k, v in tensors.items():
                 params[k].copy_(v)
         other = {c.name: acc(p, c, 8) for c in others}
-        info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True,
+        info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True, rank=spec.rank,
                                      out=ROOT / "runs/imma-snapshots" / f"{name}-{seed}-{step}"), pipe=p)
         row = {"name": name, "seed": seed, "step": step, "cfg": cfg, "harden_s": round(harden_s),
                "final_losses": {k: round(mean(k), 4) for k in ("inner_loss", "outer_loss", "retain_loss")},
