@@ -5,11 +5,17 @@
 
 The JSON holds `HardenSpec` fields over this probe's defaults (IMMA against LoRA, target `protect`, legal
 `legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2; `rank` sets the LoRA rank of both
-the simulated and the scoring attacker) plus `eval_at` (steps to
-snapshot, 0 for the unhardened baseline; default: the last), `legal` (folder name under
-runs/bench-effectiveness/data) and `restart_every`
-(φ and the attacker's AdamW moments back to the method's initialisation every N iterations: a simulated
-attacker that is always early in its fine-tune, instead of Alg. 1 line 5's warm start). The recipe is
+the simulated and the scoring attacker) plus probe-only keys:
+- `eval_at`: steps to snapshot, 0 for the unhardened baseline; default: the last;
+- `legal`: folder name under runs/bench-effectiveness/data;
+- `restart_every`: φ and the attacker's AdamW moments back to the method's initialisation every N iterations
+  (a simulated attacker that is always early in its fine-tune, instead of Alg. 1 line 5's warm start);
+- `outer_objective`: `ascent` (Alg. 1), `erase` (`erase_losses`: a bounded ESD-style target held under the
+  attacker's adapter) or `unrolled` (`unrolled_losses`: second order, the loss drop of `unroll` =
+  {"steps": K, "lr": β} differentiable attacker steps from φ's initialisation, or the warm φ with
+  `unroll_from: warm`). Research variants outside ALGORITHMS.md, kept here with their rows, not in the CLI.
+
+The recipe is
 the repo's `IMMARecipe` with a torch Adam outer optimizer (no Ray, no DeepSpeed: one process, one thread);
 each snapshot of the released tensors goes into a fresh tiny-world pipeline, is scored on the 8 other
 concepts (8 samples each) without attack, attacked by the default LoRA attack (seed 0) and scored on the
@@ -55,6 +61,86 @@ def table() -> None:
     print("\n".join(lines))
 
 
+def erase_losses(recipe):
+    """`outer_objective: erase`, a bounded alternative to Alg. 1's ascent: with the simulated attacker's
+    adapter on, the UNet's prediction on a noisy target image under its own caption should equal the
+    unhardened UNet's under the caption with the style named `plain` (ESD's target, held after adaptation).
+    Returned negated, since `imma_iteration` ascends the first loss; the retain term is the recipe's."""
+    import torch
+
+    from raystack.hardening.data import mixed_losses
+
+    if recipe.teacher is None:
+        raise SystemExit("outer_objective erase needs retain_target original (the unhardened UNet)")
+    shard, b, g = recipe.target, recipe.spec.batch_size, recipe.generator
+    idx = torch.randint(0, len(shard.bank), (b,), generator=g)
+    latents = shard.bank.sample(idx, g)
+    captions = [shard.captions[i] for i in idx.tolist()]
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, recipe.noise.config.num_train_timesteps, (b,), generator=g)
+    noisy = recipe.noise.add_noise(latents, noise, t).contiguous()
+    with torch.no_grad():
+        decoy = recipe.teacher(noisy, t, recipe.ad.encode([c.replace("sunset", "plain") for c in captions])).sample
+    erase = (recipe.pipe.unet(noisy, t, recipe.ad.encode(captions)).sample - decoy).pow(2).mean()
+    with recipe.ad.released():
+        cond, uncond = mixed_losses(recipe.pipe.unet, recipe.noise, recipe.ad.encode,
+                                    [(recipe.legal, b), (recipe.legal_uncond, b)], g, teacher=recipe.teacher)
+    return -erase, (cond + uncond) / 2
+
+
+class _Reparam:
+    """The UNet with some parameters replaced by tensors (a graph through the attacker's unrolled steps)."""
+
+    def __init__(self, unet, over: dict):
+        self.unet, self.over = unet, over
+
+    def parameters(self):
+        return self.unet.parameters()
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        return torch.func.functional_call(self.unet, self.over, args, kwargs, strict=False)
+
+
+def unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
+    """`outer_objective: unrolled`: how much K differentiable attacker steps lower the target loss, which θ
+    should make small, with the graph kept through the steps (second order, unlike Alg. 1's first order).
+    The steps are Adam's first steps (each coordinate moves by lr · g/|g|, |g| held constant) from φ's
+    initialisation (`unroll_from: fresh`, where a real attacker starts) or from the warm φ. Returned as
+    (L(θ, φ_K) − L(θ, φ_0) on one batch with common noise, retain) for `imma_iteration` to ascend."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # CPU flash attention has no double backward
+        return _unrolled_losses(recipe, unroll, phi_start)
+
+
+def _unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
+    import torch
+
+    from raystack.hardening.data import mixed_losses, shard_loss
+
+    unet, g, b = recipe.pipe.unet, recipe.generator, recipe.spec.batch_size
+    live = recipe.ad.named_parameters()
+    start = phi_start if phi_start is not None else {n: p.detach() for n, p in live.items()}
+    phi = {n: start[n].detach().clone().requires_grad_(True) for n in live}
+    kw = dict(snr_gamma=recipe.attacker.snr_gamma, noise_offset=recipe.attacker.noise_offset)
+    for _ in range(unroll["steps"]):
+        loss = shard_loss(_Reparam(unet, phi), recipe.noise, recipe.ad.encode, recipe.target, b, g, **kw)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+        phi = {n: p - unroll["lr"] * gr / (gr.detach().abs() + 1e-8) for (n, p), gr in zip(phi.items(), grads)}
+    state = g.get_state()
+    before = shard_loss(_Reparam(unet, {n: start[n].detach() for n in live}), recipe.noise, recipe.ad.encode,
+                        recipe.target, b, g, **kw)
+    g.set_state(state)
+    after = shard_loss(_Reparam(unet, phi), recipe.noise, recipe.ad.encode, recipe.target, b, g, **kw)
+    with recipe.ad.released():
+        cond, uncond = mixed_losses(unet, recipe.noise, recipe.ad.encode,
+                                    [(recipe.legal, b), (recipe.legal_uncond, b)], g, teacher=recipe.teacher)
+    return after - before, (cond + uncond) / 2
+
+
 def main() -> None:
     if sys.argv[1:] == ["--table"]:
         return table()
@@ -81,6 +167,9 @@ def main() -> None:
     eval_at = settings.pop("eval_at", None)
     legal = settings.pop("legal", "legal-all")
     restart = settings.pop("restart_every", None)  # scratch: φ and its AdamW moments back to A's init every N
+    objective = settings.pop("outer_objective", "ascent")
+    unroll = settings.pop("unroll", {"steps": 3, "lr": 3e-3})
+    unroll_from = settings.pop("unroll_from", "fresh")
     kw = dict(method="imma", against="lora", target=[data / "protect"], legal=data / legal, seed=seed, steps=300,
               batch_size=8, outer_lr=3e-3, retain_weight=10.0, params="attn2")
     kw.update(settings)
@@ -90,6 +179,11 @@ def main() -> None:
     pipe = load_pipeline(None)
     recipe = IMMARecipe(spec, pipe)
     recipe.bind(TorchOuter(recipe.engine_params(), spec.outer_lr))
+    if objective == "erase":
+        recipe._outer_losses = lambda: erase_losses(recipe)
+    elif objective == "unrolled":
+        fresh = {k: v.clone() for k, v in recipe.ad.state().items()}
+        recipe._outer_losses = lambda: unrolled_losses(recipe, unroll, fresh if unroll_from == "fresh" else None)
     snapshots, log, t0 = {}, [], time.time()
     phi_init = recipe.ad.state()
     if 0 in eval_at:  # the unhardened model through the same attack and scoring: the baseline
