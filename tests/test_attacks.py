@@ -102,6 +102,28 @@ def test_lora_skips_frozen_projections(style_data, tmp_path, tiny_pipe):
     assert keys and not any(".attn1." in k for k in keys)
 
 
+def test_adapter_init_follows_the_seed_not_the_process_history(style_data, tiny_model_path):
+    import torch
+
+    from raystack.attacks.recipe import setup
+    from raystack.models.pipeline_io import load_pipeline
+
+    def lora_a(seed):
+        st = setup(AttackSpec(method="lora", data=style_data, seed=seed), load_pipeline(tiny_model_path))
+        return {n: p.detach().clone() for n, p in st.ad.named_parameters().items() if ".lora_A." in n}
+
+    torch.manual_seed(123)
+    first = lora_a(0)
+    drawn_after = torch.rand(3)  # the caller's generator is left where it was
+    torch.manual_seed(123)
+    assert torch.equal(drawn_after, torch.rand(3))
+    torch.rand(1000)  # a different history before the same attack
+    again, other = lora_a(0), lora_a(1)
+    assert first and first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
 def _bad_inputs(tmp_path, style_data, tiny_pipe):
     empty = tmp_path / "empty"
     empty.mkdir()

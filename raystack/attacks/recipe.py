@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,20 @@ def class_images(pipe, spec: AttackSpec):
     return generate(pipe, [spec.class_prompt] * spec.num_class_images, steps=25, seed=spec.seed + 7)
 
 
+@contextmanager
+def seeded_init(seed: int):
+    """φ's initialisation (peft draws LoRA's A from torch's global generator) from `seed` alone: `--seed`
+    then changes the adapter too, and an attack run inside a longer process (a Tune trial, a bench, IMMA's
+    scoring) starts from the same adapter as the same attack run alone. The caller's generator state is
+    left as it was."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 def setup(spec: AttackSpec, pipe=None):
     """Everything a training step needs: the pipeline with φ attached, latents, captions, optimizer."""
     from ..diffusion import LatentBank, train_noise_scheduler
@@ -51,7 +66,8 @@ def setup(spec: AttackSpec, pipe=None):
         mask = load_freeze_mask(spec.freeze_mask, [n for n, _ in pipe.unet.named_parameters()])
     folder = load_attack_data(spec, pipe)
     prior = class_images(pipe, spec) if spec.prior_preservation else None
-    ad = make_adaptation(spec, pipe, mask)
+    with seeded_init(spec.seed):
+        ad = make_adaptation(spec, pipe, mask)
     captions = [ad.caption(c or "") for c in folder.captions]
     bank = LatentBank.encode(pipe.vae, folder.images)
     prior_bank = LatentBank.encode(pipe.vae, prior) if prior is not None else None
