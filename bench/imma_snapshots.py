@@ -68,8 +68,6 @@ def erase_losses(recipe):
     Returned negated, since `imma_iteration` ascends the first loss; the retain term is the recipe's."""
     import torch
 
-    from raystack.hardening.data import mixed_losses
-
     if recipe.teacher is None:
         raise SystemExit("outer_objective erase needs retain_target original (the unhardened UNet)")
     shard, b, g = recipe.target, recipe.spec.batch_size, recipe.generator
@@ -82,10 +80,7 @@ def erase_losses(recipe):
     with torch.no_grad():
         decoy = recipe.teacher(noisy, t, recipe.ad.encode([c.replace("sunset", "plain") for c in captions])).sample
     erase = (recipe.pipe.unet(noisy, t, recipe.ad.encode(captions)).sample - decoy).pow(2).mean()
-    with recipe.ad.released():
-        cond, uncond = mixed_losses(recipe.pipe.unet, recipe.noise, recipe.ad.encode,
-                                    [(recipe.legal, b), (recipe.legal_uncond, b)], g, teacher=recipe.teacher)
-    return -erase, (cond + uncond) / 2
+    return -erase, recipe.retain_loss()
 
 
 class _Reparam:
@@ -119,7 +114,7 @@ def unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
 def _unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
     import torch
 
-    from raystack.hardening.data import mixed_losses, shard_loss
+    from raystack.hardening.data import shard_loss
 
     unet, g, b = recipe.pipe.unet, recipe.generator, recipe.spec.batch_size
     live = recipe.ad.named_parameters()
@@ -135,10 +130,7 @@ def _unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
                         recipe.target, b, g, **kw)
     g.set_state(state)
     after = shard_loss(_Reparam(unet, phi), recipe.noise, recipe.ad.encode, recipe.target, b, g, **kw)
-    with recipe.ad.released():
-        cond, uncond = mixed_losses(unet, recipe.noise, recipe.ad.encode,
-                                    [(recipe.legal, b), (recipe.legal_uncond, b)], g, teacher=recipe.teacher)
-    return after - before, (cond + uncond) / 2
+    return after - before, recipe.retain_loss()
 
 
 def main() -> None:

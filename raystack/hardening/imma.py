@@ -195,6 +195,10 @@ class IMMARecipe:
         loss_i = self._loss(self.target, self.spec.outer_timestep_range)
         if self.legal is None:
             return loss_i
+        return loss_i, self.retain_loss()
+
+    def retain_loss(self):
+        """The retain term on legal data at θ alone (adapter off), captioned and unconditioned halves."""
         from .data import mixed_losses
 
         b = self.spec.batch_size
@@ -202,7 +206,7 @@ class IMMARecipe:
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.ad.encode,
                                         [(self.legal, b), (self.legal_uncond, b)], self.generator,
                                         teacher=self.teacher)
-        return loss_i, (cond + uncond) / 2
+        return (cond + uncond) / 2
 
     def step(self) -> dict:
         from ..attacks.recipe import GRAD_CLIP
