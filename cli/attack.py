@@ -50,9 +50,12 @@ def attack(
                       num_vectors=num_vectors, initializer_token=initializer_token,
                       snr_gamma=snr_gamma, noise_offset=noise_offset, checkpoint_every=checkpoint_every,
                       freeze_mask=freeze_mask, seed=seed, device=device, overwrite=overwrite)
-    if out.exists() and not overwrite:
-        from raystack.errors import UserError
+    from raystack.errors import UserError
+    from raystack.models.pipeline_io import resolve_model_path
+    from raystack.outputs import check_disjoint
 
+    check_disjoint(out, [("--data", data), ("--model", resolve_model_path(model)), ("--freeze-mask", freeze_mask)])
+    if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -12,11 +12,15 @@ from rich.console import Console
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+MAX_ERROR_CHARS = 400
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line on stderr and exit non-zero."""
-    sys.stderr.write(f"error: {message}\n")
+    """Print one line on stderr and exit non-zero (one line: no newline, at most MAX_ERROR_CHARS)."""
+    line = " ".join(str(message).split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[: MAX_ERROR_CHARS - 3] + "..."
+    sys.stderr.write(f"error: {line}\n")
     sys.stderr.flush()
     raise SystemExit(code)
 

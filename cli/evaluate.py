@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -12,12 +13,14 @@ from .common import console, guarded, quiet_libraries
 
 def _parse_runs(values: list[str]) -> dict[str, Path]:
     from raystack.errors import UserError
+    from raystack.outputs import check_plain_name, shown
 
     runs: dict[str, Path] = {}
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--run {v}: expected NAME=FOLDER (an attack output or a pipeline folder)")
+            raise UserError(f"--run {shown(v)}: expected NAME=FOLDER (an attack output or a pipeline folder)")
+        check_plain_name(name, "--run: the name")
         if name in runs:
             raise UserError(f"--run {v}: the name {name!r} is used twice")
         p = Path(path)
@@ -53,11 +56,26 @@ def evaluate(
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
 
+    from raystack.outputs import check_disjoint, output_lock
+    from raystack.tinyworld.classifier import default_classifier_path
+
     runs = _parse_runs(run)
+    for flag, v in (("--guidance", guidance),):
+        if not math.isfinite(v):
+            raise UserError(f"{flag} {v}: must be a finite number")
+    check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--reference", reference), ("--clip", clip),
+                         ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
     if baseline is not None and baseline not in runs:
         raise UserError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
+    with output_lock(out):
+        _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
+                         curves, clip, dino, classifier, overwrite)
+
+
+def _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
+                     curves, clip, dino, classifier, overwrite):
     quiet_libraries()
     from rich.table import Table
 

@@ -55,6 +55,12 @@ def harden(
                                                help="Restart failed workers from the last checkpoint N times."),
     resume: Optional[bool] = typer.Option(None, "--resume", help="Continue the run in <out>.run."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace --out if it exists."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="Ed25519 private key (PEM): sign the "
+                                            "manifest (verify --public-key checks it)."),
+    placement_timeout: Optional[float] = typer.Option(None, "--placement-timeout",
+                                                      help="Seconds to wait for a cluster to grow (autoscaling) or "
+                                                      "free resources until the workers are placed (default: fail "
+                                                      "at once if too small in total, wait 600 s while busy)."),
 ):
     """Harden a model so that fine-tuning fails to teach it the target concept(s)."""
     from raystack.hardening.spec import HardenSpec
@@ -69,11 +75,15 @@ def harden(
                  token=token, rank=rank,
                  jpeg_mix=jpeg_mix, rho=rho, lambda1=lambda1, lambda2=lambda2, mask_lr=mask_lr, user_lr=user_lr,
                  user_steps=user_steps, temperature=temperature, finetune_steps=finetune_steps, seed=seed,
-                 max_failures=max_failures, resume=resume, overwrite=overwrite)
+                 max_failures=max_failures, resume=resume, overwrite=overwrite, sign_key=sign_key,
+                 placement_timeout=placement_timeout)
     values.update({k: v for k, v in flags.items() if v is not None})
     spec = build_spec(HardenSpec, values, source=str(config) if config else "flags")
     from raystack.hardening.launcher import validate_inputs
+    from raystack.outputs import check_disjoint
 
+    if spec.out is not None and config is not None:
+        check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
     validate_inputs(spec)
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -89,7 +99,7 @@ def harden(
             losses = " ".join(f"{k} {v:.4f}" for k, v in state["losses"].items() if isinstance(v, (int, float)))
             prog.update(task, description=f"harden {state['phase']}", completed=state["step"], losses=losses)
 
-        manifest = run_harden(spec, on_progress=show)
+        manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"))
     console.print(f"{spec.method}: {spec.out} ({manifest['wall_seconds']:.0f}s"
                   + (f", frozen ratio {manifest['frozen_ratio']:.3f}" if manifest["frozen_ratio"] is not None else "")
                   + ")")

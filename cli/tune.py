@@ -31,17 +31,28 @@ def tune(
         raise UserError(f"--samples {samples}: must be a positive integer")
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    from raystack.hardening.launcher import check_writable, init_ray
+    from raystack.hardening.launcher import check_writable
+    from raystack.outputs import check_disjoint, output_lock
+    from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, will_embed
+    from raystack.tuning.sweep import sweep_inputs
 
+    check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
-    quiet_libraries()
-    from raystack.runtime import configure_threads
-    from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, run_sweep
+    embedded = will_embed(cluster)
+    if embedded:  # each concurrent trial's harden run places spec.workers workers, one core each
+        check_local_capacity(max_concurrent * spec.workers, False, "--max-concurrent x harden.workers",
+                             f" ({max_concurrent} x {spec.workers})")
+    with output_lock(out):
+        quiet_libraries()
+        from raystack.runtime import configure_threads
+        from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, run_sweep
 
-    configure_threads()
-    init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))
-    with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
-        results = run_sweep(spec, out, samples, max_concurrent, resume)
+        configure_threads()
+        console.print(f"ray: {init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))}")
+        if not embedded:
+            check_cluster_capacity(max_concurrent * spec.workers, False, None, "--max-concurrent x harden.workers")
+        with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
+            results = run_sweep(spec, out, samples, max_concurrent, resume)
     table = trials_table(results)
     console.print(table)
     console.print(f"best: {results['best']['setting']} -> {out / BEST}; {out / RESULTS}, {out / PARETO_PNG}")
@@ -68,6 +79,8 @@ def trials_table(results: dict):
 
 
 def short_trial_name(name) -> str:
-    """`run_trial_8af01_00003_3_rho=0.7_<date>` -> `8af01_00003` (the full name is in results.json)."""
+    """`trial_8af01_00003` (or Ray's default `run_trial_8af01_00003_3_rho=0.7_<date>`) -> `8af01_00003`."""
     parts = str(name).split("_")
-    return "_".join(parts[2:4]) if len(parts) > 4 and parts[:2] == ["run", "trial"] else str(name)
+    if len(parts) > 4 and parts[:2] == ["run", "trial"]:
+        return "_".join(parts[2:4])
+    return "_".join(parts[1:]) if len(parts) == 3 and parts[0] == "trial" else str(name)

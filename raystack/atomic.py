@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A write that failed for want of space (or a file-size limit), here or inside a Ray worker's error text."""
+    from .errors import DiskFull
+
+    return (isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+            or any(t in str(e) for t in DISK_FULL_TEXTS))
+
+
+def disk_full(dest: Path, e: BaseException):
+    from .errors import DiskFull
+
+    why = e.strerror if isinstance(e, OSError) and e.strerror else "no space left on device"
+    return DiskFull(f"{dest}: {why.lower()} while writing it; nothing was written (free space and rerun)")
 
 
 @contextlib.contextmanager
@@ -14,8 +36,6 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     """Yield a temporary folder next to `dest`; on success it replaces `dest` in one rename."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
-        from .errors import UserError
-
         raise UserError(f"{dest}: already exists (pass --overwrite to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -23,7 +43,12 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(dest, e) from None
+            raise
         _fault_point()
         if dest.exists():
             if not _exchange(tmp, dest):  # no atomic swap here: two renames, a short window without dest
@@ -81,9 +106,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and is_disk_full(e):
+            raise disk_full(path, e) from None
         raise
 
 

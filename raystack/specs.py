@@ -4,12 +4,14 @@ refused with the key's name, so a typo in a config never silently falls back to 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .outputs import shown
 
 
 def _check_type(name: str, value: Any, hint: Any) -> Any:
@@ -40,25 +42,36 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         return value
     if hint is Path:
         if not isinstance(value, (str, Path)):
-            raise UserError(f"{name}: expected a path, got {type(value).__name__} {value!r}")
+            raise UserError(f"{name}: expected a path, got {type(value).__name__} {shown(value)}")
         return Path(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{name}: expected true or false, got {value!r}")
+            raise UserError(f"{name}: expected true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name}: expected an integer, got {value!r}")
+            raise UserError(f"{name}: expected an integer, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{name}: expected a number, got {value!r}")
+            raise UserError(f"{name}: expected a number, got {shown(value)}")
+        if not math.isfinite(value):
+            raise UserError(f"{name}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise UserError(f"{name}: expected a string, got {value!r}")
+            raise UserError(f"{name}: expected a string, got {shown(value)}")
         return value
     return value
+
+
+def check_finite_fields(spec) -> None:
+    """Every float field of a spec must be a finite number: NaN passes `x > 0`-style checks and inf makes an
+    optimizer write NaN into the weights, so neither may reach a run (named by its flag)."""
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"--{f.name.replace('_', '-')} {v}: must be a finite number")
 
 
 def build_spec(cls, values: dict, source: str = "spec"):
@@ -67,9 +80,34 @@ def build_spec(cls, values: dict, source: str = "spec"):
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise UserError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise UserError(f"{source}: unknown key {shown(unknown[0])!r} (known: {', '.join(sorted(known))})")
+    required = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING and f.name not in values)
+    if required:
+        raise UserError(f"{source}: missing key {required[0]!r}")
     checked = {k: _check_type(f"{source}: {k}", v, hints[k]) for k, v in values.items()}
     return cls(**checked)
+
+
+#: A spec or space file is a few kilobytes; these bounds stop a small file (YAML aliases) from expanding into
+#: an object that eats the machine when it is copied, compared or printed.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def check_expanded_size(data, where: str) -> None:
+    """Count the nodes of `data` as if every alias were expanded; refuse past MAX_YAML_NODES (stops early)."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise UserError(f"{where}: expands to more than {MAX_YAML_NODES} values (YAML aliases?); refused")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def read_yaml(path: Path, flag: str = "--config") -> dict:
@@ -78,14 +116,17 @@ def read_yaml(path: Path, flag: str = "--config") -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise UserError(f"{flag} {path}: larger than {MAX_YAML_BYTES // 1024} KiB; not a spec file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{flag} {path}: not valid YAML{where}") from None
     if data is None:
         return {}
+    check_expanded_size(data, f"{flag} {path}")
     if not isinstance(data, dict):
         raise UserError(f"{flag} {path}: expected a mapping of keys to values at the top level")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -101,17 +142,18 @@ def apply_overrides(values: dict, overrides: list[str], flag: str = "--set") -> 
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"{flag} {item}: expected KEY=VALUE, e.g. harden.seed=1")
+            raise UserError(f"{flag} {shown(item)}: expected KEY=VALUE, e.g. harden.seed=1")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            raise UserError(f"{flag} {item}: the value is not valid YAML") from None
+            raise UserError(f"{flag} {shown(item)}: the value is not valid YAML") from None
+        check_expanded_size(value, f"{flag} {shown(item)}")
         *parents, leaf = [k.strip().replace("-", "_") for k in key.split(".")]
         node = out
         for k in parents:
             nxt = node.setdefault(k, {})
             if not isinstance(nxt, dict):
-                raise UserError(f"{flag} {item}: {k} is not a mapping")
+                raise UserError(f"{flag} {shown(item)}: {k} is not a mapping")
             node = nxt
         node[leaf] = value
     return out

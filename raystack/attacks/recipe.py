@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..atomic import atomic_dir
 from ..errors import UserError
+from ..outputs import check_disjoint, output_lock
 from .methods import Adaptation, make_adaptation
 from .spec import AttackSpec
 
@@ -132,8 +133,17 @@ def run_attack(spec: AttackSpec, on_step: Callable[[int, float], None] | None = 
 
     if spec.out is None:
         raise UserError("--out is required")
-    if spec.out.exists() and not spec.overwrite:
-        raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+    check_disjoint(spec.out, [("--data", spec.data), ("--model", resolve_model_path(spec.model)),
+                              ("--freeze-mask", spec.freeze_mask)])
+    with output_lock(spec.out):
+        if spec.out.exists() and not spec.overwrite:
+            raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+        return _run_attack_locked(spec, on_step, pipe)
+
+
+def _run_attack_locked(spec: AttackSpec, on_step, pipe) -> dict:
+    from ..models.pipeline_io import resolve_model_path
+
     t0 = time.time()
     st = setup(spec, pipe)
     with atomic_dir(spec.out, overwrite=spec.overwrite) as tmp:

@@ -81,7 +81,9 @@ class AttackSpec:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise UserError(f"--method {self.method}: unknown attack method; expected one of {', '.join(METHODS)}")
+            from ..outputs import shown
+
+            raise UserError(f"--method {shown(self.method)}: unknown attack method; expected one of {', '.join(METHODS)}")
         d = METHOD_DEFAULTS[self.method]
         self.steps = d["steps"] if self.steps is None else self.steps
         self.lr = d["lr"] if self.lr is None else self.lr
@@ -89,6 +91,13 @@ class AttackSpec:
         self.rank = d.get("rank", DEFAULT_RANK) if self.rank is None else self.rank
         self.snr_gamma = d.get("snr_gamma", 0.0) if self.snr_gamma is None else self.snr_gamma
         self.alpha = float(self.rank) if self.alpha is None else self.alpha
+        from ..specs import check_finite_fields
+
+        check_finite_fields(self)
+        if not self.alpha > 0:
+            raise UserError(f"--alpha {self.alpha}: must be positive")
+        if self.prior_loss_weight < 0:
+            raise UserError(f"--prior-loss-weight {self.prior_loss_weight}: must not be negative")
         for name, val in (("--steps", self.steps), ("--batch-size", self.batch_size), ("--rank", self.rank),
                           ("--num-vectors", self.num_vectors), ("--checkpoint-every", self.checkpoint_every),
                           ("--num-class-images", self.num_class_images)):

@@ -227,7 +227,14 @@ class FreezeAsGuardRecipe:
                 "soft_ratio": float(m_new.mean())}
 
     def final_mask(self) -> dict[str, bool]:
-        return dict(zip(self.names, binarize(self._logits(), self.spec.rho)))
+        """The released mask; refused if the logits diverged (a NaN logit would rank arbitrarily)."""
+        import torch
+
+        logits = self._logits()
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("the mask logits are not finite (the mask update diverged: lower --mask-lr); "
+                             "nothing was released")
+        return dict(zip(self.names, binarize(logits, self.spec.rho)))
 
     def _logits(self):
         import contextlib

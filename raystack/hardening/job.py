@@ -95,6 +95,8 @@ def train_loop(config: dict) -> None:
     spec = spec_from_config(config["spec"])
     progress = config.get("progress")
     rank, world = get_rank(), world_size()
+    if rank == 0 and progress is not None:  # the driver's sign that the workers were placed
+        progress.update.remote("loading", 0, spec.steps, {})
     device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
     fault = config.get("fault_injection") or {}
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UserError
+from ..atomic import disk_full, is_disk_full
+from ..errors import DiskFull, RunFailed, UserError
+from ..outputs import check_disjoint, confined_rmtree, output_lock
+from ..raysession import check_cluster_capacity, check_local_capacity, check_reachable, init_ray, will_embed
 from .spec import HardenSpec
 
 MANIFEST = "manifest.json"
@@ -21,7 +23,7 @@ MANIFEST = "manifest.json"
 def validate_inputs(spec: HardenSpec) -> None:
     """Everything that can be checked before any worker starts, each failure naming its flag."""
     from ..imageio import read_image_folder
-    from ..models.pipeline_io import check_pipeline_folder, resolve_model_path
+    from ..models.pipeline_io import check_component_shapes, check_pipeline_folder, resolve_model_path
 
     if spec.out is None:
         raise UserError("--out is required")
@@ -29,7 +31,10 @@ def validate_inputs(spec: HardenSpec) -> None:
         raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
     check_writable(spec.out, "--out")
     model = resolve_model_path(spec.model)
+    check_disjoint(spec.out, [("--model", model), *(("--target", t) for t in spec.target), ("--legal", spec.legal)],
+                   with_run_dir=True)
     check_pipeline_folder(model, "--model")
+    check_component_shapes(model, "--model")
     if spec.outer_timestep_range:
         sched = Path(model) / "scheduler" / "scheduler_config.json"
         n = json.loads(sched.read_text()).get("num_train_timesteps", 1000) if sched.is_file() else 1000
@@ -39,8 +44,15 @@ def validate_inputs(spec: HardenSpec) -> None:
         read_image_folder(t, flag="--target")
     if spec.legal is not None:
         read_image_folder(spec.legal, flag="--legal")
+    if spec.sign_key is not None:
+        from ..signing import load_private_key
+
+        check_disjoint(spec.out, [("--sign-key", spec.sign_key)], with_run_dir=True)
+        load_private_key(spec.sign_key)
     if spec.cluster:
         check_reachable(spec.cluster)
+    if will_embed(spec.cluster):
+        check_local_capacity(spec.workers, spec.use_gpu)
     if spec.zero_stage == 3 and spec.method in ("imma", "imma+freeze"):
         raise UserError("--zero-stage 3: IMMA updates the simulated attacker's adapter by hand inside the UNet, "
                         "which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
@@ -64,48 +76,13 @@ def check_writable(out: Path, flag: str) -> None:
         raise UserError(f"{flag} {out}: not writable") from None
 
 
-def check_reachable(address: str, flag: str = "--cluster", timeout: float = 5.0) -> None:
-    """A host:port Ray address must accept a TCP connection before ray.init retries it for minutes."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"{flag} {address}: expected HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise UserError(f"{flag} {address}: unreachable ({e.strerror or type(e).__name__})") from None
-
-
-def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> None:
-    init_ray(spec.cluster, spec.use_gpu, num_cpus or max(2, spec.workers + 1))
-
-
-def init_ray(cluster: str | None, use_gpu: bool, num_cpus: int) -> None:
-    """Join --cluster (or RAY_ADDRESS), else start an embedded local Ray with `num_cpus` logical CPUs."""
-    import ray
-
-    runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                                **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}}
-    if cluster:
-        check_reachable(cluster, "--cluster")  # a named cluster must answer, even where Ray already runs
-    if ray.is_initialized():
-        return
-    address = cluster or os.environ.get("RAY_ADDRESS")
-    if address:
-        if not cluster:
-            check_reachable(address, "RAY_ADDRESS")
-        try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
-        except Exception as e:  # noqa: BLE001 - ray raises many kinds for a bad address
-            raise UserError(f"--cluster {address}: cannot connect to a Ray cluster "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False, logging_level="ERROR")
+def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> str:
+    """Start or join Ray for a harden run, then check that the cluster can hold the workers."""
+    embedded = will_embed(spec.cluster)
+    line = init_ray(spec.cluster, spec.use_gpu, num_cpus or max(2, spec.workers + 1))
+    if not embedded:
+        check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
+    return line
 
 
 def _progress_actor():
@@ -142,22 +119,48 @@ def run_dir_for(spec: HardenSpec) -> Path:
     return spec.out.parent / f"{spec.out.name}.run"
 
 
+#: how long a cluster that can hold the workers in total may keep them waiting (busy) without --placement-timeout
+DEFAULT_BUSY_WAIT_S = 600.0
+
+
 def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = None,
-               fault_injection: dict | None = None) -> dict:
-    """Submit the job, wait, assemble outputs; returns the manifest."""
+               fault_injection: dict | None = None, on_info: Callable[[str], None] | None = None) -> dict:
+    """Submit the job, wait, assemble outputs; returns the manifest. Holds the lock on `--out` (and its run
+    folder) from before Ray starts until the output is committed."""
     validate_inputs(spec)
+    with output_lock(spec.out, "--out", with_run_dir=True):
+        if spec.out.exists() and not spec.overwrite and not spec.resume:  # made while we waited for Ray's import
+            raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+        return _run_harden_locked(spec, on_progress, fault_injection, on_info)
+
+
+def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) -> dict:
+    t0 = time.time()
+    line = connect_ray(spec)
+    if on_info is not None:
+        on_info(line)
+    run_dir = run_dir_for(spec).resolve()
+    fresh_run_dir = not run_dir.exists()
+    try:
+        return _fit_and_assemble(spec, on_progress, fault_injection, run_dir, t0)
+    except BaseException as e:
+        if is_disk_full(e):
+            if fresh_run_dir and not spec.resume:  # no litter: a run folder this run made holds nothing to resume
+                confined_rmtree(run_dir, run_dir.parent)
+            raise (e if isinstance(e, DiskFull) else disk_full(spec.out, e)) from None
+        raise
+
+
+def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: Path, t0: float) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .job import spec_from_config, train_loop  # noqa: F401 - imported so the worker can import it too
+    from .job import train_loop  # imported here so that the workers can import it too
 
-    t0 = time.time()
-    connect_ray(spec)
-    run_dir = run_dir_for(spec).resolve()
     name = "harden"
     if (run_dir / name).exists() and not spec.resume:
-        shutil.rmtree(run_dir / name)  # a fresh run; --resume continues the one there
+        confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
     progress = _progress_actor()
     cfg = worker_config(spec)
     trainer = TorchTrainer(
@@ -180,20 +183,27 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
 
     th = threading.Thread(target=fit, daemon=True)
     th.start()
+    placed, started = False, time.time()
+    wait_s = spec.placement_timeout or DEFAULT_BUSY_WAIT_S
     while th.is_alive():
         th.join(0.5)
-        if on_progress is not None:
-            try:
-                state = ray.get(progress.get.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - progress is cosmetic
-                state = None
-            if state:
-                on_progress(state)
+        try:
+            state = ray.get(progress.get.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - progress is cosmetic
+            state = None
+        placed = placed or state is not None
+        if not placed and time.time() - started > wait_s:
+            raise UserError(f"--workers {spec.workers}: the cluster did not place the workers within {wait_s:.0f} s "
+                            f"(each needs 1 {'GPU' if spec.use_gpu else 'CPU'}; free: "
+                            f"{ray.available_resources().get('GPU' if spec.use_gpu else 'CPU', 0):g}); "
+                            "free resources or pass a longer --placement-timeout")
+        if state and on_progress is not None:
+            on_progress(state)
     if "error" in box:
         raise RuntimeError(f"the Ray Train job failed: {_describe(box['error'])}")
     result = box["result"]
     if result.error is not None:
-        raise RuntimeError(f"the Ray Train job failed: {result.error}")
+        raise RuntimeError(f"the Ray Train job failed: {_describe(result.error)}")
     with result.checkpoint.as_directory() as d:
         manifest = assemble_outputs(spec, Path(d), time.time() - t0)
     return manifest
@@ -239,7 +249,6 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
     from ..atomic import atomic_dir
     from ..freeze_mask import MASK_FILE, save_freeze_mask
     from ..models.pipeline_io import EXTRA_INFO, load_pipeline, resolve_model_path
-    from ..specs import spec_to_yaml_dict
     from .job import MASK_KEY_PREFIX, RESULT_FILE, _load_tensors
 
     tensors, meta = _load_tensors(ckpt_dir / RESULT_FILE)
@@ -250,6 +259,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
     unknown = sorted(set(theta) - set(params))
     if unknown:
         raise RuntimeError(f"hardened tensors do not match the model: {unknown[0]}")
+    check_finite_release(theta)
     with torch.no_grad():
         for k, v in theta.items():
             params[k].copy_(v)
@@ -267,9 +277,9 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
         (tmp / EXTRA_INFO).write_text(json.dumps(info, indent=2))
         manifest = {
             "method": spec.method,
-            "spec": spec_to_yaml_dict(spec),
+            "spec": recorded_spec(spec),
             "seed": spec.seed,
-            "source_model": str(src),
+            "source_model": relative_to_out(src, spec.out),
             "source_model_sha256": hash_tree(src),
             "changed_tensors": sorted(theta),
             "frozen_ratio": ratio,
@@ -281,5 +291,51 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
             "versions": _versions(),
         }
         manifest["files"] = hash_tree(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest_bytes = json.dumps(manifest, indent=2).encode()
+        (tmp / MANIFEST).write_bytes(manifest_bytes)
+        if spec.sign_key is not None:
+            from ..signing import SIGNATURE_FILE, load_private_key, sign_manifest
+
+            (tmp / SIGNATURE_FILE).write_bytes(sign_manifest(manifest_bytes, load_private_key(spec.sign_key)))
     return manifest
+
+
+def check_finite_release(tensors: dict) -> None:
+    """Refuse to release weights holding NaN or inf (a diverged run), before anything is written."""
+    import torch
+
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RunFailed(f"the hardened weights are not finite: {len(bad)} of {len(tensors)} changed UNet tensors hold "
+                        f"NaN or inf (e.g. {bad[0]}); nothing was written to --out (the run diverged: lower "
+                        "--outer-lr, or check the data)")
+
+
+def relative_to_out(path, out: Path) -> str:
+    """A path as the manifest records it: relative to --out, so no absolute local path leaks into a release
+    (the shipped tiny world is recorded by name)."""
+    from ..models.pipeline_io import default_model_path
+
+    real = os.path.realpath(str(path))
+    if real == os.path.realpath(str(default_model_path())):
+        return "tinyworld"
+    return os.path.relpath(real, os.path.realpath(str(out)))
+
+
+def recorded_spec(spec: HardenSpec) -> dict:
+    """The spec as the manifest records it: paths relative to --out, the signing key's location left out."""
+    from ..specs import spec_to_yaml_dict
+
+    d = spec_to_yaml_dict(spec)
+    d["out"] = "."
+    d["sign_key"] = None
+    d["model"] = relative_to_out(resolve_model_path_quiet(spec.model), spec.out)
+    d["target"] = [relative_to_out(t, spec.out) for t in spec.target]
+    d["legal"] = relative_to_out(spec.legal, spec.out) if spec.legal is not None else None
+    return d
+
+
+def resolve_model_path_quiet(model):
+    from ..models.pipeline_io import resolve_model_path
+
+    return resolve_model_path(model)

@@ -50,6 +50,11 @@ class HardenSpec:
     """Continue the run found in --out's run folder instead of starting over."""
     overwrite: bool = False
     """Replace --out if it exists."""
+    sign_key: Path | None = None
+    """Ed25519 private key (PEM): sign manifest.json into manifest.sig (`verify --public-key` checks it)."""
+    placement_timeout: float | None = None
+    """Seconds to wait for a cluster to grow (autoscaling) or free resources until the workers are placed;
+    default: fail at once if the cluster has fewer CPUs/GPUs in total, wait up to 600 s while it is busy."""
     # IMMA -------------------------------------------------------------------------------------------
     outer_lr: float = 1e-3
     """IMMA α: Adam learning rate of the outer ascent on S."""
@@ -97,6 +102,9 @@ class HardenSpec:
     """auto, cpu or cuda for single-process use."""
 
     def __post_init__(self):
+        from ..specs import check_finite_fields
+
+        check_finite_fields(self)
         if self.method not in HARDEN_METHODS:
             raise UserError(f"--method {self.method}: unknown hardening method; expected one of "
                             f"{', '.join(HARDEN_METHODS)}")
@@ -126,6 +134,16 @@ class HardenSpec:
                         ("--user-lr", self.user_lr), ("--temperature", self.temperature)):
             if not v > 0:
                 raise UserError(f"{flag} {v}: must be positive")
+        for flag, v in (("--retain-weight", self.retain_weight), ("--lambda1", self.lambda1),
+                        ("--lambda2", self.lambda2)):
+            if v is not None and v < 0:
+                raise UserError(f"{flag} {v}: must not be negative (it weights a loss term)")
+        if self.lambda1 is not None and self.lambda2 is not None and self.lambda1 + self.lambda2 == 0:
+            raise UserError("--lambda1 0 --lambda2 0: at least one loss must have a positive weight")
+        if self.placement_timeout is not None and not self.placement_timeout > 0:
+            raise UserError(f"--placement-timeout {self.placement_timeout}: must be positive")
+        if self.sign_key is not None:
+            self.sign_key = Path(self.sign_key)
         if not 0.0 <= self.jpeg_mix <= 1.0:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
         _ = self.outer_timestep_range  # validates --outer-timesteps

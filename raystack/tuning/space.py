@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import shown
 
 ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -45,44 +47,80 @@ class TuneSpace:
     eval_steps: int = 15
     """Sampler steps when scoring."""
 
+    @property
+    def workers(self) -> int:
+        """Ray Train workers of every trial's harden run."""
+        w = self.harden.get("workers", 1)
+        return w if isinstance(w, int) and w > 0 else 1
+
     def __post_init__(self):
+        from ..outputs import check_plain_name
+
+        check_plain_name(self.name, "name")
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"algorithm {self.algorithm}: expected one of {', '.join(ALGORITHMS)}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
-        if not self.search:
+        if not isinstance(self.search, dict) or not self.search:
             raise UserError("search: at least one harden setting to vary is needed")
+        if self.samples <= 0:
+            raise UserError(f"samples {self.samples}: must be a positive integer")
+        for key, weight in (("mitigation_weight", self.mitigation_weight), ("utility_weight", self.utility_weight)):
+            if weight < 0:
+                raise UserError(f"{key} {weight}: must not be negative")
+        for key, n in (("eval_samples", self.eval_samples), ("eval_steps", self.eval_steps)):
+            if n <= 0:
+                raise UserError(f"{key} {n}: must be a positive integer")
+        from ..hardening.spec import HardenSpec
+        from ..specs import build_spec
+
+        base = {**self.harden}
+        base.setdefault("target", ["."])
+        base.setdefault("legal", ".")
+        base.setdefault("out", "probe")
         for key, dist in self.search.items():
             if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
             kind, vals = next(iter(dist.items()))
             if not isinstance(vals, list) or not vals:
                 raise UserError(f"search.{key}.{kind}: expected a non-empty list")
-            if kind in ("uniform", "loguniform") and (len(vals) != 2 or not vals[0] < vals[1]):
-                raise UserError(f"search.{key}.{kind}: expected [low, high] with low < high")
-            if kind == "loguniform" and vals[0] <= 0:
-                raise UserError(f"search.{key}.loguniform: bounds must be positive")
-            if key == "rho":
-                bad = [v for v in vals if not 0.0 <= float(v) <= 1.0]
-                if bad:
-                    raise UserError(f"search.rho: {bad[0]} is outside [0, 1]")
-        if self.samples <= 0:
-            raise UserError(f"samples {self.samples}: must be a positive integer")
-        if not self.attacks:
+            if kind in ("uniform", "loguniform"):
+                if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                    raise UserError(f"search.{key}.{kind}: expected [low, high], two numbers")
+                if not all(math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
+                    raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
+                if kind == "loguniform" and vals[0] <= 0:
+                    raise UserError(f"search.{key}.loguniform: bounds must be positive")
+            # every value (both bounds of a range) must make a valid harden spec: names, types, finiteness and
+            # ranges are checked now, not in trial 3
+            for i, v in enumerate(vals):
+                try:
+                    build_spec(HardenSpec, {**base, key: v}, source=f"search.{key}.{kind}[{i}]")
+                except UserError as e:
+                    raise UserError(f"search.{key}: {shown(v)}: {e}") from None
+        if not isinstance(self.attacks, list) or not self.attacks:
             raise UserError("attacks: at least one attack scores mitigation")
-        from ..attacks.spec import METHODS
+        from ..attacks.spec import METHODS, AttackSpec
 
-        for a in self.attacks + ([self.legal_finetune] if self.legal_finetune else []):
+        checks = [(f"attacks[{i}]", a) for i, a in enumerate(self.attacks)]
+        if self.legal_finetune is not None:
+            checks.append(("legal_finetune", self.legal_finetune))
+        for where, a in checks:
+            if not isinstance(a, dict):
+                raise UserError(f"{where}: expected a mapping of attack settings (e.g. {{method: lora}}), "
+                                f"got {shown(a)}")
             if a.get("method") not in METHODS:
-                raise UserError(f"attacks: unknown method {a.get('method')!r}; expected one of {', '.join(METHODS)}")
-        from ..hardening.spec import HardenSpec
-        from ..specs import build_spec
-
-        probe = {**self.harden, **{k: _example(v) for k, v in self.search.items()}}
-        probe.setdefault("target", ["."])
-        probe.setdefault("legal", ".")
-        probe.setdefault("out", "probe")
-        build_spec(HardenSpec, probe, source="harden/search")  # names and types are checked now, not in trial 3
+                raise UserError(f"{where}: unknown method {shown(a.get('method'))!r}; expected one of "
+                                f"{', '.join(METHODS)}")
+            build_spec(AttackSpec, {"data": ".", **a}, source=where)
+        if not isinstance(self.data, dict):
+            raise UserError(f"data: expected a mapping {{target, legal, attacker}}, got {shown(self.data)}")
+        for role, v in self.data.items():
+            if role not in ("target", "legal", "attacker"):
+                raise UserError(f"data.{role}: unknown role (expected target, legal, attacker)")
+            if not isinstance(v, (str, dict)):
+                raise UserError(f"data.{role}: expected a folder path or a tiny-world generator spec, got {shown(v)}")
+        build_spec(HardenSpec, {**base, **{k: _example(v) for k, v in self.search.items()}}, source="harden/search")
 
 
 def _example(dist: dict):

@@ -49,6 +49,14 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
     return out
 
 
+def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
+    """Every path the sweep reads (data folders given as paths, the model): `--out` must stay apart from them."""
+    from ..models.pipeline_io import resolve_model_path
+
+    out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.items() if isinstance(v, str)]
+    return out + [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
+
+
 # objectives ---------------------------------------------------------------------------------------------
 def scalarise(space: TuneSpace, mitigation: float, utility: float) -> float:
     return space.utility_weight * utility - space.mitigation_weight * mitigation
@@ -202,10 +210,9 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
             raise UserError(f"--resume: no sweep to resume in {storage / name}")
         tuner = tune.Tuner.restore(str(storage / name), trainable=trainable, resume_errored=True)
     else:
-        import shutil
+        from ..outputs import check_plain_name, confined_rmtree
 
-        if (storage / name).exists():
-            shutil.rmtree(storage / name)
+        confined_rmtree(storage / check_plain_name(name, "name"), out)  # a fresh sweep of that name
         scheduler, search_alg = make_scheduler(space), make_search_alg(space, max_concurrent)
         space_dict = param_space(space)
         space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
@@ -214,7 +221,8 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
             trainable, param_space=space_dict,
             tune_config=tune.TuneConfig(metric="objective_running", mode="max", scheduler=scheduler,
                                         search_alg=search_alg, num_samples=samples or space.samples,
-                                        max_concurrent_trials=max_concurrent),
+                                        max_concurrent_trials=max_concurrent,
+                                        trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
     grid = tuner.fit()
     rows = []
@@ -241,6 +249,11 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
     if on_result:
         on_result(rows)
     return results
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder: its id only (Ray's default puts the sampled values, strings included, into the name)."""
+    return f"trial_{trial.trial_id}"
 
 
 def harden_values(space: TuneSpace, setting: dict, data: dict) -> dict:

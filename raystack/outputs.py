@@ -1,0 +1,134 @@
+"""Where a command may write, and what it may remove.
+
+A publisher runs this tool on folders that hold the only copy of a checkpoint, so the rules are checked,
+not documented:
+
+- `--out` never equals, contains or lies inside an input of the same command (paths resolved, symlinks
+  followed), with `--overwrite` or without (`check_disjoint`);
+- one run at a time per `--out` (and its `<out>.run` sibling): an exclusive lock (`output_lock`), a second
+  run gets one line naming the holder's pid;
+- a user-supplied name that becomes part of a path (sweep name, run name) is a plain name
+  (`check_plain_name`);
+- a folder is only ever removed from inside the folder the user handed over (`confined_rmtree`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SHOWN_CHARS = 80
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """A user value as it may appear in an error line: never more than `limit` characters."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    r.maxlist = r.maxdict = r.maxtuple = r.maxset = 6
+    r.maxlevel = 2
+    text = value if isinstance(value, str) else r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_plain_name(name, what: str) -> str:
+    """A name that becomes one path component: letters, digits, '.', '_', '-'; not '.', '..', not absolute."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or set(name) == {"."}:
+        raise UserError(f"{what} {shown(name)}: must be a plain name (letters, digits, '.', '_', '-'; "
+                        "no '/', no '..', at most 100 characters)")
+    return name
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(p))))
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_disjoint(out: Path, inputs: Iterable[tuple[str, Path | str | None]], flag: str = "--out",
+                   with_run_dir: bool = False) -> None:
+    """Refuse an output that equals, contains or is inside any input (the input would be replaced or removed).
+
+    `with_run_dir`: the command also writes `<out>.run` (harden), which must be disjoint too."""
+    outs = [_real(Path(out))]
+    if with_run_dir:
+        outs.append(_real(Path(out).parent / f"{Path(out).name}.run"))
+    for iflag, ipath in inputs:
+        if ipath is None or str(ipath) == "":
+            continue
+        rin = _real(Path(ipath))
+        for o in outs:
+            if _overlap(o, rin):
+                how = "is" if o == rin else "contains" if o in rin.parents else "is inside"
+                what = flag if o == outs[0] else f"{flag}'s run folder {o.name}"
+                raise UserError(f"{what} {shown(str(out))}: {how} the input {iflag} {shown(str(ipath))}; "
+                                "choose an output folder apart from every input")
+
+
+def confined_rmtree(path: Path, root: Path) -> None:
+    """Remove `path` only if it lies strictly inside `root` (both resolved) and is a real folder."""
+    p, r = Path(path), _real(Path(root))
+    if p.is_symlink() or not p.exists():
+        if p.is_symlink():
+            raise UserError(f"{p}: is a symbolic link; refusing to remove it")
+        return
+    rp = _real(p)
+    if rp == r or r not in rp.parents:
+        raise UserError(f"{p}: outside {root}; refusing to remove it")
+    shutil.rmtree(rp)
+
+
+def _lock_path(out: Path) -> Path:
+    out = Path(out)
+    return _real(out.parent if str(out.parent) else Path(".")) / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, flag: str = "--out", with_run_dir: bool = False):
+    """Hold an exclusive lock on `out` (and `<out>.run`) for the whole run.
+
+    The lock is a hidden sibling `.<name>.lock` held with flock (released by the kernel if the process dies)
+    and removed when the run ends; a second run on the same `out` fails at once naming the holder's pid."""
+    import fcntl
+
+    names = [Path(out)] + ([Path(out).parent / f"{Path(out).name}.run"] if with_run_dir else [])
+    held: list[tuple[int, Path]] = []
+    try:
+        for target in names:
+            lock = _lock_path(target)
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise UserError(f"{flag} {shown(str(out))}: in use by another immunize-cli run (pid {holder}); "
+                                    "wait for it to end or choose another output") from None
+                try:  # the holder may have removed the file between our open and our lock: retry on a new one
+                    same = os.path.samestat(os.fstat(fd), os.stat(lock))
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            held.append((fd, lock))
+        yield
+    finally:
+        for fd, lock in reversed(held):
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
+            os.close(fd)
