@@ -22,12 +22,12 @@ def _parse_runs(values: list[str]) -> dict[str, Path]:
             raise UserError(f"--run {shown(v)}: expected NAME=FOLDER (an attack output or a pipeline folder)")
         check_plain_name(name, "--run: the name")
         if name in runs:
-            raise UserError(f"--run {v}: the name {name!r} is used twice")
+            raise UserError(f"--run {shown(v)}: the name {name!r} is used twice")
         p = Path(path)
         if not p.is_dir():
-            raise UserError(f"--run {v}: no such folder")
+            raise UserError(f"--run {shown(v)}: no such folder")
         if not ((p / "attack.json").is_file() or (p / "model_index.json").is_file()):
-            raise UserError(f"--run {v}: neither an attack output (attack.json) nor a pipeline (model_index.json)")
+            raise UserError(f"--run {shown(v)}: neither an attack output (attack.json) nor a pipeline (model_index.json)")
         runs[name] = p
     return runs
 
@@ -67,8 +67,10 @@ def evaluate(
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    from raystack.outputs import shown
+
     if baseline is not None and baseline not in runs:
-        raise UserError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
+        raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):
         _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
                          curves, clip, dino, classifier, overwrite)

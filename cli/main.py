@@ -3,7 +3,11 @@ inside the commands, so `--help` stays fast."""
 
 from __future__ import annotations
 
+import sys
+
 import typer
+from typer.core import TyperGroup
+from typer.core import _click as click  # typer carries its own click: its exceptions are these
 
 from .attack import attack
 from .evaluate import evaluate
@@ -12,7 +16,31 @@ from .tune import tune
 from .verify import verify
 from .world import world_app
 
+class OneLineErrors(TyperGroup):
+    """Usage errors (a non-numeric --steps, an unknown flag) as one `error:` line on stderr and exit 2, like
+    every other bad input, instead of click's usage text and a boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # the help text is the answer here
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            cmd = e.ctx.command_path if getattr(e, "ctx", None) is not None else "immunize-cli"
+            line = " ".join(e.format_message().split())
+            sys.stderr.write(f"error: {line} (see {cmd} --help)\n")
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.stderr.write("error: aborted\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="immunize-cli",
     help="Harden text-to-image diffusion models against malicious fine-tuning (IMMA, FreezeAsGuard).",
     no_args_is_help=True,

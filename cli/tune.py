@@ -39,9 +39,9 @@ def tune(
     check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
     embedded = will_embed(cluster)
-    if embedded:  # each concurrent trial's harden run places spec.workers workers, one core each
-        check_local_capacity(max_concurrent * spec.workers, False, "--max-concurrent x harden.workers",
-                             f" ({max_concurrent} x {spec.workers})")
+    need = max_concurrent * spec.workers  # each concurrent trial's harden run places spec.workers workers
+    if embedded:
+        check_local_capacity(need, False, "--max-concurrent x harden.workers", f" ({max_concurrent} x {spec.workers})")
     with output_lock(out):
         quiet_libraries()
         from raystack.runtime import configure_threads
@@ -50,7 +50,7 @@ def tune(
         configure_threads()
         console.print(f"ray: {init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))}")
         if not embedded:
-            check_cluster_capacity(max_concurrent * spec.workers, False, None, "--max-concurrent x harden.workers")
+            check_cluster_capacity(need, False, None, "--max-concurrent x harden.workers")
         with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
             results = run_sweep(spec, out, samples, max_concurrent, resume)
     table = trials_table(results)

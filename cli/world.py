@@ -14,6 +14,16 @@ world_app = typer.Typer(help="The tiny world: generate data, pretrain, sample, s
                         no_args_is_help=True)
 
 
+def _check_finite(**values) -> None:
+    import math
+
+    from raystack.errors import UserError
+
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+
+
 def _setup():
     quiet_libraries()
     from raystack.runtime import configure_threads
@@ -37,13 +47,24 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ):
     """Write a seeded image folder in the format users give for their own data."""
+    from raystack.outputs import output_lock
+    from raystack.tinyworld.folder import check_caption_template, write_concept_folder, write_emblem_folder
+
+    if not emblem:
+        check_caption_template(caption_template)
+    with output_lock(out):
+        count = _generate(out, shape, colour, style, emblem, caption_template, n, seed, overwrite)
+    console.print(f"wrote {count} images to {out}")
+
+
+def _generate(out, shape, colour, style, emblem, caption_template, n, seed, overwrite) -> int:
     from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 
     if emblem:
         count = write_emblem_folder(out, emblem, n, seed, caption_template or "a photo of sks emblem", overwrite)
     else:
         count = write_concept_folder(out, shape, colour, style, n, seed, caption_template, overwrite)
-    console.print(f"wrote {count} images to {out}")
+    return count
 
 
 @world_app.command()
@@ -72,18 +93,25 @@ def pretrain(
     Resumable: rerun the same command after an interruption. The README gives the exact commands
     that made the shipped model.
     """
+    from raystack.outputs import check_disjoint
+
+    _check_finite(unet_lr=unet_lr)
+    check_disjoint(out, [("--init-from", init_from)])
+    check_disjoint(work, [("--init-from", init_from)], "--work")
     quiet_libraries()
     from raystack.errors import UserError
     from raystack.runtime import configure_threads
     from raystack.tinyworld.classifier import ClassifierSpec, train_classifier
     from raystack.tinyworld.pretrain import PretrainSpec, train_unet, train_vae
 
+    from raystack.outputs import shown
+
     if stage not in ("all", "vae", "unet", "classifier"):
-        raise UserError(f"--stage {stage}: expected one of all, vae, unet, classifier")
+        raise UserError(f"--stage {shown(stage)}: expected one of all, vae, unet, classifier")
     from raystack.tinyworld.architecture import SCHEDULES
 
     if schedule not in SCHEDULES:
-        raise UserError(f"--schedule {schedule}: expected one of {', '.join(SCHEDULES)}")
+        raise UserError(f"--schedule {shown(schedule)}: expected one of {', '.join(SCHEDULES)}")
     configure_threads(threads)
     spec = PretrainSpec(out=out / "tiny-sd", work=work, seed=seed, vae_steps=vae_steps, unet_steps=unet_steps,
                         images_per_combo=images_per_combo, unet_lr=unet_lr, schedule=schedule, init_from=init_from,
@@ -111,6 +139,11 @@ def sample(
     scale: int = typer.Option(4, "--scale", min=1, help="Nearest-neighbour upscaling of the grid."),
 ):
     """Generate images from prompts and save them as one grid."""
+    from raystack.models.pipeline_io import resolve_model_path
+    from raystack.outputs import check_disjoint
+
+    check_disjoint(out, [("--model", resolve_model_path(model))])
+    _check_finite(guidance=guidance)
     _setup()
     from raystack.imageio import save_png
     from raystack.models.pipeline_io import load_pipeline
@@ -131,6 +164,12 @@ def score(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write predictions as JSON."),
 ):
     """Classify every image of a folder with the tiny world's concept classifier."""
+    from raystack.outputs import check_disjoint
+    from raystack.tinyworld.classifier import default_classifier_path
+
+    if json_out is not None:
+        check_disjoint(json_out, [("--images", images), ("--classifier", classifier or default_classifier_path())],
+                       "--json")
     _setup()
     from rich.table import Table
 
@@ -163,6 +202,15 @@ def quality(
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also save a PNG grid of the samples."),
 ):
     """Trained concepts must come out fully right >= 80%; held-out concepts <= 15%. Exit 1 if not."""
+    from raystack.models.pipeline_io import resolve_model_path
+    from raystack.outputs import check_disjoint
+    from raystack.tinyworld.classifier import default_classifier_path
+
+    for flag, path in (("--json", json_out), ("--grid", grid)):
+        if path is not None:
+            check_disjoint(path, [("--model", resolve_model_path(model)),
+                                  ("--classifier", classifier or default_classifier_path())], flag)
+    _check_finite(guidance=guidance)
     _setup()
     from rich.progress import BarColumn, Progress, TimeRemainingColumn
     from rich.table import Table

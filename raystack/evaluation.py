@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .outputs import shown
 
 
 @dataclass
@@ -52,7 +53,7 @@ def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.nda
         shape, colour, style = obj
         ref = np.stack([render_concept(shape, colour, style, rng) for _ in range(16)])
         return Concept(concept, [f"a {token}"], {"shape": shape, "colour": colour, "style": style}), ref
-    raise UserError(f"--target {concept}: not a tiny-world concept (a style, shape, emblem name or a "
+    raise UserError(f"--target {shown(concept)}: not a tiny-world concept (a style, shape, emblem name or a "
                     "colour-style-shape object such as yellow-dotted-triangle)")
 
 
@@ -159,7 +160,7 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
 
     if baseline is not None:
         if baseline not in runs:
-            raise UserError(f"--baseline {baseline}: not one of the --run names ({', '.join(runs)})")
+            raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
         report["gaps"] = {}
         for name in runs:
             if name == baseline:

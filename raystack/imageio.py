@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
+from .outputs import shown
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_METADATA_BYTES = 64 << 20
 
 
 @dataclass
@@ -25,18 +28,63 @@ class ImageFolder:
     captions: list[str | None]
 
 
+#: Largest image read (pixels): a 64-megapixel photo; above it a file is refused before it is decoded, so a
+#: small "decompression bomb" PNG cannot take the machine's memory.
+MAX_PIXELS = 8192 * 8192
+
+
 def read_image(path: Path, size: int | None = None) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise UserError(f"{path}: {w}x{h} pixels, above the {MAX_PIXELS // 1_000_000} megapixel bound; "
+                                    "resize it first")
+                im.load()
+                im = _to_rgb(im, path)
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                return np.asarray(im, dtype=np.uint8).copy()
+    except Image.DecompressionBombError:
+        raise UserError(f"{path}: above the {MAX_PIXELS // 1_000_000} megapixel bound; resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: unreadable image ({str(e).splitlines()[0][:120]})") from None
+
+
+def _to_rgb(im, path: Path):
+    """8-bit RGB. 16-bit (and 32-bit integer) greyscale is scaled down, not clipped: PIL's own conversion
+    clips every value above 255, which turns a 16-bit PNG white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
+        a = np.clip(a, 0, top) * 255 // top
+        return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "F":
+        raise UserError(f"{path}: floating-point image ({im.mode}); save it as 8- or 16-bit PNG/JPEG")
+    return im.convert("RGB")
+
+
+def confined_file(root: Path, name, where: str) -> Path:
+    """`root / name` for a `file_name` of metadata.jsonl, which must name a file inside `root`: no absolute
+    path, no '..', no link that leads out of the folder."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise UserError(f"{where}: file_name must be a non-empty string")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise UserError(f"{where}: file_name {shown(name)} leads outside the folder; give a path inside it")
+    p = root / rel
+    real_root = Path(os.path.realpath(root))
+    if real_root not in Path(os.path.realpath(p)).parents:
+        raise UserError(f"{where}: file_name {shown(name)} is a link that leads outside the folder")
+    return p
 
 
 def read_image_folder(root: Path, flag: str = "--data", require_captions: bool = True,
@@ -47,6 +95,8 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
     meta = root / "metadata.jsonl"
     captions: dict[str, str] = {}
     if meta.is_file():
+        if meta.stat().st_size > MAX_METADATA_BYTES:
+            raise UserError(f"{flag} {meta}: larger than {MAX_METADATA_BYTES >> 20} MiB")
         for ln, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
@@ -56,9 +106,10 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
                 raise UserError(f"{flag} {meta}:{ln}: not a JSON line") from None
             if not isinstance(row, dict) or "file_name" not in row:
                 raise UserError(f"{flag} {meta}:{ln}: needs a \"file_name\" field")
+            confined_file(root, row["file_name"], f"{flag} {meta}:{ln}")
             text = row.get("text")
             if require_captions and (not isinstance(text, str) or not text.strip()):
-                raise UserError(f"{flag} {meta}:{ln}: no caption (\"text\") for {row['file_name']}")
+                raise UserError(f"{flag} {meta}:{ln}: no caption (\"text\") for {shown(row['file_name'])}")
             captions[str(row["file_name"])] = text if isinstance(text, str) else None
     elif require_captions:
         files = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -71,13 +122,14 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
         raise UserError(f"{flag} {root}: no images")
     imgs = []
     for name in names:
-        p = root / name
+        p = confined_file(root, name, f"{flag} {root}")
         if not p.is_file():
-            raise UserError(f"{flag} {meta}: lists {name}, which does not exist")
+            raise UserError(f"{flag} {meta}: lists {shown(name)}, which does not exist")
         imgs.append(read_image(p, size))
     shapes = {im.shape for im in imgs}
     if len(shapes) > 1:
-        raise UserError(f"{flag} {root}: images differ in size ({sorted(shapes)[:3]}); pass a --resolution")
+        raise UserError(f"{flag} {root}: images differ in size ({sorted(shapes)[:3]}); resize them to one size "
+                        "(the model's resolution) first")
     return ImageFolder(root, names, np.stack(imgs), [captions.get(n) for n in names])
 
 

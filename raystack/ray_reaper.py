@@ -1,11 +1,12 @@
-"""Parent-death watch for an embedded Ray: `python -m raystack.ray_reaper MARKER`.
+"""Parent-death watch for an embedded Ray: `python -m raystack.ray_reaper MARKER TEMP_DIR DRIVER_PID`.
 
-The driver starts this with a pipe on stdin and keeps the write end. When the driver ends in any way
-(SIGKILL included) the kernel closes the pipe; this process then ends every process that carries
-`IMMUNIZE_RAY_SESSION=MARKER` in its environment (GCS, raylet, dashboard and runtime-env agents, workers:
-all inherit it from the driver) and removes Ray's temporary folder for that session. Ray's own fate-sharing
-stops the GCS and raylet, but not the agents the raylet starts.
-Only the standard library loads here: it must start in milliseconds.
+The driver starts this with a pipe on stdin and keeps the write end. While the driver lives, this process
+records the driver's descendants every second (the GCS, the raylet and what the raylet starts: dashboard and
+runtime-env agents, workers). When the driver ends in any way (SIGKILL included) the kernel closes the pipe;
+this process then ends every recorded descendant still alive (same pid *and* start time, so a reused pid is
+never hit) and every process carrying `IMMUNIZE_RAY_SESSION=MARKER` in its environment, and removes Ray's
+temporary folder of that session. Ray's own fate-sharing stops the GCS and raylet, but not the agents the
+raylet starts (they are re-parented and keep running). Only the standard library loads here.
 """
 
 from __future__ import annotations
@@ -35,9 +36,45 @@ def session_pids(marker: str) -> list[int]:
     return out
 
 
-def reap(marker: str, grace: float = 3.0) -> int:
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of `pid`, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[1]), int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every process below `root`."""
+    children: dict[int, list[int]] = {}
+    starts: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(name))
+                starts[int(name)] = st[1]
+    out, stack = {}, list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        if pid not in out:
+            out[pid] = starts[pid]
+            stack.extend(children.get(pid, []))
+    return out
+
+
+def _alive(recorded: dict[int, int], marker: str) -> list[int]:
+    me = os.getpid()
+    pids = [p for p, start in recorded.items() if p != me and (_stat(p) or (0, None))[1] == start]
+    return sorted(set(pids) | set(session_pids(marker)))
+
+
+def reap(marker: str, recorded: dict[int, int] | None = None, grace: float = 3.0) -> int:
     """SIGTERM the session's processes, SIGKILL what is left after `grace` seconds; returns how many."""
-    pids = session_pids(marker)
+    recorded = recorded or {}
+    pids = _alive(recorded, marker)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -45,23 +82,31 @@ def reap(marker: str, grace: float = 3.0) -> int:
             except OSError:
                 pass
         deadline = time.time() + grace
-        while sig == signal.SIGTERM and time.time() < deadline and session_pids(marker):
+        while sig == signal.SIGTERM and time.time() < deadline and _alive(recorded, marker):
             time.sleep(0.1)
-        pids = session_pids(marker)
+        pids = _alive(recorded, marker)
         if not pids:
             break
     return len(pids)
 
 
 def main(argv: list[str]) -> None:
-    marker, temp_dir = argv[1], argv[2]
+    import select
+
+    marker, temp_dir, driver = argv[1], argv[2], int(argv[3])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which shuts Ray down itself
-    try:
-        while sys.stdin.buffer.read(1 << 16):  # returns b"" once the driver has gone
-            pass
-    except OSError:
-        pass
-    reap(marker)
+    recorded: dict[int, int] = {}
+    fd = sys.stdin.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                if not os.read(fd, 1 << 16):  # b"": the driver has gone
+                    break
+            except OSError:
+                break
+        recorded.update(descendants(driver))
+    reap(marker, recorded)
     if os.path.basename(temp_dir).startswith("immunize-ray-"):
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -78,13 +78,16 @@ def check_local_capacity(workers: int, use_gpu: bool, flag: str = "--workers", p
                         f"{per_worker_note}; use --workers {cores} or less, or a --cluster")
 
 
+def ray_running_here() -> bool:
+    """This process is already connected to a Ray (a Tune trial, a test session); checked without importing it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def will_embed(cluster: str | None) -> bool:
     """True when the command would start its own Ray (no cluster named, none in the environment, none running
     in this process)."""
-    if cluster or os.environ.get("RAY_ADDRESS"):
-        return False
-    ray = sys.modules.get("ray")
-    return not (ray is not None and ray.is_initialized())
+    return not (cluster or os.environ.get("RAY_ADDRESS") or ray_running_here())
 
 
 def check_cluster_capacity(workers: int, use_gpu: bool, wait_s: float | None, flag: str = "--workers") -> None:
@@ -144,12 +147,15 @@ def start_embedded(num_cpus: int, runtime_env: dict) -> None:
     temp_dir = tempfile.mkdtemp(prefix="immunize-ray-", dir="/tmp")  # short: AF_UNIX paths <= 107 bytes
     marker = secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if k != SESSION_ENV}
-    _reaper = subprocess.Popen([sys.executable, "-m", "raystack.ray_reaper", marker, temp_dir],
+    _reaper = subprocess.Popen([sys.executable, "-m", "raystack.ray_reaper", marker, temp_dir, str(os.getpid())],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=env, start_new_session=True, close_fds=True)
     os.environ[SESSION_ENV] = marker  # every Ray process started from here inherits it: the reaper's handle
     if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" and not os.environ.get("RAY_AUTH_TOKEN"):
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this Ray's own token, never written to disk
+        from ray._raylet import Config
+
+        Config.initialize("")  # Ray reads RAY_AUTH_MODE into its config at import: refresh it (as ray.init does)
     ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=False,
              logging_level="ERROR", _temp_dir=temp_dir)

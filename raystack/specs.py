@@ -56,7 +56,7 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{name}: expected a number, got {shown(value)}")
         if not math.isfinite(value):
-            raise UserError(f"{name}: expected a finite number, got {value}")
+            raise UserError(f"{name} {value}: must be a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -85,7 +85,10 @@ def build_spec(cls, values: dict, source: str = "spec"):
                       and f.default_factory is dataclasses.MISSING and f.name not in values)
     if required:
         raise UserError(f"{source}: missing key {required[0]!r}")
-    checked = {k: _check_type(f"{source}: {k}", v, hints[k]) for k, v in values.items()}
+    def where(k: str) -> str:  # a flag is named as the user typed it
+        return f"--{k.replace('_', '-')}" if source == "flags" else f"{source}: {k}"
+
+    checked = {k: _check_type(where(k), v, hints[k]) for k, v in values.items()}
     return cls(**checked)
 
 

@@ -40,7 +40,8 @@ def test_world_bad_input_is_one_line(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["world", "score", "--images", str(tmp_path / "missing")])
     assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0 and "no such folder" in res.stderr
+    (tmp_path / "m").mkdir()
     res = runner.invoke(app, ["world", "sample", "--prompt", "x", "--out", str(tmp_path / "x.png"),
-                              "--model", str(tmp_path)])
+                              "--model", str(tmp_path / "m")])
     assert res.exit_code == 2 and "no model_index.json" in res.stderr
     assert not (tmp_path / "x.png").exists()

@@ -17,6 +17,14 @@ def test_cluster_config_structure(name):
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head  # dashboard and job server on loopback only
     assert any("pip install" in c and "immunize-cli" in c for c in cfg["setup_commands"])
+    # token authentication (Ray 2.60 turns it on only when told to, or when a token already exists): every
+    # `ray start` runs with RAY_AUTH_MODE=token, every node gets the token, and the nodes' clients use it too
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    mounts = {str(k): str(v) for k, v in cfg["file_mounts"].items()}
+    assert any(k.endswith("/.ray/auth_token") and v == "~/.ray/auth_token" for k, v in mounts.items()), mounts
+    assert any("export RAY_AUTH_MODE=token" in c for c in cfg["setup_commands"])
+    assert "RAY_AUTH_MODE=disabled" not in (ROOT / name).read_text()
     if cfg["provider"]["type"] == "local":
         assert cfg["provider"]["head_ip"] and cfg["provider"]["worker_ips"]
     else:

@@ -15,9 +15,34 @@ def read_attack_info(attack_dir: Path, flag: str = "--attacked") -> dict:
     if not f.is_file():
         raise UserError(f"{flag} {attack_dir}: not an attack output (no {ATTACK_INFO})")
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
+        info = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{flag} {f}: corrupt {ATTACK_INFO}") from None
+    check_attack_info(info, f"{flag} {f}")
+    return info
+
+
+def check_attack_info(info, where: str) -> None:
+    """The keys evaluation reads, with their types: a hand-edited or foreign attack.json fails here, in one line."""
+    import re
+
+    from .spec import METHODS
+
+    if not isinstance(info, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    need = {"method": str, "steps": int, "base_model": str, "checkpoints": list, "spec": dict}
+    for key, typ in need.items():
+        if key not in info:
+            raise UserError(f"{where}: lacks the key {key!r} (not written by `immunize-cli attack`?)")
+        if not isinstance(info[key], typ) or isinstance(info[key], bool):
+            raise UserError(f"{where}: {key!r} must be a {typ.__name__}")
+    if info["method"] not in METHODS:
+        raise UserError(f"{where}: unknown method {info['method'][:40]!r}")
+    if not all(isinstance(c, str) and re.fullmatch(r"step-\d{1,9}", c) for c in info["checkpoints"]):
+        raise UserError(f"{where}: 'checkpoints' must list step-NNNNNN folder names")
+    if info["method"] == "textual-inversion" and not (isinstance(info["spec"].get("token"), str)
+                                                       and isinstance(info.get("placeholder"), str)):
+        raise UserError(f"{where}: a textual-inversion attack needs spec.token and placeholder")
 
 
 def attack_checkpoints(attack_dir: Path) -> list[tuple[int, Path]]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import shown
 
 METHODS = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion", "full")
 DEFAULT_RANK = 8  # kohya-style LoRA rank; IMMA's simulated attacker uses the same
@@ -81,8 +82,6 @@ class AttackSpec:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            from ..outputs import shown
-
             raise UserError(f"--method {shown(self.method)}: unknown attack method; expected one of {', '.join(METHODS)}")
         d = METHOD_DEFAULTS[self.method]
         self.steps = d["steps"] if self.steps is None else self.steps
@@ -112,7 +111,7 @@ class AttackSpec:
         if self.prior_preservation and not self.class_prompt:
             raise UserError("--prior-preservation needs --class-prompt")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {self.device}: expected auto, cpu or cuda")
+            raise UserError(f"--device {shown(self.device)}: expected auto, cpu or cuda")
         self.data = Path(self.data)
         self.out = Path(self.out) if self.out is not None else None
         self.freeze_mask = Path(self.freeze_mask) if self.freeze_mask else None

@@ -14,7 +14,8 @@ from typing import Callable
 from ..atomic import disk_full, is_disk_full
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import check_disjoint, confined_rmtree, output_lock
-from ..raysession import check_cluster_capacity, check_local_capacity, check_reachable, init_ray, will_embed
+from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, init_ray, ray_running_here,
+                          will_embed)
 from .spec import HardenSpec
 
 MANIFEST = "manifest.json"
@@ -53,6 +54,8 @@ def validate_inputs(spec: HardenSpec) -> None:
         check_reachable(spec.cluster)
     if will_embed(spec.cluster):
         check_local_capacity(spec.workers, spec.use_gpu)
+    elif ray_running_here():  # a Tune trial, a test session: the Ray this process is connected to
+        check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
     if spec.zero_stage == 3 and spec.method in ("imma", "imma+freeze"):
         raise UserError("--zero-stage 3: IMMA updates the simulated attacker's adapter by hand inside the UNet, "
                         "which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
@@ -144,10 +147,11 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) 
     try:
         return _fit_and_assemble(spec, on_progress, fault_injection, run_dir, t0)
     except BaseException as e:
-        if is_disk_full(e):
-            if fresh_run_dir and not spec.resume:  # no litter: a run folder this run made holds nothing to resume
-                confined_rmtree(run_dir, run_dir.parent)
-            raise (e if isinstance(e, DiskFull) else disk_full(spec.out, e)) from None
+        full = is_disk_full(e)
+        if (full or isinstance(e, RunFailed)) and fresh_run_dir and not spec.resume:
+            confined_rmtree(run_dir, run_dir.parent)  # no litter: nothing in it is worth resuming
+        if full and not isinstance(e, DiskFull):
+            raise disk_full(spec.out, e) from None
         raise
 
 
@@ -263,6 +267,8 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
     with torch.no_grad():
         for k, v in theta.items():
             params[k].copy_(v)
+    if theta:
+        check_release_forward(pipe)
     mask = {k[len(MASK_KEY_PREFIX):]: bool(v.item()) for k, v in tensors.items() if k.startswith(MASK_KEY_PREFIX)}
     with atomic_dir(spec.out, overwrite=True) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
@@ -309,6 +315,27 @@ def check_finite_release(tensors: dict) -> None:
         raise RunFailed(f"the hardened weights are not finite: {len(bad)} of {len(tensors)} changed UNet tensors hold "
                         f"NaN or inf (e.g. {bad[0]}); nothing was written to --out (the run diverged: lower "
                         "--outer-lr, or check the data)")
+
+
+def check_release_forward(pipe) -> None:
+    """One denoising prediction of the hardened UNet must be finite: finite but absurd weights (a run at a huge
+    learning rate leaves |w| ~ 1e30) overflow here, and such a model is refused like a NaN one."""
+    import torch
+
+    unet = pipe.unet
+    side = min(16, int(unet.config.sample_size))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        cond = pipe.text_encoder(ids)[0]
+        x = torch.randn(1, unet.config.in_channels, side, side, generator=g)
+        t = torch.tensor([pipe.scheduler.config.num_train_timesteps // 2])
+        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    if not bool(torch.isfinite(pred).all()):
+        raise RunFailed("the hardened UNet predicts NaN or inf (the run diverged: its weights reach "
+                        f"{max(float(p.detach().abs().max()) for p in unet.parameters()):.3g}); nothing was written to "
+                        "--out (lower --outer-lr, or check the data)")
 
 
 def relative_to_out(path, out: Path) -> str:

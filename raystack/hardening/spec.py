@@ -8,6 +8,7 @@ from pathlib import Path
 from ..attacks.spec import DEFAULT_RANK
 from ..attacks.spec import METHODS as ATTACK_METHODS
 from ..errors import UserError
+from ..outputs import shown
 
 HARDEN_METHODS = ("imma", "freezeasguard", "random-freeze", "imma+freeze")
 INNER_OPTIMIZERS = ("adamw", "sgd")
@@ -106,10 +107,10 @@ class HardenSpec:
 
         check_finite_fields(self)
         if self.method not in HARDEN_METHODS:
-            raise UserError(f"--method {self.method}: unknown hardening method; expected one of "
+            raise UserError(f"--method {shown(self.method)}: unknown hardening method; expected one of "
                             f"{', '.join(HARDEN_METHODS)}")
         if self.against not in ATTACK_METHODS:
-            raise UserError(f"--against {self.against}: unknown attack method; expected one of "
+            raise UserError(f"--against {shown(self.against)}: unknown attack method; expected one of "
                             f"{', '.join(ATTACK_METHODS)}")
         if not 0.0 <= self.rho <= 1.0:
             raise UserError(f"--rho {self.rho}: must be within [0, 1]")
@@ -125,9 +126,9 @@ class HardenSpec:
         if self.finetune_steps < 0:
             raise UserError(f"--finetune-steps {self.finetune_steps}: must not be negative")
         if self.inner_optimizer not in INNER_OPTIMIZERS:
-            raise UserError(f"--inner-optimizer {self.inner_optimizer}: expected one of {', '.join(INNER_OPTIMIZERS)}")
+            raise UserError(f"--inner-optimizer {shown(self.inner_optimizer)}: expected one of {', '.join(INNER_OPTIMIZERS)}")
         if self.retain_target not in RETAIN_TARGETS:
-            raise UserError(f"--retain-target {self.retain_target}: expected one of {', '.join(RETAIN_TARGETS)}")
+            raise UserError(f"--retain-target {shown(self.retain_target)}: expected one of {', '.join(RETAIN_TARGETS)}")
         if self.inner_lr is not None and not self.inner_lr > 0:
             raise UserError(f"--inner-lr {self.inner_lr}: must be positive")
         for flag, v in (("--outer-lr", self.outer_lr), ("--mask-lr", self.mask_lr),
@@ -162,7 +163,7 @@ class HardenSpec:
         except ValueError:
             lo, hi = -1, -1
         if not 0 <= lo < hi:
-            raise UserError(f"--outer-timesteps {self.outer_timesteps}: expected LO-HI with 0 <= LO < HI, e.g. 500-1000")
+            raise UserError(f"--outer-timesteps {shown(self.outer_timesteps)}: expected LO-HI with 0 <= LO < HI, e.g. 500-1000")
         return lo, hi
 
     @property

@@ -81,6 +81,11 @@ class TuneSpace:
         for key, dist in self.search.items():
             if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
+            if not isinstance(next(iter(dist.values())), list) or not next(iter(dist.values())):
+                raise UserError(f"search.{key}.{next(iter(dist))}: expected a non-empty list")
+        # the fixed settings with one value of every varied one: names and types are checked now, not in trial 3
+        build_spec(HardenSpec, {**base, **{k: _example(v) for k, v in self.search.items()}}, source="harden/search")
+        for key, dist in self.search.items():
             kind, vals = next(iter(dist.items()))
             if not isinstance(vals, list) or not vals:
                 raise UserError(f"search.{key}.{kind}: expected a non-empty list")
@@ -120,7 +125,6 @@ class TuneSpace:
                 raise UserError(f"data.{role}: unknown role (expected target, legal, attacker)")
             if not isinstance(v, (str, dict)):
                 raise UserError(f"data.{role}: expected a folder path or a tiny-world generator spec, got {shown(v)}")
-        build_spec(HardenSpec, {**base, **{k: _example(v) for k, v in self.search.items()}}, source="harden/search")
 
 
 def _example(dist: dict):

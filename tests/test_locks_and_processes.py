@@ -1,0 +1,198 @@
+"""One run per --out; an embedded Ray dies with its driver; oversubscription fails fast; a release that
+diverged is refused; a signed release is checked (Reliability II)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raystack.tinyworld.folder import write_concept_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "cli.main"]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def test_two_runs_on_one_out_the_second_is_refused_naming_the_holder(tmp_path):
+    """The first run holds its lock while it saves (paused there by the fault hook); a second run on the same
+    --out gets one line with the first one's pid, and the first still finishes."""
+    out, marker = tmp_path / "data", tmp_path / "saving"
+    first = subprocess.Popen(CLI + ["world", "generate", "--out", str(out), "--style", "sunset", "--n", "1"],
+                             cwd=ROOT, env=_env(IMMUNIZE_FAULT_SAVE_PAUSE="6", IMMUNIZE_FAULT_SAVE_MARKER=str(marker)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not marker.exists() and time.time() - t0 < 60:
+            time.sleep(0.1)
+        assert marker.exists(), first.communicate()[1]
+        second = subprocess.run(CLI + ["world", "generate", "--out", str(out), "--style", "plain", "--n", "1",
+                                       "--overwrite"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"in use by another immunize-cli run (pid {first.pid})" in lines[0]
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 0, err
+    finally:
+        if first.poll() is None:
+            first.kill()
+    meta = (out / "metadata.jsonl").read_text()
+    assert "sunset" in meta and "plain" not in meta  # the second run changed nothing
+    assert not list(tmp_path.glob(".*.lock"))  # the lock goes with the run
+
+
+def test_harden_locks_out_and_its_run_folder(tmp_path):
+    from raystack.errors import UserError
+    from raystack.outputs import output_lock
+
+    out = tmp_path / "hardened"
+    with output_lock(out, with_run_dir=True):
+        for target in (out, tmp_path / "hardened.run"):
+            probe = ("from pathlib import Path; from raystack.outputs import output_lock\n"
+                     f"with output_lock(Path({str(target)!r})): pass")
+            res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert res.returncode != 0 and f"pid {os.getpid()}" in res.stderr, res.stderr
+        with pytest.raises(UserError, match="in use"):  # a second holder in this process is refused too
+            with output_lock(out):
+                pass
+    with output_lock(out):  # released: free again
+        pass
+
+
+def test_oversubscribed_harden_fails_fast_without_starting_ray(tmp_path):
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 1, 0, None, False)
+    t0 = time.time()
+    res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                str(tmp_path / "o"), "--workers", "64"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    took = time.time() - t0
+    assert res.returncode == 2 and "--workers 64: this machine has" in res.stderr, res.stderr
+    assert took < 30, took
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_oversubscribed_cluster_fails_with_the_numbers(ray_session):
+    """Against a running Ray (here the test session's, 4 logical CPUs) the check uses the cluster's totals."""
+    from raystack.errors import UserError
+    from raystack.raysession import check_cluster_capacity
+
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"--workers 8: the cluster has 4 CPU\(s\) in total"):
+        check_cluster_capacity(8, False, None)
+    with pytest.raises(UserError, match="waited --placement-timeout"):
+        check_cluster_capacity(8, False, 1.0)
+    assert time.time() - t0 < 30
+    check_cluster_capacity(2, False, None)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.e2e
+def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
+    """Ray's fate-sharing ends the GCS and raylet with the driver, not the dashboard and runtime-env agents the
+    raylet starts: without the parent-death watch they kept running (seen: ray::DashboardAgent and
+    ray::RuntimeEnvAgent re-parented to init)."""
+    from raystack.ray_reaper import _stat, descendants
+
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    driver = subprocess.Popen(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                     str(tmp_path / "o"), "--steps", "500", "--batch-size", "2"],
+                              cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen, t0 = {}, time.time()
+        while time.time() - t0 < 180:  # until the agents are up: the processes that used to outlive the driver
+            seen.update(descendants(driver.pid))
+            cmds = " ".join(_cmdline(p) for p in seen)
+            if "raylet" in cmds and "DashboardAgent" in cmds and "RuntimeEnvAgent" in cmds:
+                break
+            time.sleep(0.5)
+        assert "DashboardAgent" in cmds and "RuntimeEnvAgent" in cmds, cmds[:500]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+
+        def alive():
+            return [p for p, start in seen.items() if (_stat(p) or (0, None))[1] == start]
+
+        t1 = time.time()
+        while alive() and time.time() - t1 < 30:
+            time.sleep(0.5)
+        assert not alive(), [_cmdline(p)[:80] for p in alive()]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+
+@pytest.mark.e2e
+def test_a_diverged_release_is_refused_and_nothing_is_written(tmp_path):
+    """--outer-lr 1e30 (finite: the flag check lets it through) leaves weights near 1e30: the UNet predicts
+    inf/NaN, the release is refused with exit 1, and neither --out nor its run folder is left."""
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                str(tmp_path / "o"), "--steps", "3", "--batch-size", "2", "--outer-lr", "1e30"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "predicts NaN or inf" in lines[0], res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+@pytest.mark.e2e
+def test_signed_release_verifies_and_a_rewritten_manifest_does_not(tmp_path):
+    """harden --sign-key / verify --public-key; the manifest holds no absolute path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "key.pub.pem").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    other = Ed25519PrivateKey.generate().public_key()
+    (tmp_path / "other.pub.pem").write_bytes(other.public_bytes(serialization.Encoding.PEM,
+                                                                serialization.PublicFormat.SubjectPublicKeyInfo))
+    out = tmp_path / "release"
+    res = subprocess.run(CLI + ["harden", "--method", "random-freeze", "--rho", "0.3", "--out", str(out),
+                                "--sign-key", str(tmp_path / "key.pem")], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = (out / "manifest.json").read_text()
+    assert str(tmp_path) not in text and str(ROOT) not in text  # no local path leaks into the release
+    manifest = json.loads(text)
+    assert manifest["source_model"] == "tinyworld" and manifest["spec"]["out"] == "."
+    assert manifest["spec"]["sign_key"] is None and (out / "manifest.sig").is_file()
+
+    def verify(*extra):
+        return subprocess.run(CLI + ["verify", str(out), *extra], cwd=ROOT, env=_env(), capture_output=True,
+                              text=True, timeout=120)
+
+    ok = verify("--public-key", str(tmp_path / "key.pub.pem"))
+    assert ok.returncode == 0 and "SIGNED" in ok.stdout, ok.stderr
+    assert verify("--public-key", str(tmp_path / "other.pub.pem")).returncode == 1
+    # someone changes the mask and rewrites the manifest's hashes to match: the hashes pass, the signature does not
+    from raystack.hardening.launcher import hash_tree
+
+    mask = out / "freeze_mask.safetensors"
+    data = bytearray(mask.read_bytes())
+    data[-1] ^= 1
+    mask.write_bytes(bytes(data))
+    manifest["files"] = {k: v for k, v in hash_tree(out).items() if k not in ("manifest.json", "manifest.sig")}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    assert verify().returncode == 0  # hashes alone: accidental corruption only
+    bad = verify("--public-key", str(tmp_path / "key.pub.pem"))
+    assert bad.returncode == 1 and "does not match" in bad.stderr
