@@ -57,6 +57,9 @@ def attack(
     check_disjoint(out, [("--data", data), ("--model", resolve_model_path(model)), ("--freeze-mask", freeze_mask)])
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
+    from raystack.outputs import check_replaceable
+
+    check_replaceable(out)
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -55,20 +55,17 @@ def evaluate(
 ):
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
-
-    from raystack.outputs import check_disjoint, output_lock
+    from raystack.outputs import check_disjoint, check_replaceable, output_lock, shown
     from raystack.tinyworld.classifier import default_classifier_path
 
     runs = _parse_runs(run)
-    for flag, v in (("--guidance", guidance),):
-        if not math.isfinite(v):
-            raise UserError(f"{flag} {v}: must be a finite number")
+    if not math.isfinite(guidance):
+        raise UserError(f"--guidance {guidance}: must be a finite number")
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--reference", reference), ("--clip", clip),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    from raystack.outputs import shown
-
+    check_replaceable(out)
     if baseline is not None and baseline not in runs:
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):

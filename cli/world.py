@@ -47,11 +47,13 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ):
     """Write a seeded image folder in the format users give for their own data."""
-    from raystack.outputs import output_lock
+    from raystack.outputs import check_replaceable, output_lock
     from raystack.tinyworld.folder import check_caption_template, write_concept_folder, write_emblem_folder
 
     if not emblem:
         check_caption_template(caption_template)
+    if overwrite:
+        check_replaceable(out)
     with output_lock(out):
         count = _generate(out, shape, colour, style, emblem, caption_template, n, seed, overwrite)
     console.print(f"wrote {count} images to {out}")

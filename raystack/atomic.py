@@ -37,6 +37,10 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise UserError(f"{dest}: already exists (pass --overwrite to replace it)")
+    if dest.exists():
+        from .outputs import check_replaceable
+
+        check_replaceable(dest, str(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     umask = os.umask(0)

@@ -75,6 +75,21 @@ def check_disjoint(out: Path, inputs: Iterable[tuple[str, Path | str | None]], f
                                 "choose an output folder apart from every input")
 
 
+#: One of these in a folder marks it as something this tool wrote (a release, an attack, a report, a data
+#: folder, a pipeline): only such a folder, or an empty one, is replaced by `--overwrite`.
+OUTPUT_MARKERS = ("manifest.json", "attack.json", "report.json", "metadata.jsonl", "model_index.json")
+
+
+def check_replaceable(out: Path, flag: str = "--out") -> None:
+    """`--overwrite` replaces what a previous run wrote, never an arbitrary folder (`--out ~ --overwrite`)."""
+    out = Path(out)
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) \
+            and not any((out / m).is_file() for m in OUTPUT_MARKERS):
+        raise UserError(f"{flag} {shown(str(out))}: holds files this tool did not write (none of "
+                        f"{', '.join(OUTPUT_MARKERS)}); --overwrite replaces only an earlier output: remove it "
+                        "yourself or choose a new folder")
+
+
 def confined_rmtree(path: Path, root: Path) -> None:
     """Remove `path` only if it lies strictly inside `root` (both resolved) and is a real folder."""
     p, r = Path(path), _real(Path(root))

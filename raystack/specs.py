@@ -40,6 +40,10 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise UserError(f"{name}: expected a mapping, got {type(value).__name__}")
         return value
+    if hint is dict and not isinstance(value, dict):
+        raise UserError(f"{name}: expected a mapping, got {shown(value)}")
+    if hint is list and not isinstance(value, list):
+        raise UserError(f"{name}: expected a list, got {shown(value)}")
     if hint is Path:
         if not isinstance(value, (str, Path)):
             raise UserError(f"{name}: expected a path, got {type(value).__name__} {shown(value)}")

@@ -4,6 +4,7 @@ Table-driven like test_bad_input.py, stricter: exit code 2, exactly one line on 
 file, no traceback, and every input and everything outside `--out` byte-identical afterwards (the trees are
 hashed before and after each case). No case starts Ray: the whole table runs in the fast subset."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -102,6 +103,8 @@ def world(tmp_path_factory):
     (r / "run_nokeys" / "attack.json").write_text(json.dumps({"method": "lora"}))
     (r / "release").mkdir()
     (r / "release" / "manifest.json").write_text(json.dumps({"files": ["unet/x.safetensors"]}))
+    (r / "release_ok").mkdir()
+    (r / "release_ok" / "manifest.json").write_text(json.dumps({"files": {}}))
     (r / "notakey.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     return r
 
@@ -192,6 +195,22 @@ def cases(r: Path):
          "--caption a {size} circle"),
         ("attack: non-numeric steps", a + ["--steps", "many"], "Invalid value for '--steps'"),
         ("harden: signing key not a key", h + t + ["--sign-key", str(r / "notakey.pem")], "--sign-key"),
+        ("verify: public key not a key", ["verify", str(r / "release_ok"), "--public-key", str(r / "notakey.pem")],
+         "--public-key"),
+        # --overwrite replaces an earlier output, never a folder of the user's
+        ("harden: overwrite a folder it did not write", h + t + ["--out", str(r / "keep"), "--overwrite"],
+         "holds files this tool did not write"),
+        ("attack: overwrite a folder it did not write", a + ["--out", str(r / "keep"), "--overwrite"],
+         "holds files this tool did not write"),
+        ("evaluate: overwrite a folder it did not write", ["evaluate", "--run", f"x={m}", "--target", "sunset",
+                                                            "--out", str(r / "keep"), "--overwrite"],
+         "holds files this tool did not write"),
+        ("world generate: overwrite a folder it did not write", ["world", "generate", "--out", str(r / "keep"),
+                                                                 "--overwrite"], "holds files this tool did not write"),
+        # 3. one run per --out: the harness holds the lock of r/locked while the command runs
+        ("locked: attack", a + ["--out", str(r / "locked")], "in use by another immunize-cli run"),
+        ("locked: harden run folder", h + t + ["--out", str(r / "locked")[:-len("locked")] + "locked_h"],
+         "in use by another immunize-cli run"),
     ]
 
 
@@ -204,17 +223,24 @@ def _run_case(runner, argv, out: Path):
 def test_bad_input_ii_table(world, tmp_path):
     runner = CliRunner()
     table = cases(world)
-    assert len(table) >= 40
+    assert len(table) >= 50
     assets = tree_hash(default_model_path().parent)
     failures = []
     for name, argv, expect in table:
         out = tmp_path / name.replace(" ", "_").replace(":", "").replace("/", "_")
-        before_world, before_tmp = tree_hash(world), tree_hash(tmp_path)
-        res = _run_case(runner, argv, out)
+        held = contextlib.ExitStack()
+        if name.startswith("locked:"):  # another run holds the output (harden: its run folder)
+            from raystack.outputs import output_lock
+
+            locked = world / "locked" if "locked_h" not in " ".join(argv) else world / "locked_h.run"
+            held.enter_context(output_lock(locked))
+        with held:
+            before_world, before_tmp = tree_hash(world), tree_hash(tmp_path)
+            res = _run_case(runner, argv, out)
+            unchanged = tree_hash(world) == before_world and tree_hash(tmp_path) == before_tmp
         lines = res.stderr.strip().splitlines()
         ok = (res.exit_code == 2 and len(lines) == 1 and expect in lines[0] and len(lines[0]) <= 420
-              and "Traceback" not in res.output + res.stderr
-              and tree_hash(world) == before_world and tree_hash(tmp_path) == before_tmp)
+              and "Traceback" not in res.output + res.stderr and unchanged)
         if not ok:
             failures.append((name, res.exit_code, res.stderr[-300:]))
     assert not failures, failures

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..atomic import atomic_dir
 from ..errors import UserError
-from ..outputs import check_disjoint, output_lock
+from ..outputs import check_disjoint, check_replaceable, output_lock
 from .methods import Adaptation, make_adaptation
 from .spec import AttackSpec
 
@@ -138,6 +138,7 @@ def run_attack(spec: AttackSpec, on_step: Callable[[int, float], None] | None = 
     with output_lock(spec.out):
         if spec.out.exists() and not spec.overwrite:
             raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+        check_replaceable(spec.out)
         return _run_attack_locked(spec, on_step, pipe)
 
 

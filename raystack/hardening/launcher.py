@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..atomic import disk_full, is_disk_full
 from ..errors import DiskFull, RunFailed, UserError
-from ..outputs import check_disjoint, confined_rmtree, output_lock
+from ..outputs import check_disjoint, check_replaceable, confined_rmtree, output_lock
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, init_ray, ray_running_here,
                           will_embed)
 from .spec import HardenSpec
@@ -34,6 +34,7 @@ def validate_inputs(spec: HardenSpec) -> None:
     model = resolve_model_path(spec.model)
     check_disjoint(spec.out, [("--model", model), *(("--target", t) for t in spec.target), ("--legal", spec.legal)],
                    with_run_dir=True)
+    check_replaceable(spec.out)
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
     if spec.outer_timestep_range:

@@ -87,8 +87,6 @@ class TuneSpace:
         build_spec(HardenSpec, {**base, **{k: _example(v) for k, v in self.search.items()}}, source="harden/search")
         for key, dist in self.search.items():
             kind, vals = next(iter(dist.items()))
-            if not isinstance(vals, list) or not vals:
-                raise UserError(f"search.{key}.{kind}: expected a non-empty list")
             if kind in ("uniform", "loguniform"):
                 if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
                     raise UserError(f"search.{key}.{kind}: expected [low, high], two numbers")
@@ -125,6 +123,41 @@ class TuneSpace:
                 raise UserError(f"data.{role}: unknown role (expected target, legal, attacker)")
             if not isinstance(v, (str, dict)):
                 raise UserError(f"data.{role}: expected a folder path or a tiny-world generator spec, got {shown(v)}")
+            if isinstance(v, dict):
+                _check_generator_spec(v, f"data.{role}")
+
+
+_GENERATOR_KEYS = {"shape": (str, list), "colour": (str, list), "style": (str, list), "emblem": (str,), "n": (int,),
+                   "seed": (int,), "caption": (str,)}
+
+
+def _check_generator_spec(spec: dict, where: str) -> None:
+    """A tiny-world generator spec ({style: sunset, n: 1, ...}) with known keys of the right types."""
+    for k, v in spec.items():
+        types = _GENERATOR_KEYS.get(k)
+        if types is None:
+            raise UserError(f"{where}: unknown key {shown(k)!r} (known: {', '.join(_GENERATOR_KEYS)})")
+        if not isinstance(v, types) or isinstance(v, bool) or (isinstance(v, list) and not all(isinstance(x, str)
+                                                                                               for x in v)):
+            raise UserError(f"{where}.{k}: expected {' or a list of '.join(t.__name__ for t in types)}, got {shown(v)}")
+    if spec.get("n", 1) <= 0:
+        raise UserError(f"{where}.n {spec['n']}: must be a positive integer")
+    from ..tinyworld.concepts import COLOURS, SHAPES, STYLES
+    from ..tinyworld.folder import check_caption_template
+
+    for k, allowed in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
+        for x in [spec[k]] if isinstance(spec.get(k), str) else spec.get(k) or []:
+            if x not in allowed:
+                raise UserError(f"{where}.{k} {shown(x)}: unknown; expected one of {', '.join(allowed)}")
+    if "emblem" not in spec:
+        check_caption_template(spec.get("caption"), f"{where}.caption")
+    else:
+        from ..tinyworld.render import emblem_by_name
+
+        try:
+            emblem_by_name(spec["emblem"])
+        except ValueError:
+            raise UserError(f"{where}.emblem {shown(spec['emblem'])}: not a tiny-world emblem") from None
 
 
 def _example(dist: dict):

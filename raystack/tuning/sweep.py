@@ -40,7 +40,9 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
                 write_emblem_folder(dest, v["emblem"], int(v.get("n", 4)), int(v.get("seed", 0)),
                                     v.get("caption", "a photo of sks emblem"), True)
             else:
-                write_concept_folder(dest, v.get("shape"), v.get("colour"), v.get("style"), int(v.get("n", 1)),
+                as_list = lambda x: [x] if isinstance(x, str) else x  # noqa: E731 - `style: sunset` or a list
+                write_concept_folder(dest, as_list(v.get("shape")), as_list(v.get("colour")), as_list(v.get("style")),
+                                     int(v.get("n", 1)),
                                      int(v.get("seed", 0)), v.get("caption"), True)
         out[role] = dest.resolve()
     if "target" not in out:
