@@ -196,3 +196,23 @@ def test_signed_release_verifies_and_a_rewritten_manifest_does_not(tmp_path):
     assert verify().returncode == 0  # hashes alone: accidental corruption only
     bad = verify("--public-key", str(tmp_path / "key.pub.pem"))
     assert bad.returncode == 1 and "does not match" in bad.stderr
+
+
+@pytest.mark.e2e
+def test_harden_on_a_full_disk_is_one_line_and_leaves_no_run_folder(tmp_path):
+    """--out on a 3 MB tmpfs: the Ray job's checkpoints fit, the 7 MB release does not. One line, exit 2, no
+    --out, no <out>.run, no temporary folder (needs root to mount; CI's machine is like this one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+        res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                    str(disk / "o"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and "no space left on device" in lines[0], res.stderr
+        assert sorted(os.listdir(disk)) == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
