@@ -7,7 +7,10 @@ import sys
 
 import typer
 from typer.core import TyperGroup
-from typer.core import _click as click  # typer carries its own click: its exceptions are these
+try:
+    from typer.core import _click as click  # typer >= 0.26 carries its own click: its exceptions are these
+except ImportError:  # pragma: no cover - older typer uses click itself
+    import click
 
 from .attack import attack
 from .evaluate import evaluate
