@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=False)
-err_console = Console(stderr=True)
 MAX_ERROR_CHARS = 400
 
 

@@ -23,7 +23,7 @@ class LatentBank:
     def encode(cls, vae, images: np.ndarray, batch: int = 64) -> "LatentBank":
         import torch
 
-        from .tinyworld.data import to_model_tensor
+        from .imageio import to_model_tensor
 
         means, stds = [], []
         dev, dtype = vae.device, vae.dtype

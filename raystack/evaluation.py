@@ -8,14 +8,15 @@ Tab. 3) and with each similarity embedder (M against reference images), and, aga
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .errors import UserError
+from .metrics import rsgr, set_similarity, sgr
 from .outputs import shown
 
 
@@ -98,15 +99,37 @@ def sampled_accuracy(pipe, prompts: list[str], criterion: dict, n: int, judge, s
     return concept_accuracy(judge(generate(pipe, cycled(prompts, n), steps=steps, seed=seed)), **criterion)
 
 
+def attacked_hardening(info: dict) -> dict | None:
+    """The hardening an attack ran against: the attacked model's own (a hardened release), or, for an attack
+    that respected a FreezeAsGuard mask, the mask's (read from the mask file's metadata and its release)."""
+    from .models.pipeline_io import read_extra_info
+
+    own = read_extra_info(Path(info["base_model"])).get("hardening")
+    mask = (info.get("spec") or {}).get("freeze_mask")
+    if own or not mask:
+        return own
+    release = read_extra_info(Path(mask).parent).get("hardening")
+    if release:
+        return release
+    from .freeze_mask import read_mask_metadata
+
+    meta = read_mask_metadata(Path(mask))
+    if not meta:
+        return None
+    try:
+        return {"method": json.loads(meta.get("method", '"freeze mask"')), "frozen_ratio": float(meta["frozen_ratio"])}
+    except (ValueError, KeyError):
+        return {"method": "freeze mask"}
+
+
 def _load_run(path: Path, weights: Path | None = None):
     from .attacks.loading import attacked_prompt, load_attacked_pipeline
     from .models.pipeline_io import load_pipeline, read_extra_info
 
     if (path / "attack.json").is_file():
         pipe, info = load_attacked_pipeline(path, weights)
-        base_info = read_extra_info(Path(info["base_model"]))
         return pipe, (lambda p: attacked_prompt(info, p)), {"attack": info["method"], "steps": info["steps"],
-                                                            "hardening": base_info.get("hardening")}
+                                                            "hardening": attacked_hardening(info)}
     pipe = load_pipeline(path, flag="--run")
     return pipe, (lambda p: p), {"attack": None, "steps": 0, "hardening": read_extra_info(path).get("hardening")}
 
@@ -141,7 +164,7 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
         run = {"path": str(path), **meta,
                "target_accuracy": score(t_imgs, target),
                "other_accuracy": {c.name: score(o_imgs[c.name], c) for c in others},
-               "similarity_to_reference": {e.name: float((feats[name][e.name]["target"] @ ref_feats[e.name].T).mean())
+               "similarity_to_reference": {e.name: set_similarity(feats[name][e.name]["target"], ref_feats[e.name])
                                            for e in embedders}}
         accs = [v for v in run["other_accuracy"].values() if v is not None]
         run["other_accuracy_mean"] = float(np.mean(accs)) if accs else None
@@ -153,7 +176,7 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
                 imgs = generate(cp, [cprompt(p) for p in cycled(target.prompts, settings.curve_samples)], settings.steps,
                                 settings.guidance, settings.seed)
                 curve.append({"step": step, "target_accuracy": score(imgs, target),
-                              **{f"similarity_{e.name}": float((e(imgs) @ ref_feats[e.name].T).mean())
+                              **{f"similarity_{e.name}": set_similarity(e(imgs), ref_feats[e.name])
                                  for e in embedders}})
             run["curve"] = curve
         report["runs"][name] = run
@@ -170,10 +193,9 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
                 fb, fh = feats[baseline][e.name], feats[name][e.name]
                 m_ref_base = report["runs"][baseline]["similarity_to_reference"][e.name]
                 m_ref_hard = report["runs"][name]["similarity_to_reference"][e.name]
-                m_t = float((fb["target"] @ fh["target"].T).mean())
-                per_other = {c.name: float((fb[c.name] @ fh[c.name].T).mean()) for c in others}
+                m_t = set_similarity(fb["target"], fh["target"])
+                per_other = {c.name: set_similarity(fb[c.name], fh[c.name]) for c in others}
                 m_o = float(np.mean(list(per_other.values()))) if per_other else float("nan")
-                from .metrics import rsgr, sgr
 
                 g[e.name] = {"SGR": sgr(m_ref_base, m_ref_hard), "RSGR": rsgr(m_o, m_t),
                              "M_target_base_vs_run": m_t, "M_other_base_vs_run": m_o,
@@ -193,6 +215,3 @@ def crossed_matrix(runs: dict) -> dict:
         cells.setdefault(h, {})[r["attack"]] = r["target_accuracy"]
     return cells
 
-
-def load_report(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

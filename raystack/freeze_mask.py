@@ -27,6 +27,17 @@ def save_freeze_mask(path: Path, mask: dict[str, bool], extra: dict | None = Non
     return ratio
 
 
+def read_mask_metadata(path: Path) -> dict:
+    """The mask file's metadata (frozen_ratio, n_tensors, method, rho), or {} if it is gone or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def load_freeze_mask(path: Path, param_names: list[str] | None = None, flag: str = "--freeze-mask") -> dict[str, bool]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -52,6 +63,3 @@ def load_freeze_mask(path: Path, param_names: list[str] | None = None, flag: str
                             f"({len(missing)} missing, {len(extra)} unknown, e.g. {example!r})")
     return mask
 
-
-def frozen_ratio(mask: dict[str, bool]) -> float:
-    return sum(mask.values()) / max(1, len(mask))

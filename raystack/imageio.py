@@ -133,6 +133,17 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
     return ImageFolder(root, names, np.stack(imgs), [captions.get(n) for n in names])
 
 
+def to_model_tensor(images: np.ndarray):
+    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAE expects."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def from_model_tensor(x) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 

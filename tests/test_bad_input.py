@@ -44,6 +44,7 @@ def world(tmp_path_factory, tiny_model_path):
     (root / "space_attack.yaml").write_text(space + "attacks: [{method: hypernet}]\n")
     save_freeze_mask(root / "badmask.safetensors", {"nope.weight": True})
     (root / "corruptmask.safetensors").write_bytes(b"garbage-garbage-garbage")
+    (root / "mask.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle: must be refused, never unpickled
     return root
 
 
@@ -82,7 +83,7 @@ def cases(r):
         ("attack: corrupt mask", ["attack", "--method", "full", "--data", str(r / "good"), "--freeze-mask",
                                   str(r / "corruptmask.safetensors")], "corrupt safetensors"),
         ("attack: pickle mask refused", ["attack", "--method", "full", "--data", str(r / "good"), "--freeze-mask",
-                                         str(r / "mask.pt")], "no such file"),
+                                         str(r / "mask.pt")], "read from .safetensors only"),
         ("attack: negative steps", ["attack", "--method", "lora", "--data", str(r / "good"), "--steps", "-3"],
          "--steps -3"),
         ("attack: snr gamma negative", ["attack", "--method", "lora", "--data", str(r / "good"), "--snr-gamma=-1"],

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from raystack.tinyworld.classifier import HEADS, junk_images
-from raystack.tinyworld.data import concept_set, emblem_set, from_model_tensor, to_model_tensor
+from raystack.imageio import from_model_tensor, to_model_tensor
+from raystack.tinyworld.data import concept_set, emblem_set
 
 FRESH_SEED = 987654  # not a seed the classifier was trained on
 

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from raystack.browser_check import check_images, find_chromium
+from browser_check import check_images, find_chromium
 
 pytestmark = pytest.mark.e2e
 
@@ -78,3 +78,22 @@ def test_evaluate_bad_input(tmp_path, two_attacks):
         res = runner.invoke(app, full)
         assert res.exit_code == 2 and msg in res.stderr and res.stderr.count("\n") == 1, (args, res.stderr)
         assert not (tmp_path / "r").exists()
+
+
+def test_a_run_attacked_under_a_mask_reports_that_hardening(tmp_path, tiny_model_path):
+    """The demo attacks the original model under the released mask: the report says FreezeAsGuard, not none."""
+    import json as _json
+
+    from raystack.evaluation import attacked_hardening
+    from raystack.freeze_mask import save_freeze_mask
+
+    save_freeze_mask(tmp_path / "loose" / "freeze_mask.safetensors", {"a": True, "b": False, "c": False, "d": False},
+                     {"method": "freezeasguard", "rho": 0.25})
+    info = {"base_model": str(tiny_model_path), "spec": {"freeze_mask": str(tmp_path / "loose" / "freeze_mask.safetensors")}}
+    assert attacked_hardening(info) == {"method": "freezeasguard", "frozen_ratio": 0.25}
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / "immunize_info.json").write_text(_json.dumps({"hardening": {"method": "random-freeze"}}))
+    save_freeze_mask(tmp_path / "release" / "freeze_mask.safetensors", {"a": True}, {"method": "random-freeze"})
+    info["spec"]["freeze_mask"] = str(tmp_path / "release" / "freeze_mask.safetensors")
+    assert attacked_hardening(info) == {"method": "random-freeze"}
+    assert attacked_hardening({"base_model": str(tiny_model_path), "spec": {"freeze_mask": None}}) is None

@@ -3,10 +3,18 @@
 import pytest
 import torch
 
-from raystack.hardening.freezeasguard import (binarize, eq8_mask_gradient, follow_mask, mask_of, new_mask_logits,
-                                              random_mask, user_steps)
+from raystack.hardening.freezeasguard import (binarize, follow_mask, mask_of, new_mask_logits, random_mask,
+                                              user_steps)
 
 T = 0.2
+
+
+def eq8_mask_gradient(G: list, theta_d: list, w, temperature: float):
+    """The oracle: Eq. 8 written out, ∂L_up/∂w_i = <G_i, θ_d,i> · (1/T) σ(w_i/T)(1 − σ(w_i/T)) per tensor. The
+    product's update is `MaskLogits.forward`'s surrogate, differentiated by the engine."""
+    c = torch.stack([(g.float() * d.float()).sum() for g, d in zip(G, theta_d)])
+    m = mask_of(w, temperature)
+    return c * m * (1 - m) / temperature
 
 
 def _toy(seed=0):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UserError
@@ -78,7 +78,6 @@ class AttackSpec:
     """auto, cpu or cuda."""
     overwrite: bool = False
     """Replace --out if it exists."""
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.method not in METHODS:

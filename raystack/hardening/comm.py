@@ -33,11 +33,3 @@ def all_reduce_mean(tensors) -> None:
         t.copy_(flat[off : off + k].view_as(t).to(t.dtype))
         off += k
 
-
-def broadcast_(tensors, src: int = 0) -> None:
-    import torch.distributed as dist
-
-    if world_size() == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t, src)

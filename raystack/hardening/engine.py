@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 
-def ds_config(spec, world: int) -> dict:
+def ds_config(spec) -> dict:
     return {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": 1,
@@ -29,7 +29,7 @@ class Engine:
         self.stage = spec.zero_stage
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=recipe.engine_module(), optimizer=recipe.make_optimizer(),
-            model_parameters=recipe.engine_params(), config=ds_config(spec, world), dist_init_required=False)
+            model_parameters=recipe.engine_params(), config=ds_config(spec), dist_init_required=False)
         self.params = recipe.engine_params()
 
     # what the recipes call

@@ -23,15 +23,6 @@ def mask_of(w, temperature: float):
     return torch.sigmoid(w / temperature)
 
 
-def eq8_mask_gradient(G: list, theta_d: list, w, temperature: float):
-    """∂L_up/∂w_i = <G_i, θ_d,i> · (1/T) σ(w_i/T)(1 − σ(w_i/T)), one scalar per tensor."""
-    import torch
-
-    c = torch.stack([(g.float() * d.float()).sum() for g, d in zip(G, theta_d)])
-    m = mask_of(w, temperature)
-    return c * m * (1 - m) / temperature
-
-
 def _build_mask_module():
     import torch
 
@@ -44,8 +35,10 @@ def _build_mask_module():
             self.w = torch.nn.Parameter(init + jitter * torch.rand(n, generator=g) * -1.0)
 
         def forward(self, coupling, rho: float, temperature: float):
-            """Surrogate whose gradient is Eq. 8 plus the sparsity term: Σ_i c_i m_i + (mean m − ρ)²,
-            with c_i = <G_i, θ_d,i> fixed (computed outside, per rank)."""
+            """THE MASK UPDATE's objective (Eq. 8): a surrogate whose gradient in w is Eq. 8 plus the sparsity
+            term, Σ_i c_i m_i + (mean m − ρ)², with c_i = <G_i, θ_d,i> fixed (`couplings`, per rank):
+            ∂/∂w_i = c_i σ'(w_i/T)/T + ∂(Σm/N − ρ)²/∂w_i. The engine's backward/step apply it
+            (`FreezeAsGuardRecipe.step`); tests/test_freezeasguard_core.py checks it against autograd."""
             m = torch.sigmoid(self.w / temperature)
             return (coupling.detach().to(m.dtype) * m).sum() + (m.mean() - rho) ** 2
 
@@ -75,7 +68,7 @@ def user_steps(params: list, theta_d: list, m, loss_fn, lr: float, steps: int, a
     return last
 
 
-def couplings(params: list, theta_d: list, loss_up, all_reduce=None):
+def couplings(params: list, theta_d: list, loss_up):
     """c_i = <∂L_up/∂θ(m)_i, θ_d,i> for every tensor (the per-tensor factor of Eq. 8)."""
     import torch
 

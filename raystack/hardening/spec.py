@@ -99,8 +99,6 @@ class HardenSpec:
     """T in m = σ(w / T)."""
     finetune_steps: int = 100
     """Steps of the mixed illegal + legal fine-tune that gives θ_ft."""
-    device: str = "auto"
-    """auto, cpu or cuda for single-process use."""
 
     def __post_init__(self):
         from ..specs import check_finite_fields

@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from .concepts import COLOURS, EMBLEM_NAMES, SHAPES, STYLES
-from .data import concept_set, emblem_set, from_model_tensor, to_model_tensor
+from ..imageio import from_model_tensor, to_model_tensor
+from .data import concept_set, emblem_set
 
 HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES, "emblem": ("none",) + EMBLEM_NAMES}
 FEATURE_DIM = 128

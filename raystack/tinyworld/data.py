@@ -49,14 +49,3 @@ def emblem_set(n_per_emblem: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             imgs.append(render_emblem(e, rng))
             labels.append(i)
     return np.stack(imgs), np.array(labels)
-
-
-def to_model_tensor(images: np.ndarray):
-    """uint8 NHWC -> float NCHW in [-1, 1], the range diffusers' VAE expects."""
-    import torch
-
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def from_model_tensor(x) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

@@ -21,7 +21,8 @@ from typing import Callable
 import numpy as np
 
 from .concepts import EMBLEMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, all_words
-from .data import concept_set, emblem_set, to_model_tensor
+from ..imageio import to_model_tensor
+from .data import concept_set, emblem_set
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -199,7 +198,7 @@ def make_search_alg(space: TuneSpace, max_concurrent: int):
 
 
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
-              resume: bool = False, on_result: Callable[[list[dict]], None] | None = None) -> dict:
+              resume: bool = False) -> dict:
     from ray import tune
 
     out = Path(out).resolve()
@@ -248,8 +247,6 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
     results = {"space": space.name, "trials": rows, "best": best, "pareto": [done[i]["trial"] for i in front],
                "objective": f"{space.utility_weight} * utility - {space.mitigation_weight} * mitigation"}
     _write_outputs(space, out, results, done, best, data)
-    if on_result:
-        on_result(rows)
     return results
 
 

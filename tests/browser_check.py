@@ -76,7 +76,7 @@ def check_images(html_file: Path, chromium: str | None = None, timeout: float = 
     return json.loads(m.group(1).replace("&quot;", '"'))
 
 
-if __name__ == "__main__":  # python -m raystack.browser_check runs/report/report.html
+if __name__ == "__main__":  # python tests/browser_check.py runs/report/report.html
     import sys
 
     res = check_images(Path(sys.argv[1]))
