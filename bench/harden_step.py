@@ -63,7 +63,8 @@ def bench_loop(config: dict) -> None:
     from raystack.attacks.spec import AttackSpec
     from raystack.hardening.comm import rank as get_rank
     from raystack.hardening.comm import world_size
-    from raystack.hardening.job import bind_phase, spec_from_config
+    from raystack.hardening.method import method_phases
+    from raystack.hardening.worker import build_phase, spec_from_config
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads, seed_everything
 
@@ -83,9 +84,8 @@ def bench_loop(config: dict) -> None:
             a = attack_setup(AttackSpec(method=against, data=spec.target[0], batch_size=spec.batch_size,
                                         out=Path(tempfile.mkdtemp())), load_pipeline(spec.model))
             s = spec_from_config({**config["spec"], "method": method, "against": against, **extra})
-            recipe, _ = bind_phase(s, load_pipeline(s.model), rank, world, method)
-            if method != "imma":
-                recipe.prepare()
+            recipe, _ = build_phase(method_phases(method)[0], s, load_pipeline(s.model), rank, world)
+            recipe.prepare()
             t_attack, t_harden = _interleaved_medians(a.step, recipe.step, config["iters"])
             out[key] = {"attack": against, "attack_step_s": t_attack, "harden_iteration_s": t_harden,
                         "ratio": t_harden / t_attack, "user_steps": s.user_steps}
@@ -94,9 +94,8 @@ def bench_loop(config: dict) -> None:
             for stage in stages:
                 s = spec_from_config({**config["spec"], "method": method, "against": "lora" if method == "imma"
                                       else "full", "zero_stage": stage})
-                recipe, engine = bind_phase(s, load_pipeline(s.model), rank, world, method)
-                if method != "imma":
-                    recipe.prepare()
+                recipe, engine = build_phase(method_phases(method)[0], s, load_pipeline(s.model), rank, world)
+                recipe.prepare()
                 recipe.step()  # optimizer state exists after the first step
                 n_params = sum(getattr(p, "ds_numel", p.numel()) for p in recipe.engine_params())
                 out[f"{method}/zero{stage}"] = {"optimizer_state_bytes": _optimizer_state_bytes(engine),
@@ -172,7 +171,7 @@ def main() -> None:
     res["targets"]["imma_zero2_over_zero0"] = {"value": z2 / z0, "target": 0.55, "met": z2 / z0 <= 0.55}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "harden_step.json", json.dumps(res, indent=2))
-    lines = [f"# harden step benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}` "
+    lines = ["# harden step benchmark\n", f"Machine: {res['machine']}. Command: `{res['command']}` "
              f"(batch {args.batch}; medians of {args.iters} attacker steps and {args.iters} harden iterations, "
              f"timed alternately after 2 warm-ups; 1-minute load average at the start {res['load_at_start']:.1f}).\n",
              "| method | attacker step | harden iteration | ratio | target |", "|---|---|---|---|---|"]

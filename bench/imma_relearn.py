@@ -92,14 +92,15 @@ def erase(pipe, data: Path, style: str, seed: int, steps: int = 300, lr: float =
 
 def imma(pipe, data: Path, seed: int, steps: int = 300) -> dict:
     """The repo's IMMA recipe on `pipe` in place (the probe's settings); returns its final losses."""
-    from raystack.hardening.imma import IMMARecipe, TorchOuter
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.method import LocalEngine
     from raystack.hardening.spec import HardenSpec
 
     spec = HardenSpec(method="imma", against="lora", target=[data / "protect"], legal=data / "legal", seed=seed,
                       steps=steps, batch_size=8, outer_lr=3e-3, retain_weight=10.0, params="attn2",
                       retain_target="original")
     recipe = IMMARecipe(spec, pipe)
-    recipe.bind(TorchOuter(recipe.engine_params(), spec.outer_lr))
+    recipe.bind(LocalEngine(recipe))
     log = [recipe.step() for _ in range(steps)]
     recipe.finish()
     tail = log[-25:]

@@ -104,7 +104,6 @@ def unrolled_losses(recipe, unroll: dict, phi_start: dict | None):
     The steps are Adam's first steps (each coordinate moves by lr · g/|g|, |g| held constant) from φ's
     initialisation (`unroll_from: fresh`, where a real attacker starts) or from the warm φ. Returned as
     (L(θ, φ_K) − L(θ, φ_0) on one batch with common noise, retain) for `imma_iteration` to ascend."""
-    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # CPU flash attention has no double backward
@@ -145,7 +144,8 @@ def main() -> None:
     from raystack.attacks.recipe import run_attack
     from raystack.attacks.spec import AttackSpec
     from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
-    from raystack.hardening.imma import IMMARecipe, TorchOuter
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.method import LocalEngine
     from raystack.hardening.spec import HardenSpec
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
@@ -170,12 +170,12 @@ def main() -> None:
     torch.manual_seed(seed)
     pipe = load_pipeline(None)
     recipe = IMMARecipe(spec, pipe)
-    recipe.bind(TorchOuter(recipe.engine_params(), spec.outer_lr))
+    recipe.bind(LocalEngine(recipe))  # the recipe's own Adam on S, no DeepSpeed
     if objective == "erase":
-        recipe._outer_losses = lambda: erase_losses(recipe)
+        recipe.outer_objective = erase_losses  # the public hook: what the outer step ascends
     elif objective == "unrolled":
         fresh = {k: v.clone() for k, v in recipe.ad.state().items()}
-        recipe._outer_losses = lambda: unrolled_losses(recipe, unroll, fresh if unroll_from == "fresh" else None)
+        recipe.outer_objective = lambda r: unrolled_losses(r, unroll, fresh if unroll_from == "fresh" else None)
     snapshots, log, t0 = {}, [], time.time()
     phi_init = recipe.ad.state()
     if 0 in eval_at:  # the unhardened model through the same attack and scoring: the baseline

@@ -79,7 +79,7 @@ def harden(
                  placement_timeout=placement_timeout)
     values.update({k: v for k, v in flags.items() if v is not None})
     spec = build_spec(HardenSpec, values, source=str(config) if config else "flags")
-    from raystack.hardening.launcher import validate_inputs
+    from raystack.hardening.driver import validate_inputs
     from raystack.outputs import check_disjoint
 
     if spec.out is not None and config is not None:
@@ -88,7 +88,7 @@ def harden(
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from raystack.hardening.launcher import run_harden
+    from raystack.hardening.driver import run_harden
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), "{task.completed}/{task.total}",
                   TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TimeRemainingColumn(),

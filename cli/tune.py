@@ -31,7 +31,7 @@ def tune(
         raise UserError(f"--samples {samples}: must be a positive integer")
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    from raystack.hardening.launcher import check_writable
+    from raystack.hardening.driver import check_writable
     from raystack.outputs import check_disjoint, output_lock
     from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, will_embed
     from raystack.tuning.sweep import sweep_inputs

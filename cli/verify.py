@@ -20,7 +20,7 @@ def verify(out: Path = typer.Argument(..., help="A folder written by `harden` (w
     """Recompute the SHA-256 of every file the manifest lists and check every weight is finite; exit 1 on any
     difference, a non-finite weight, or (with --public-key) a missing or wrong signature."""
     from raystack.errors import RunFailed, UserError
-    from raystack.hardening.launcher import MANIFEST, hash_tree
+    from raystack.hardening.driver import MANIFEST, hash_tree
     from raystack.signing import SIGNATURE_FILE, check_signature
 
     mf = out / MANIFEST

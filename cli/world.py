@@ -48,7 +48,7 @@ def generate(
 ):
     """Write a seeded image folder in the format users give for their own data."""
     from raystack.outputs import check_replaceable, output_lock
-    from raystack.tinyworld.folder import check_caption_template, write_concept_folder, write_emblem_folder
+    from raystack.tinyworld.folder import check_caption_template
 
     if not emblem:
         check_caption_template(caption_template)

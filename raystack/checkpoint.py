@@ -33,10 +33,26 @@ def unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta[prefix]["param_groups"]}
 
 
-def save_training_state(path: Path, modules: dict, optimizers: dict | None = None,
-                        tensors: dict | None = None, extra: dict | None = None) -> None:
+def save_tensors(path: Path, tensors: dict, meta: dict) -> None:
+    """The one checkpoint format: a safetensors file of named tensors, `meta` as JSON in its header (written
+    atomically; read back with `load_tensors`, never unpickled)."""
     from safetensors.torch import save
 
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(Path(path), save(flat, metadata={"immunize": json.dumps(meta)}))
+
+
+def load_tensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("immunize", "{}"))
+    return load_file(str(path)), meta
+
+
+def save_training_state(path: Path, modules: dict, optimizers: dict | None = None,
+                        tensors: dict | None = None, extra: dict | None = None) -> None:
     out: dict = {}
     meta: dict = {"extra": extra or {}, "optimizers": {}}
     for name, mod in modules.items():
@@ -46,17 +62,12 @@ def save_training_state(path: Path, modules: dict, optimizers: dict | None = Non
         flatten_optimizer(f"optim/{name}", opt.state_dict(), out, meta["optimizers"])
     for k, v in (tensors or {}).items():
         out[f"tensor/{k}"] = v.detach().cpu().contiguous()
-    atomic_write_bytes(Path(path), save(out, metadata={"immunize": json.dumps(meta)}))
+    save_tensors(Path(path), out, meta)
 
 
 def load_training_state(path: Path, modules: dict, optimizers: dict | None = None) -> tuple[dict, dict]:
     """Restore in place; returns (free tensors, extra) as saved."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["immunize"])
-    flat = load_file(str(path))
+    flat, meta = load_tensors(path)
     for name, mod in modules.items():
         pre = f"module/{name}/"
         mod.load_state_dict({k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)})

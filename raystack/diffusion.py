@@ -93,7 +93,6 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
 
 
 def encode_text(text_encoder, tokenizer, captions: list[str]):
-    import torch
 
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids

@@ -323,7 +323,7 @@ def test_release_with_non_finite_weights_is_refused():
     import torch
 
     from raystack.errors import RunFailed
-    from raystack.hardening.launcher import check_finite_release
+    from raystack.hardening.driver import check_finite_release
 
     ok = {"a.weight": torch.ones(3), "b.weight": torch.zeros(2)}
     check_finite_release(ok)
@@ -338,7 +338,7 @@ def test_verify_refuses_a_release_with_non_finite_weights(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from raystack.hardening.launcher import hash_tree
+    from raystack.hardening.driver import hash_tree
 
     (tmp_path / "unet").mkdir()
     save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from raystack.hardening.launcher import run_dir_for, run_harden
+from raystack.hardening.driver import run_dir_for, run_harden
 from raystack.hardening.spec import HardenSpec
 from raystack.tinyworld.folder import write_concept_folder
 

@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from raystack.errors import UserError
 from raystack.freeze_mask import load_freeze_mask
-from raystack.hardening.launcher import run_harden
+from raystack.hardening.driver import run_harden
 from raystack.hardening.spec import HardenSpec
 from raystack.tinyworld.folder import write_concept_folder, write_emblem_folder
 

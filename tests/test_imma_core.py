@@ -130,7 +130,7 @@ def test_retain_term_scores_the_released_weights_not_the_attackers_adapter(tmp_p
             p.normal_(0.0, 0.3)  # an adapter that changes every attention output
     flags = [p.requires_grad for p in r.ad.parameters()]
     start = r.generator.get_state()
-    _, retain = r._outer_losses()
+    _, retain = r.outer_losses()
     assert [p.requires_grad for p in r.ad.parameters()] == flags  # peft's switch back leaves φ as it was
 
     def legal_parts():  # the recipe's draws, replayed: its target batch first, then legal cond + uncond
@@ -210,9 +210,9 @@ def test_retain_against_the_original_unet_starts_at_zero_and_sees_changes_to_the
     with torch.no_grad():
         for p in r.ad.parameters():
             p.normal_(0.0, 0.3)  # the attacker's adapter is off in the retain term, so it must not count
-        _, at_start = r._outer_losses()
+        _, at_start = r.outer_losses()
         for p in r.S.values():
             p.add_(0.05 * torch.randn_like(p))
-        _, moved = r._outer_losses()
+        _, moved = r.outer_losses()
     assert float(at_start) == pytest.approx(0.0, abs=1e-10)
     assert float(moved) > 1e-6

@@ -185,7 +185,7 @@ def test_signed_release_verifies_and_a_rewritten_manifest_does_not(tmp_path):
     assert ok.returncode == 0 and "SIGNED" in ok.stdout, ok.stderr
     assert verify("--public-key", str(tmp_path / "other.pub.pem")).returncode == 1
     # someone changes the mask and rewrites the manifest's hashes to match: the hashes pass, the signature does not
-    from raystack.hardening.launcher import hash_tree
+    from raystack.hardening.driver import hash_tree
 
     mask = out / "freeze_mask.safetensors"
     data = bytearray(mask.read_bytes())

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_dir

@@ -23,7 +23,7 @@ def ds_config(spec) -> dict:
 class Engine:
     """The recipe's view of DeepSpeed: forward, backward, step, gathering, state in and out."""
 
-    def __init__(self, recipe, spec, world: int):
+    def __init__(self, recipe, spec):
         import deepspeed
 
         self.stage = spec.zero_stage

@@ -16,6 +16,8 @@ weights exist: θ(m) (the UNet's own tensors) and θ_d = θ_pre − θ_ft.
 
 from __future__ import annotations
 
+from .method import HardeningPhase, PhaseResult, load_into_unet
+
 
 def mask_of(w, temperature: float):
     import torch
@@ -109,11 +111,12 @@ def random_mask(names: list[str], rho: float, seed: int) -> dict[str, bool]:
     return {n: i in chosen for i, n in enumerate(names)}
 
 
-class FreezeAsGuardRecipe:
+class FreezeAsGuardRecipe(HardeningPhase):
     """FreezeAsGuard bound to a pipeline. The defender's parameters are the mask logits (in the engine);
     the UNet holds θ(m) and `theta_d` the second copy, both replicated on every rank."""
 
     name = "freezeasguard"
+    needs_legal = True
 
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         import torch
@@ -121,7 +124,7 @@ class FreezeAsGuardRecipe:
         from ..diffusion import FrozenTextCache, train_noise_scheduler
         from .data import load_shard
 
-        self.spec, self.pipe = spec, pipe
+        super().__init__(spec, pipe, rank, world)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         self.illegal = load_shard(spec.target, pipe, rank, world, flag="--target")
@@ -138,7 +141,6 @@ class FreezeAsGuardRecipe:
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.theta_d: list | None = None
         self._encode = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
-        self.engine = None
 
     def engine_module(self):
         return self.mask_module
@@ -150,10 +152,6 @@ class FreezeAsGuardRecipe:
         import torch
 
         return torch.optim.SGD(self.engine_params(), lr=self.spec.mask_lr)
-
-    def bind(self, engine, gather=None) -> None:
-        """`engine`: anything with forward/backward/step over the mask module (DeepSpeed or a shim)."""
-        self.engine, self._gather = engine, gather
 
     def _losses(self):
         """(L(illegal), L(legal)) from one mixed batch of --batch-size images, half of each."""
@@ -169,13 +167,7 @@ class FreezeAsGuardRecipe:
 
     def mask(self):
         """Current m = σ(w/T), read safely whatever the ZeRO stage."""
-        import contextlib
-
-        import torch
-
-        ctx = self._gather(self.mask_module.w) if self._gather else contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            return mask_of(self.mask_module.w.detach().float().clone(), self.spec.temperature)
+        return mask_of(self._logits(), self.spec.temperature)
 
     def prepare(self) -> dict:
         """θ_ft: the model fully fine-tuned on illegal + legal data; then θ_d = θ_pre − θ_ft, θ(m) = θ_ft + m θ_d."""
@@ -219,6 +211,9 @@ class FreezeAsGuardRecipe:
         return {"lower_loss": low, "illegal_loss": float(ill.detach()), "legal_loss": float(leg.detach()),
                 "soft_ratio": float(m_new.mean())}
 
+    def result(self) -> PhaseResult:
+        return PhaseResult(mask=self.final_mask())
+
     def final_mask(self) -> dict[str, bool]:
         """The released mask; refused if the logits diverged (a NaN logit would rank arbitrarily)."""
         import torch
@@ -230,40 +225,38 @@ class FreezeAsGuardRecipe:
         return dict(zip(self.names, binarize(logits, self.spec.rho)))
 
     def _logits(self):
-        import contextlib
-
         import torch
 
-        ctx = self._gather(self.mask_module.w) if self._gather else contextlib.nullcontext()
-        with ctx, torch.no_grad():
+        with self.engine.gather(self.mask_module.w), torch.no_grad():
             return self.mask_module.w.detach().float().clone()
 
-    def state_tensors(self) -> dict:
+    def state(self) -> dict:
         out = {f"theta_m/{n}": p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
         out.update({f"theta_d/{n}": d.detach().cpu().clone() for n, d in zip(self.names, self.theta_d)})
         out["mask/logits"] = self._logits()
         out["rng/generator"] = self.generator.get_state()
         return out
 
-    def load_state_tensors(self, tensors: dict) -> None:
+    def load_state(self, tensors: dict) -> None:
+        """θ(m), θ_d, the RNG and the mask logits w (the engine's parameter, whatever the ZeRO stage)."""
         import torch
 
-        with torch.no_grad():
-            for n, p in zip(self.names, self.params):
-                p.copy_(tensors[f"theta_m/{n}"])
+        load_into_unet(self.pipe.unet, {n: tensors[f"theta_m/{n}"] for n in self.names})
         self.theta_d = [tensors[f"theta_d/{n}"].clone() for n in self.names]
         self.generator.set_state(tensors["rng/generator"])
+        with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
+            self.mask_module.w.copy_(tensors["mask/logits"])
 
-    def load_logits(self, logits) -> None:
-        """Restore w (the engine's parameter) from a checkpoint, whatever the ZeRO stage."""
-        import torch
 
-        if self._gather:
-            with self._gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
-                self.mask_module.w.copy_(logits)
-        else:
-            with torch.no_grad():
-                self.mask_module.w.copy_(logits)
+class RandomFreezePhase(HardeningPhase):
+    """The Random-ρ baseline: a seeded random choice of ⌊ρN⌉ tensors; nothing is trained."""
 
-    def finish(self) -> None:
-        pass
+    name = "random-freeze"
+    needs_target = False
+
+    def total_steps(self) -> int:
+        return 0
+
+    def result(self) -> PhaseResult:
+        names = [n for n, _ in self.pipe.unet.named_parameters()]
+        return PhaseResult(mask=random_mask(names, self.spec.rho, self.spec.seed))

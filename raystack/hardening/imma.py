@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from .comm import all_reduce_mean
+from .method import HardeningPhase, PhaseResult, load_into_unet
 
 
 class OuterOptimizer(Protocol):
@@ -123,21 +124,27 @@ def released_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-class IMMARecipe:
-    """IMMA bound to a pipeline: setup (attacker simulation, data, S), step, state for checkpoints."""
+class IMMARecipe(HardeningPhase):
+    """IMMA bound to a pipeline: setup (attacker simulation, data, S), step, state for checkpoints.
+
+    `outer_objective(recipe)`: what the outer step ascends, by default `outer_losses` (Alg. 1: the attacker's
+    loss at φ^i, plus the retain term); research probes pass their own (research/imma/)."""
 
     name = "imma"
+    simulates_attacker = True
+    supports_zero3 = False  # the attacker's adapter is updated by hand inside the UNet ZeRO-3 would partition
 
-    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1, outer_objective: Callable | None = None):
         import torch
 
+        super().__init__(spec, pipe, rank, world)
+        self.outer_objective = outer_objective
         from ..attacks.methods import make_adaptation
         from ..attacks.recipe import attacker_optimizer
         from ..attacks.spec import AttackSpec
         from ..diffusion import train_noise_scheduler
         from .data import Shard, load_shard
 
-        self.spec, self.pipe = spec, pipe
         self.teacher = None
         if spec.retain_target == "original" and spec.legal is not None and spec.retain_weight > 0:
             import copy
@@ -161,7 +168,6 @@ class IMMARecipe:
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.phi_prev: dict | None = None
-        self.outer: OuterOptimizer | None = None
         self.after_inner: Callable[[], None] | None = None
 
     # the defender's parameters: S inside the UNet
@@ -176,8 +182,10 @@ class IMMARecipe:
 
         return torch.optim.Adam(self.engine_params(), lr=self.spec.outer_lr)
 
-    def bind(self, outer: OuterOptimizer, after_inner: Callable[[], None] | None = None) -> None:
-        self.outer, self.after_inner = outer, after_inner if self.overlaps_s else None
+    def bind(self, engine) -> None:
+        """The engine is the outer optimizer; when φ overlaps S (line 7 writes θ[S] by hand) it must hear of it."""
+        self.engine = engine
+        self.after_inner = engine.refresh_master_weights if self.overlaps_s else None
 
     def _loss(self, shard, timesteps=None):
         """L_A: the attacker's loss on target images (its min-SNR weighting and offset noise)."""
@@ -187,7 +195,7 @@ class IMMARecipe:
                           snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset,
                           timesteps=timesteps)
 
-    def _outer_losses(self):
+    def outer_losses(self):
         """L_A(θ, φ^i) on target data, and the retain loss on legal data at θ alone, the released weights:
         with the adapter left on, the retain term kept θ + φ good and let θ itself fall apart. Legal
         images are retained with their captions and unconditioned (empty caption), since classifier-free
@@ -211,8 +219,9 @@ class IMMARecipe:
     def step(self) -> dict:
         from ..attacks.recipe import GRAD_CLIP
 
+        objective = (lambda: self.outer_objective(self)) if self.outer_objective else self.outer_losses
         self.phi_prev, stats = imma_iteration(
-            self.ad, self.phi_prev, lambda: self._loss(self.target), self._outer_losses, self.outer,
+            self.ad, self.phi_prev, lambda: self._loss(self.target), objective, self.engine,
             self.engine_params(), self.attacker.lr, self.spec.inner_steps, self.spec.retain_weight,
             self.after_inner, self.inner_opt, GRAD_CLIP)
         return stats
@@ -224,7 +233,10 @@ class IMMARecipe:
         params = dict(self.pipe.unet.named_parameters())
         return {released_name(n): params[n].detach().cpu().clone() for n in sorted(names)}
 
-    def state_tensors(self) -> dict:
+    def result(self) -> PhaseResult:
+        return PhaseResult(changed=self.changed_tensors())
+
+    def state(self) -> dict:
         from ..checkpoint import flatten_optimizer
 
         out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
@@ -234,16 +246,11 @@ class IMMARecipe:
         out["rng/generator"] = self.generator.get_state()
         return out
 
-    def load_state_tensors(self, tensors: dict) -> None:
-        import torch
-
+    def load_state(self, tensors: dict) -> None:
         from ..checkpoint import unflatten_optimizer
 
-        params = {released_name(n): p for n, p in self.pipe.unet.named_parameters()}
-        with torch.no_grad():
-            for k, v in tensors.items():
-                if k.startswith("theta/"):
-                    params[k[6:]].copy_(v)
+        load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")},
+                       released_names=True)
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
         if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):

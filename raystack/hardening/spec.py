@@ -10,7 +10,6 @@ from ..attacks.spec import METHODS as ATTACK_METHODS
 from ..errors import UserError
 from ..outputs import shown
 
-HARDEN_METHODS = ("imma", "freezeasguard", "random-freeze", "imma+freeze")
 INNER_OPTIMIZERS = ("adamw", "sgd")
 RETAIN_TARGETS = ("data", "original")
 
@@ -104,9 +103,11 @@ class HardenSpec:
         from ..specs import check_finite_fields
 
         check_finite_fields(self)
-        if self.method not in HARDEN_METHODS:
+        from .method import method_names, method_phases
+
+        if self.method not in method_names():
             raise UserError(f"--method {shown(self.method)}: unknown hardening method; expected one of "
-                            f"{', '.join(HARDEN_METHODS)}")
+                            f"{', '.join(method_names())}")
         if self.against not in ATTACK_METHODS:
             raise UserError(f"--against {shown(self.against)}: unknown attack method; expected one of "
                             f"{', '.join(ATTACK_METHODS)}")
@@ -147,10 +148,12 @@ class HardenSpec:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
         _ = self.outer_timestep_range  # validates --outer-timesteps
         self.target = [Path(t) for t in self.target]
-        if self.method != "random-freeze" and not self.target:
+        phases = method_phases(self.method)
+        if any(p.needs_target for p in phases) and not self.target:
             raise UserError("--target: at least one image folder of the concept to protect is needed")
-        if self.method in ("freezeasguard", "imma+freeze") and self.legal is None:
-            raise UserError("--legal: FreezeAsGuard needs an image folder of legal data")
+        needs_legal = [p.name for p in phases if p.needs_legal]
+        if needs_legal and self.legal is None:
+            raise UserError(f"--legal: {needs_legal[0]} needs an image folder of legal data")
 
     @property
     def outer_timestep_range(self) -> tuple[int, int] | None:

@@ -120,7 +120,7 @@ def run_trial(config: dict) -> None:
 
     from ..attacks.recipe import run_attack
     from ..evaluation import tiny_world_target
-    from ..hardening.launcher import run_harden
+    from ..hardening.driver import run_harden
     from ..hardening.spec import HardenSpec
     from ..models.pipeline_io import load_pipeline
     from ..runtime import configure_threads

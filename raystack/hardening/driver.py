@@ -57,10 +57,14 @@ def validate_inputs(spec: HardenSpec) -> None:
         check_local_capacity(spec.workers, spec.use_gpu)
     elif ray_running_here():  # a Tune trial, a test session: the Ray this process is connected to
         check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
-    if spec.zero_stage == 3 and spec.method in ("imma", "imma+freeze"):
-        raise UserError("--zero-stage 3: IMMA updates the simulated attacker's adapter by hand inside the UNet, "
-                        "which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
-                        "(FreezeAsGuard and random-freeze run under ZeRO-3)")
+    from .method import method_names, method_phases
+
+    no_zero3 = [p.name for p in method_phases(spec.method) if not p.supports_zero3]
+    if spec.zero_stage == 3 and no_zero3:
+        others = [m for m in method_names() if all(p.supports_zero3 for p in method_phases(m))]
+        raise UserError(f"--zero-stage 3: {no_zero3[0]} updates parameters by hand inside the UNet (the simulated "
+                        "attacker's adapter), which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
+                        f"({', '.join(others)} run under ZeRO-3)")
 
 
 def check_writable(out: Path, flag: str) -> None:
@@ -161,7 +165,7 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .job import train_loop  # imported here so that the workers can import it too
+    from .worker import train_loop  # imported here so that the workers can import it too
 
     name = "harden"
     if (run_dir / name).exists() and not spec.resume:
@@ -249,25 +253,21 @@ def _versions() -> dict:
 
 
 def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
-    import torch
 
     from ..atomic import atomic_dir
     from ..freeze_mask import MASK_FILE, save_freeze_mask
     from ..models.pipeline_io import EXTRA_INFO, load_pipeline, resolve_model_path
-    from .job import MASK_KEY_PREFIX, RESULT_FILE, _load_tensors
+    from ..checkpoint import load_tensors
+    from .method import load_into_unet
+    from .worker import MASK_KEY_PREFIX, RESULT_FILE
 
-    tensors, meta = _load_tensors(ckpt_dir / RESULT_FILE)
+    tensors, meta = load_tensors(ckpt_dir / RESULT_FILE)
     src = resolve_model_path(spec.model)
     pipe = load_pipeline(src)
     theta = {k[len("theta/"):]: v for k, v in tensors.items() if k.startswith("theta/")}
     params = dict(pipe.unet.named_parameters())
-    unknown = sorted(set(theta) - set(params))
-    if unknown:
-        raise RuntimeError(f"hardened tensors do not match the model: {unknown[0]}")
     check_finite_release(theta)
-    with torch.no_grad():
-        for k, v in theta.items():
-            params[k].copy_(v)
+    load_into_unet(pipe.unet, theta)
     if theta:
         check_release_forward(pipe)
     mask = {k[len(MASK_KEY_PREFIX):]: bool(v.item()) for k, v in tensors.items() if k.startswith(MASK_KEY_PREFIX)}
@@ -279,7 +279,10 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
                 raise RuntimeError("the learned mask does not cover the UNet's parameters")
             ratio = save_freeze_mask(tmp / MASK_FILE, {n: mask[n] for n in params},
                                      {"method": spec.method, "rho": spec.rho})
-        info = {"hardening": {"method": spec.method, "against": spec.against if "imma" in spec.method else None,
+        from .method import method_phases
+
+        simulated = any(p.simulates_attacker for p in method_phases(spec.method))
+        info = {"hardening": {"method": spec.method, "against": spec.against if simulated else None,
                               "rho": spec.rho if mask else None, "frozen_ratio": ratio}}
         (tmp / EXTRA_INFO).write_text(json.dumps(info, indent=2))
         manifest = {

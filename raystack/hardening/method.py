@@ -1,0 +1,156 @@
+"""The one interface every hardening method implements, and the registry the worker builds them from.
+
+A method is a sequence of phases (`imma+freeze` = IMMA, then FreezeAsGuard on the immunized weights). A phase
+is one class (torchtune's recipe protocol is the model):
+
+    phase = Phase(spec, pipe, rank, world)        data, simulated attacker, defender parameters
+    engine = Engine(phase, spec) or LocalEngine(phase)   built from what the phase declares
+    phase.bind(engine)
+    phase.prepare()          once, on a fresh run (FreezeAsGuard: the fine-tune that gives θ_ft)
+    phase.load_state(t)      instead, on a resumed run (everything `state()` returned)
+    for _ in range(phase.total_steps()): losses = phase.step()
+    phase.state()            at each checkpoint: every tensor needed to resume, mask logits included
+    phase.result()           at the end: changed UNet tensors (by released name) and/or a freeze mask
+    phase.finish()
+
+Adding a method: one module with a `HardeningPhase` subclass, then `register_method("name", Phase)` (or a
+composition of existing phases) at the bottom of `methods.py`; `harden --method name` then runs it as a Ray
+Train job with DeepSpeed, checkpoints and resumes it, and releases its result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PhaseResult:
+    """What a phase releases: UNet tensors it changed (by released name) and/or a freeze mask."""
+
+    changed: dict = field(default_factory=dict)
+    mask: dict | None = None
+
+
+class HardeningPhase:
+    """One phase of a hardening method, run on every Ray Train worker (one DeepSpeed rank each).
+
+    The engine holds the defender's parameters (`engine_params()` of `engine_module()`, optimised by
+    `make_optimizer()`); a phase without trainable defender parameters returns None from `engine_module()`.
+    `bind(engine)` hands the phase its engine: `engine.backward/step` update the defender, `engine.gather(p)`
+    reads a ZeRO-3 partitioned parameter, `engine.refresh_master_weights()` follows weights written by hand."""
+
+    name = "phase"
+    needs_target = True
+    """The phase reads --target (the concept to protect)."""
+    needs_legal = False
+    """The phase cannot run without --legal."""
+    simulates_attacker = False
+    """The phase simulates the --against attack inside (the manifest records it)."""
+    supports_zero3 = True
+    """False when the phase writes engine-held parameters by hand inside a module ZeRO-3 would partition."""
+
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+        self.spec, self.pipe, self.rank, self.world = spec, pipe, rank, world
+        self.engine = None
+
+    # what the engine holds ------------------------------------------------------------------------------
+    def engine_module(self):
+        return None
+
+    def engine_params(self) -> list:
+        return []
+
+    def make_optimizer(self):
+        return None
+
+    def bind(self, engine) -> None:
+        self.engine = engine
+
+    # the run -------------------------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        """Outer steps of this phase (`--steps`)."""
+        return self.spec.steps
+
+    def prepare(self) -> dict:
+        """Work before the first step of a fresh run; returns losses to report."""
+        return {}
+
+    def step(self) -> dict:
+        """One outer step; returns its losses."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """Every tensor a checkpoint needs to resume this phase exactly (the engine's optimizer state aside)."""
+        return {}
+
+    def load_state(self, tensors: dict) -> None:
+        """Restore what `state()` returned (before the engine's optimizer state is restored)."""
+
+    def result(self) -> PhaseResult:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Undo what the phase attached to the pipeline (e.g. the simulated attacker's adapter)."""
+
+
+class LocalEngine:
+    """The engine's interface without DeepSpeed (one process; tests and research probes): the phase's own
+    torch optimizer over its defender parameters."""
+
+    def __init__(self, phase: HardeningPhase):
+        self.module = phase.engine_module()
+        self.optimizer = phase.make_optimizer()
+        self.params = phase.engine_params()
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def gather(self, param, modifier_rank=None):
+        return contextlib.nullcontext()
+
+    def refresh_master_weights(self) -> None:
+        pass
+
+
+def load_into_unet(unet, tensors: dict, released_names: bool = False) -> None:
+    """Copy a {name: tensor} dict into a UNet's parameters in place (the one place this loop lives).
+    `released_names`: keys are the release's names (peft's `.base_layer.` wrapper left out)."""
+    import torch
+
+    params = dict(unet.named_parameters())
+    if released_names:
+        params = {n.replace(".base_layer.", "."): p for n, p in params.items()}
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise KeyError(f"tensors do not match the UNet's parameters: {unknown[0]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
+_METHODS: dict[str, tuple] = {}
+
+
+def register_method(name: str, *phases) -> None:
+    """`harden --method NAME` runs these phase classes in order."""
+    _METHODS[name] = tuple(phases)
+
+
+def method_phases(name: str) -> tuple:
+    from . import methods  # noqa: F401 - registers the shipped methods
+
+    return _METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    from . import methods  # noqa: F401
+
+    return tuple(_METHODS)

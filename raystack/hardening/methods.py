@@ -1,0 +1,12 @@
+"""The shipped hardening methods: `harden --method NAME` runs these phases in order (see method.py)."""
+
+from __future__ import annotations
+
+from .freezeasguard import FreezeAsGuardRecipe, RandomFreezePhase
+from .imma import IMMARecipe
+from .method import register_method
+
+register_method("imma", IMMARecipe)
+register_method("freezeasguard", FreezeAsGuardRecipe)
+register_method("random-freeze", RandomFreezePhase)
+register_method("imma+freeze", IMMARecipe, FreezeAsGuardRecipe)  # immunize the weights, then learn the mask

@@ -1,0 +1,202 @@
+"""The worker side of `harden`: one Ray Train worker (Train V2), one DeepSpeed rank.
+
+`train_loop`: load the pipeline, then for each phase of the method (method.py): build it, put its defender
+parameters in a DeepSpeed engine, resume from Ray Train's latest checkpoint if there is one (else `prepare`),
+step, report checkpoints every N steps (every rank reports; rank 0 writes the files), and end with a report
+that carries the result. The driver (driver.py) assembles `--out` from that last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import load_tensors, save_tensors
+
+STATE_FILE = "state.safetensors"
+RESULT_FILE = "result.safetensors"
+MASK_KEY_PREFIX = "mask/"
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+              "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+              "PYTHONWARNINGS": "ignore"}
+
+
+def build_phase(phase_cls, spec, pipe, rank: int, world: int, local: bool = False):
+    """A phase with its defender parameters in a DeepSpeed engine (or, `local` or when it trains none, its own
+    torch optimizer), bound together."""
+    from .method import LocalEngine
+
+    phase = phase_cls(spec, pipe, rank, world)
+    if local or phase.engine_module() is None:
+        engine = LocalEngine(phase)
+    else:
+        from .engine import Engine
+
+        engine = Engine(phase, spec)
+    phase.bind(engine)
+    return phase, engine
+
+
+def spec_from_config(cfg: dict):
+    from .spec import HardenSpec
+
+    d = dict(cfg)
+    d["target"] = [Path(t) for t in d.get("target", [])]
+    for k in ("legal", "out"):
+        if d.get(k) is not None:
+            d[k] = Path(d[k])
+    return HardenSpec(**d)
+
+
+@dataclass
+class MethodRun:
+    """What running a method's phases gave: the release's changed tensors and mask, the last losses, and where
+    a resumed attempt picked the run up (None: from the start)."""
+
+    changed: dict
+    mask: dict | None
+    losses: dict
+    resumed_from: dict | None
+
+
+def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, dict] = ({}, {}),
+               local: bool = False, on_step: Callable | None = None, on_checkpoint: Callable | None = None) -> MethodRun:
+    """The method's phases in order on `pipe` (one rank): build, resume or prepare, step, checkpoint, result.
+
+    `resume`: (tensors, meta) of a checkpoint `on_checkpoint(phase, engine, meta, carried)` was given;
+    `local`: each phase's own torch optimizer instead of DeepSpeed (one process: tests, probes);
+    `on_step(phase, done, losses)` after every step."""
+    from .method import load_into_unet, method_phases
+
+    resume_tensors, resume_meta = resume
+    carried: dict = {}  # UNet tensors changed by finished phases (IMMA's θ for imma+freeze), by released name
+    if resume_meta.get("carried"):
+        carried = {k[len("carried/"):]: v for k, v in resume_tensors.items() if k.startswith("carried/")}
+    all_phases = method_phases(spec.method)
+    start_phase = resume_meta.get("phase_index", 0)
+    resumed_from = {"phase": all_phases[start_phase].name if start_phase < len(all_phases) else None,
+                    "step": int(resume_meta.get("step", 0))} if resume_meta else None
+    mask: dict | None = None
+    losses: dict = resume_meta.get("losses", {})
+    for pi, phase_cls in enumerate(all_phases):
+        if pi < start_phase:
+            continue
+        if carried:
+            load_into_unet(pipe.unet, carried, released_names=True)
+        phase, engine = build_phase(phase_cls, spec, pipe, rank, world, local=local)
+        start = 0
+        if pi == start_phase and resume_meta.get("step"):
+            phase.load_state({k[len("state/"):]: v for k, v in resume_tensors.items() if k.startswith("state/")})
+            if hasattr(engine, "load_state"):
+                engine.load_state(resume_tensors)
+            start = int(resume_meta["step"])
+            print(f"[immunize] rank {rank}: resumed {phase.name} at step {start}", flush=True)
+        else:
+            losses.update(phase.prepare())
+        for step in range(start, phase.total_steps()):
+            losses = {k: v for k, v in phase.step().items() if v is not None}
+            done = step + 1
+            if on_step is not None:
+                on_step(phase, done, losses)
+            if on_checkpoint is not None and done % spec.checkpoint_every == 0 and done < phase.total_steps():
+                on_checkpoint(phase, engine, {"phase_index": pi, "step": done, "losses": losses}, carried)
+        res = phase.result()
+        carried.update(res.changed)
+        mask = res.mask if res.mask is not None else mask
+        phase.finish()
+        if on_checkpoint is not None and pi < len(all_phases) - 1:  # a checkpoint that starts the next phase
+            on_checkpoint(None, None, {"phase_index": pi + 1, "step": 0, "losses": losses}, carried)
+    return MethodRun(carried, mask, losses, resumed_from)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker: `run_method` with Ray Train's checkpoints and the driver's progress."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    from ..runtime import configure_threads
+
+    configure_threads(1)
+    import ray.train
+    import torch
+
+    from ..models.pipeline_io import load_pipeline
+    from ..runtime import seed_everything
+    from .comm import rank as get_rank
+    from .comm import world_size
+
+    spec = spec_from_config(config["spec"])
+    progress = config.get("progress")
+    rank, world = get_rank(), world_size()
+    if rank == 0 and progress is not None:  # the driver's sign that the workers were placed
+        progress.update.remote("loading", 0, spec.steps, {})
+    device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
+    fault = config.get("fault_injection") or {}
+
+    resume_tensors, resume_meta = {}, {}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume_tensors, resume_meta = load_tensors(Path(d) / STATE_FILE)
+            mine = Path(d) / _rank_file(get_rank())
+            if mine.exists():
+                resume_tensors["state/rng/generator"] = load_tensors(mine)[0]["rng/generator"]
+
+    def on_step(phase, done, losses):
+        if rank == 0 and progress is not None:
+            progress.update.remote(phase.name, done, spec.steps, losses)
+        if fault.get("rank") == rank and fault.get("step") == done and not _fault_fired(fault):
+            _mark_fault(fault)
+            time.sleep(float(fault.get("delay", 0)))  # let the controller take the last report first
+            os._exit(1)  # fault injection: this worker dies once
+
+    seed_everything(spec.seed)
+    pipe = load_pipeline(spec.model, device=device)
+    t0 = time.time()
+    run = run_method(spec, pipe, rank, world, (resume_tensors, resume_meta), on_step=on_step,
+                     on_checkpoint=lambda phase, engine, meta, carried: _report(phase, engine, meta, carried, rank))
+    # final report: the result itself
+    with tempfile.TemporaryDirectory() as d:
+        if rank == 0:
+            tensors = {f"theta/{k}": v for k, v in run.changed.items()}
+            for name, frozen in (run.mask or {}).items():
+                tensors[MASK_KEY_PREFIX + name] = torch.tensor([1 if frozen else 0], dtype=torch.uint8)
+            save_tensors(Path(d) / RESULT_FILE, tensors or {"empty": torch.zeros(1)},
+                         {"losses": run.losses, "wall_seconds": round(time.time() - t0, 2), "world_size": world,
+                          "final": True, "resumed_from": run.resumed_from})
+        ray.train.report({"final": 1, **run.losses}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _report(phase, engine, meta: dict, carried: dict, rank: int) -> None:
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        tensors = {}
+        if phase is not None:
+            tensors.update({f"state/{k}": v for k, v in phase.state().items()})
+            if hasattr(engine, "optimizer_state"):
+                tensors.update(engine.optimizer_state())
+        tensors.update({f"carried/{k}": v for k, v in carried.items()})
+        meta = {**meta, "carried": bool(carried)}
+        if rank == 0:
+            save_tensors(Path(d) / STATE_FILE, tensors or {"empty": torch.zeros(1)}, meta)
+        if phase is not None:  # every rank draws its own noise: each keeps its own RNG (Ray merges the files)
+            save_tensors(Path(d) / _rank_file(rank), {"rng/generator": phase.generator.get_state()}, {})
+        ray.train.report({"step": meta["step"], "phase_index": meta["phase_index"], **meta["losses"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _rank_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def _fault_fired(fault: dict) -> bool:
+    return Path(fault["marker"]).exists()
+
+
+def _mark_fault(fault: dict) -> None:
+    Path(fault["marker"]).write_text("fired")
