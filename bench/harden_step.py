@@ -64,14 +64,16 @@ def bench_loop(config: dict) -> None:
     from raystack.hardening.comm import rank as get_rank
     from raystack.hardening.comm import world_size
     from raystack.hardening.method import method_phases
-    from raystack.hardening.worker import build_phase, spec_from_config
+    from raystack.hardening.spec import HardenSpec
+    from raystack.hardening.worker import build_phase
+    from raystack.specs import build_spec
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads, seed_everything
 
     configure_threads(1)
     torch.set_num_threads(1)
     rank, world = get_rank(), world_size()
-    spec = spec_from_config(config["spec"])
+    spec = build_spec(HardenSpec, config["spec"], source="bench")
     seed_everything(spec.seed)
     out: dict = {"rank": rank, "world": world}
     if config["mode"] == "time":
@@ -83,7 +85,7 @@ def bench_loop(config: dict) -> None:
             # the attacker's own step: same method, model and batch
             a = attack_setup(AttackSpec(method=against, data=spec.target[0], batch_size=spec.batch_size,
                                         out=Path(tempfile.mkdtemp())), load_pipeline(spec.model))
-            s = spec_from_config({**config["spec"], "method": method, "against": against, **extra})
+            s = build_spec(HardenSpec, {**config["spec"], "method": method, "against": against, **extra}, "bench")
             recipe, _ = build_phase(method_phases(method)[0], s, load_pipeline(s.model), rank, world)
             recipe.prepare()
             t_attack, t_harden = _interleaved_medians(a.step, recipe.step, config["iters"])
@@ -92,8 +94,8 @@ def bench_loop(config: dict) -> None:
     else:
         for method, stages in (("imma", (0, 1, 2)), ("freezeasguard", (0, 1, 2, 3))):
             for stage in stages:
-                s = spec_from_config({**config["spec"], "method": method, "against": "lora" if method == "imma"
-                                      else "full", "zero_stage": stage})
+                s = build_spec(HardenSpec, {**config["spec"], "method": method, "against": "lora" if method == "imma"
+                                            else "full", "zero_stage": stage}, "bench")
                 recipe, engine = build_phase(method_phases(method)[0], s, load_pipeline(s.model), rank, world)
                 recipe.prepare()
                 recipe.step()  # optimizer state exists after the first step
@@ -130,7 +132,7 @@ def main() -> None:
     from cli.common import quiet_libraries
     from raystack.atomic import atomic_write_text
     from raystack.hardening.spec import HardenSpec
-    from raystack.specs import spec_to_yaml_dict
+    from raystack.specs import spec_to_dict
     from raystack.tinyworld.folder import write_concept_folder
 
     quiet_libraries()
@@ -139,8 +141,7 @@ def main() -> None:
     write_concept_folder(work / "legal", ["cross", "triangle"], None, ["striped", "dotted"], 1, 2, None, False)
     base = HardenSpec(method="imma", target=[work / "target"], legal=work / "legal", out=work / "out",
                       batch_size=args.batch, zero_stage=2, user_steps=2, finetune_steps=2)
-    spec = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "target" else v)
-            for k, v in spec_to_yaml_dict(base).items()}
+    spec = spec_to_dict(base)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
                                        "PYTHONWARNINGS": "ignore"}})

@@ -88,6 +88,8 @@ def build_spec(cls, values: dict, source: str = "spec"):
     required = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
                       and f.default_factory is dataclasses.MISSING and f.name not in values)
     if required:
+        if source == "flags":
+            raise UserError(f"--{required[0].replace('_', '-')} is required")
         raise UserError(f"{source}: missing key {required[0]!r}")
     def where(k: str) -> str:  # a flag is named as the user typed it
         return f"--{k.replace('_', '-')}" if source == "flags" else f"{source}: {k}"
@@ -166,7 +168,9 @@ def apply_overrides(values: dict, overrides: list[str], flag: str = "--set") -> 
     return out
 
 
-def spec_to_yaml_dict(spec) -> dict:
+def spec_to_dict(spec) -> dict:
+    """A spec as plain YAML/JSON values (paths as strings): the one way a spec is serialised; `build_spec`
+    (with its checks) is the one way back."""
     out = {}
     for f in dataclasses.fields(spec):
         v = getattr(spec, f.name)
@@ -191,3 +195,55 @@ def field_docs(cls) -> dict[str, str]:
         if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
             docs[a.target.id] = str(b.value.value).strip()
     return docs
+
+
+def _optional_of(hint):
+    """`X | None` / `Optional[X]` -> X; anything else unchanged."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def cli_options(cls, skip: tuple = ()) -> list:
+    """One Typer option per field of the spec dataclass `cls`, configuration written once (litgpt-style): the
+    flag is the field's name with dashes (or its `metadata["flag"]`, e.g. "--use-gpu/--cpu"), the help text
+    is the docstring under the field, the default None (unset: the config file's value or the field's default)."""
+    import inspect
+    from typing import Optional
+
+    import typer
+
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in skip:
+            continue
+        decl = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = " ".join(docs.get(f.name, "").split())
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[_optional_of(hints[f.name])],
+                                     default=typer.Option(None, decl, help=help_text, show_default=False)))
+    return out
+
+
+def spec_options(cls, skip: tuple = ()):
+    """Decorator for a command `def cmd(own options..., **flags)`: its signature becomes its own options plus
+    `cli_options(cls)`; the flags the user gave arrive in `flags` (None where not given)."""
+    import inspect
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = sig.replace(parameters=own + cli_options(cls, skip))
+        return fn
+
+    return deco
+
+
+def spec_from_cli(cls, config: Path | None, flags: dict, flag: str = "--config"):
+    """The spec from `--config` (YAML keys = the flags) with the flags given on the command line on top."""
+    values = read_yaml(config, flag) if config else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return build_spec(cls, values, source=str(config) if config else "flags")

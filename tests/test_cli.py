@@ -45,3 +45,41 @@ def test_world_bad_input_is_one_line(tmp_path):
                               "--model", str(tmp_path / "m")])
     assert res.exit_code == 2 and "no model_index.json" in res.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_harden_and_attack_flags_are_their_spec_fields_with_the_field_docstrings_as_help():
+    """Configuration written once: every spec field is a flag (and nothing else is, but --config), its help is
+    the docstring under the field; a YAML --config takes the same keys."""
+    import dataclasses
+
+    import typer
+
+    from raystack.attacks.spec import AttackSpec
+    from raystack.hardening.spec import HardenSpec
+    from raystack.specs import field_docs
+
+    commands = typer.main.get_command(app).commands
+    for name, cls in (("harden", HardenSpec), ("attack", AttackSpec)):
+        params = {p.name: p for p in commands[name].params}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(params) == fields | {"config"}, (name, set(params) ^ (fields | {"config"}))
+        docs = field_docs(cls)
+        for f in fields:
+            assert params[f].opts[0] == "--" + f.replace("_", "-")
+            assert params[f].help == " ".join(docs[f].split()), f
+    assert commands["harden"].params[[p.name for p in commands["harden"].params].index("use_gpu")].secondary_opts \
+        == ["--cpu"]
+
+
+def test_attack_takes_a_config_and_flags_win(tmp_path):
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "d", ["circle"], ["red"], ["sunset"], 1, 0, None, False)
+    (tmp_path / "a.yaml").write_text(f"method: lora\ndata: {tmp_path / 'd'}\nsteps: 1\nlr: .nan\n")
+    res = CliRunner().invoke(app, ["attack", "--config", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "lr nan: must be a finite number" in res.stderr  # the file's keys are checked
+    res = CliRunner().invoke(app, ["attack", "--config", str(tmp_path / "a.yaml"), "--lr", "0.01", "--out",
+                                   str(tmp_path / "o")])
+    assert res.exit_code == 0, res.stderr
+    info = __import__("json").loads((tmp_path / "o" / "attack.json").read_text())
+    assert info["method"] == "lora" and info["steps"] == 1 and info["spec"]["lr"] == 0.01

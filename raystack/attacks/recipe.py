@@ -15,6 +15,7 @@ from typing import Callable
 from ..atomic import atomic_dir
 from ..errors import UserError
 from ..outputs import check_disjoint, check_replaceable, output_lock
+from ..specs import spec_to_dict
 from .methods import Adaptation, make_adaptation
 from .spec import AttackSpec
 
@@ -160,7 +161,7 @@ def _run_attack_locked(spec: AttackSpec, on_step, pipe) -> dict:
         files = st.ad.export(tmp)
         info = {
             "method": spec.method,
-            "spec": spec.to_dict(),
+            "spec": spec_to_dict(spec),
             "base_model": str(resolve_model_path(spec.model)),
             "placeholder": getattr(st.ad, "placeholder", None),
             "files": [str(f.relative_to(tmp)) for f in files],

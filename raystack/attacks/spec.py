@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
@@ -114,6 +114,3 @@ class AttackSpec:
         self.data = Path(self.data)
         self.out = Path(self.out) if self.out is not None else None
         self.freeze_mask = Path(self.freeze_mask) if self.freeze_mask else None
-
-    def to_dict(self) -> dict:
-        return {f.name: (str(v) if isinstance(v, Path) else v) for f in fields(self) for v in [getattr(self, f.name)]}

@@ -114,8 +114,9 @@ def worker_config(spec: HardenSpec) -> dict:
     """The spec as plain values, every path absolute: workers run in another directory (or machine)."""
     from ..models.pipeline_io import resolve_model_path
 
-    cfg = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
-           for k, v in spec.__dict__.items()}
+    from ..specs import spec_to_dict
+
+    cfg = spec_to_dict(spec)
     cfg["model"] = str(resolve_model_path(spec.model).resolve())
     cfg["target"] = [str(Path(t).resolve()) for t in spec.target]
     cfg["legal"] = str(Path(spec.legal).resolve()) if spec.legal is not None else None
@@ -355,9 +356,9 @@ def relative_to_out(path, out: Path) -> str:
 
 def recorded_spec(spec: HardenSpec) -> dict:
     """The spec as the manifest records it: paths relative to --out, the signing key's location left out."""
-    from ..specs import spec_to_yaml_dict
+    from ..specs import spec_to_dict
 
-    d = spec_to_yaml_dict(spec)
+    d = spec_to_dict(spec)
     d["out"] = "."
     d["sign_key"] = None
     d["model"] = relative_to_out(resolve_model_path_quiet(spec.model), spec.out)

@@ -34,7 +34,7 @@ class HardenSpec:
     """Ray Train workers (each one DeepSpeed rank)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0, 1, 2 or 3."""
-    use_gpu: bool = False
+    use_gpu: bool = field(default=False, metadata={"flag": "--use-gpu/--cpu"})
     """One GPU per worker (nccl) instead of CPU workers (gloo)."""
     seed: int = 0
     """Seeds data order, noise, timesteps and initialisations."""

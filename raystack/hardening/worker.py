@@ -41,17 +41,6 @@ def build_phase(phase_cls, spec, pipe, rank: int, world: int, local: bool = Fals
     return phase, engine
 
 
-def spec_from_config(cfg: dict):
-    from .spec import HardenSpec
-
-    d = dict(cfg)
-    d["target"] = [Path(t) for t in d.get("target", [])]
-    for k in ("legal", "out"):
-        if d.get(k) is not None:
-            d[k] = Path(d[k])
-    return HardenSpec(**d)
-
-
 @dataclass
 class MethodRun:
     """What running a method's phases gave: the release's changed tensors and mask, the last losses, and where
@@ -125,10 +114,12 @@ def train_loop(config: dict) -> None:
 
     from ..models.pipeline_io import load_pipeline
     from ..runtime import seed_everything
+    from ..specs import build_spec
     from .comm import rank as get_rank
+    from .spec import HardenSpec
     from .comm import world_size
 
-    spec = spec_from_config(config["spec"])
+    spec = build_spec(HardenSpec, config["spec"], source="worker")
     progress = config.get("progress")
     rank, world = get_rank(), world_size()
     if rank == 0 and progress is not None:  # the driver's sign that the workers were placed
