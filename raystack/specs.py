@@ -19,9 +19,18 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if hint is Any:
         return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a section of a spec: its own spec
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"{name}: expected a mapping, got {shown(value)}")
+        return build_spec(hint, value, source=name)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if isinstance(a, type) and dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and sections:  # a mapping can only be the section: its own errors are the clear ones
+            return _check_type(name, value, sections[0])
         errors = []
         for a in args:
             if a is type(None):

@@ -15,6 +15,76 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
 
 @dataclass
+class GeneratorSpec:
+    """Tiny-world images a sweep writes itself, e.g. `{style: [sunset], n: 2, seed: 1}` or `{emblem: emblem1}`."""
+
+    shape: list[str] | None = None
+    """Shapes to draw (default: all)."""
+    colour: list[str] | None = None
+    """Colours (default: all)."""
+    style: list[str] | None = None
+    """Styles (default: all)."""
+    emblem: str | None = None
+    """Photos of this personal emblem instead of shape/colour/style images."""
+    n: int | None = None
+    """Images per combination (per emblem); default 1 (an emblem: 4)."""
+    seed: int = 0
+    """Same seed, same images."""
+    caption: str | None = None
+    """Caption template with {shape}/{colour}/{style} (an emblem: the caption, default 'a photo of sks emblem')."""
+
+    def __post_init__(self):
+        from ..tinyworld.concepts import COLOURS, SHAPES, STYLES
+        from ..tinyworld.folder import check_caption_template
+
+        if self.n is not None and self.n <= 0:
+            raise UserError(f"n {self.n}: must be a positive integer")
+        for key, allowed in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
+            for x in getattr(self, key) or []:
+                if x not in allowed:
+                    raise UserError(f"{key} {shown(x)}: unknown; expected one of {', '.join(allowed)}")
+        if self.emblem is None:
+            check_caption_template(self.caption, "caption")
+        else:
+            from ..tinyworld.render import emblem_by_name
+
+            try:
+                emblem_by_name(self.emblem)
+            except ValueError:
+                raise UserError(f"emblem {shown(self.emblem)}: not a tiny-world emblem") from None
+
+    def write(self, dest: Path) -> None:
+        from ..tinyworld.folder import write_concept_folder, write_emblem_folder
+
+        if self.emblem is not None:
+            write_emblem_folder(dest, self.emblem, self.n or 4, self.seed, self.caption or "a photo of sks emblem",
+                                True)
+        else:
+            write_concept_folder(dest, self.shape, self.colour, self.style, self.n or 1, self.seed, self.caption,
+                                 True)
+
+
+@dataclass
+class DataSpec:
+    """The sweep's image folders: each a folder path, or a tiny-world generator spec the sweep writes once."""
+
+    target: str | GeneratorSpec | None = None
+    """The concept to protect (harden's --target). Required."""
+    legal: str | GeneratorSpec | None = None
+    """Legal data (harden's --legal; the legal fine-tune's data)."""
+    attacker: str | GeneratorSpec | None = None
+    """The attacker's own images (default: the target's)."""
+
+    def __post_init__(self):
+        if self.target is None:
+            raise UserError("target: the concept to protect is needed")
+
+    def folders(self) -> dict[str, str]:
+        """The roles given as folder paths."""
+        return {r: v for r in ("target", "legal", "attacker") if isinstance(v := getattr(self, r), str)}
+
+
+@dataclass
 class TuneSpace:
     name: str
     """Sweep name: the folder under --out and the name Ray Tune resumes by."""
@@ -29,9 +99,9 @@ class TuneSpace:
     it utility is measured on the hardened model itself."""
     target_concept: str = "sunset"
     """Tiny-world concept scored for mitigation (a style, shape, emblem or colour-style-shape object)."""
-    data: dict = field(default_factory=dict)
+    data: DataSpec = field(default_factory=lambda: DataSpec(target=GeneratorSpec(style=["sunset"])))
     """Image folders {target, legal, attacker}; a tiny-world generator spec ({style: .., n: .., seed: ..})
-    instead of a path makes the sweep create it."""
+    instead of a path makes the sweep create it (see DataSpec, GeneratorSpec)."""
     mitigation_weight: float = 1.0
     """Scalarised objective = utility_weight * utility - mitigation_weight * mitigation (maximised)."""
     utility_weight: float = 1.0
@@ -116,48 +186,6 @@ class TuneSpace:
                 raise UserError(f"{where}: unknown method {shown(a.get('method'))!r}; expected one of "
                                 f"{', '.join(METHODS)}")
             build_spec(AttackSpec, {"data": ".", **a}, source=where)
-        if not isinstance(self.data, dict):
-            raise UserError(f"data: expected a mapping {{target, legal, attacker}}, got {shown(self.data)}")
-        for role, v in self.data.items():
-            if role not in ("target", "legal", "attacker"):
-                raise UserError(f"data.{role}: unknown role (expected target, legal, attacker)")
-            if not isinstance(v, (str, dict)):
-                raise UserError(f"data.{role}: expected a folder path or a tiny-world generator spec, got {shown(v)}")
-            if isinstance(v, dict):
-                _check_generator_spec(v, f"data.{role}")
-
-
-_GENERATOR_KEYS = {"shape": (str, list), "colour": (str, list), "style": (str, list), "emblem": (str,), "n": (int,),
-                   "seed": (int,), "caption": (str,)}
-
-
-def _check_generator_spec(spec: dict, where: str) -> None:
-    """A tiny-world generator spec ({style: sunset, n: 1, ...}) with known keys of the right types."""
-    for k, v in spec.items():
-        types = _GENERATOR_KEYS.get(k)
-        if types is None:
-            raise UserError(f"{where}: unknown key {shown(k)!r} (known: {', '.join(_GENERATOR_KEYS)})")
-        if not isinstance(v, types) or isinstance(v, bool) or (isinstance(v, list) and not all(isinstance(x, str)
-                                                                                               for x in v)):
-            raise UserError(f"{where}.{k}: expected {' or a list of '.join(t.__name__ for t in types)}, got {shown(v)}")
-    if spec.get("n", 1) <= 0:
-        raise UserError(f"{where}.n {spec['n']}: must be a positive integer")
-    from ..tinyworld.concepts import COLOURS, SHAPES, STYLES
-    from ..tinyworld.folder import check_caption_template
-
-    for k, allowed in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
-        for x in [spec[k]] if isinstance(spec.get(k), str) else spec.get(k) or []:
-            if x not in allowed:
-                raise UserError(f"{where}.{k} {shown(x)}: unknown; expected one of {', '.join(allowed)}")
-    if "emblem" not in spec:
-        check_caption_template(spec.get("caption"), f"{where}.caption")
-    else:
-        from ..tinyworld.render import emblem_by_name
-
-        try:
-            emblem_by_name(spec["emblem"])
-        except ValueError:
-            raise UserError(f"{where}.emblem {shown(spec['emblem'])}: not a tiny-world emblem") from None
 
 
 def _example(dist: dict):

@@ -20,11 +20,9 @@ PARETO_PNG = "pareto.png"
 # data ---------------------------------------------------------------------------------------------------
 def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
     """Paths of the target, legal and attacker folders; tiny-world generator specs are written once."""
-    from ..tinyworld.folder import write_concept_folder, write_emblem_folder
-
     out = {}
     for role in ("target", "legal", "attacker"):
-        v = space.data.get(role)
+        v = getattr(space.data, role)
         if v is None:
             continue
         if isinstance(v, str):
@@ -35,17 +33,8 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
             continue
         dest = root / "data" / role
         if not (dest / "metadata.jsonl").is_file():
-            if "emblem" in v:
-                write_emblem_folder(dest, v["emblem"], int(v.get("n", 4)), int(v.get("seed", 0)),
-                                    v.get("caption", "a photo of sks emblem"), True)
-            else:
-                as_list = lambda x: [x] if isinstance(x, str) else x  # noqa: E731 - `style: sunset` or a list
-                write_concept_folder(dest, as_list(v.get("shape")), as_list(v.get("colour")), as_list(v.get("style")),
-                                     int(v.get("n", 1)),
-                                     int(v.get("seed", 0)), v.get("caption"), True)
+            v.write(dest)
         out[role] = dest.resolve()
-    if "target" not in out:
-        raise UserError("data.target: the concept to protect is needed")
     out.setdefault("attacker", out["target"])
     return out
 
@@ -54,7 +43,7 @@ def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
     """Every path the sweep reads (data folders given as paths, the model): `--out` must stay apart from them."""
     from ..models.pipeline_io import resolve_model_path
 
-    out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.items() if isinstance(v, str)]
+    out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items()]
     return out + [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
 
 
