@@ -64,7 +64,7 @@ DATA = ROOT / "runs" / "bench-effectiveness" / "data"
 
 
 def prepare_data(d: Path = DATA) -> Path:
-    """The data every hardening bench shares (this one, imma_probe.py, imma_snapshots.py), made once."""
+    """The data every hardening bench shares (this one and the research probes in research/imma/), made once."""
     from raystack.tinyworld.folder import write_concept_folder
 
     if not (d / "attacker").exists():

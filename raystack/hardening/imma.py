@@ -13,7 +13,7 @@ The attacker's step: by default the attack library's own (AdamW at the method's 
 min-SNR weighting and offset noise as `raystack/attacks/` trains), not the SGD step Alg. 1 writes. A
 LoRA moved by φ − β∇ at an attacker-sized β hardly leaves its initialisation, so the "adapted" model
 the outer step sees is nearly θ itself and IMMA degenerates into the direct maximisation the paper
-warns ruins the model; that is what the tiny world showed (bench/results/imma_probe.jsonl).
+warns ruins the model; that is what the tiny world showed (research/imma/results/imma_probe.jsonl).
 `--inner-optimizer sgd` keeps the literal step.
 
 Overlap (line 7): for DreamBooth/full, φ is the UNet's own tensors, so the attacker's step writes θ[U]

@@ -1,7 +1,7 @@
 """IMMA in the paper's main setting: protect an *erased* concept against re-learning by LoRA.
 
-    .venv/bin/python bench/imma_relearn.py SEED [STYLE] [--erase-steps N]   # default: dotted, 300; a row per model
-    .venv/bin/python bench/imma_relearn.py --table          # bench/results/imma_relearn.md from the rows
+    .venv/bin/python research/imma/imma_relearn.py SEED [STYLE] [--erase-steps N]   # default: dotted, 300
+    .venv/bin/python research/imma/imma_relearn.py --table          # results/imma_relearn.md from the rows
 
 IMMA's strongest results (Zheng & Yeh, Tab. 3: ImageNet objects 45.5% -> 2.2% after LoRA) protect a model
 whose concept was first erased (ESD), where the knowledge is still latent and a short LoRA restores it.
@@ -14,7 +14,7 @@ paper's setting on a *trained* style, in one process, one thread:
    the erased model, retain weight 10, 300 steps) on the erased model, target = the style's images;
 3. each model (original, erased, erased + IMMA) scored on the 7 other concepts (8 samples each, no attack),
    then attacked by the default LoRA attack on the attacker's own images of the style (seed 0) and scored
-   on the style (40 samples). Rows go to bench/results/imma_relearn.jsonl.
+   on the style (40 samples). Rows go to results/imma_relearn.jsonl.
 """
 
 import json
@@ -22,11 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import attack_steps, n, results, work  # noqa: E402
 
-RESULTS = ROOT / "bench/results/imma_relearn.jsonl"
-WORK = ROOT / "runs/imma-relearn"
+RESULTS = results("imma_relearn.jsonl")
+WORK = work("imma-relearn")
 OTHER_STYLES = ("plain", "striped", "checkered", "dotted")
 
 
@@ -109,36 +109,33 @@ def imma(pipe, data: Path, seed: int, steps: int = 300) -> dict:
 
 def score(tensors: dict, data: Path, style: str, run: str) -> dict:
     """Others without attack, then the style after the default LoRA attack, on a fresh pipeline."""
-    import torch
 
     from raystack.attacks.recipe import run_attack
     from raystack.attacks.spec import AttackSpec
     from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
+    from raystack.hardening.method import load_into_unet
     from raystack.models.pipeline_io import load_pipeline
     from raystack.tinyworld.classifier import Judge
 
     judge = Judge()
     p = load_pipeline(None)
-    params = dict(p.unet.named_parameters())
-    with torch.no_grad():
-        for k, v in tensors.items():
-            params[k].copy_(v)
+    load_into_unet(p.unet, tensors)
     target, _ = tiny_world_target(style)
 
     def acc(concept, n):
         return sampled_accuracy(p, concept.prompts, concept.criterion, n, judge, seed=11)
 
-    others = {c.name: acc(c, 8) for c in tiny_world_others(style)}
-    before = acc(target, 40)
-    info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True,
+    others = {c.name: acc(c, n(8)) for c in tiny_world_others(style)}
+    before = acc(target, n(40, 2))
+    info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True, steps=attack_steps(),
                                  out=WORK / f"attack-{run}"), pipe=p)
     return {"others_no_attack": sum(others.values()) / len(others), "target_no_attack": before,
-            "target_attacked": acc(target, 40), "attack_final_loss": info["final_loss"], "others": others}
+            "target_attacked": acc(target, n(40, 2)), "attack_final_loss": info["final_loss"], "others": others}
 
 
 def table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    lines = ["Machine: 2-core x86-64 CPU, one torch thread. Made by `bench/imma_relearn.py` (see its docstring); rows "
+    lines = ["Machine: 2-core x86-64 CPU, one torch thread. Made by `research/imma/imma_relearn.py` (see its docstring); rows "
              "in `imma_relearn.jsonl`. Others: 8 samples of each of 7 other concepts, no attack. Style: 40 samples, "
              "before and after the default LoRA attack (seed 0) on the attacker's own images of it.", "",
              "| style | seed | erase steps | model | others, no attack | style, no attack | style after LoRA "
@@ -154,7 +151,7 @@ def table() -> None:
         lines.append(f"| {r['style']} | {r['seed']} | {r.get('erase_steps', 300)} | {r['model']} | "
                      f"{r['others_no_attack']:.1%} | "
                      f"{r['target_no_attack']:.1%} | {r['target_attacked']:.1%} | {ratio} | {kept} |")
-    (ROOT / "bench/results/imma_relearn.md").write_text("\n".join(lines) + "\n")
+    results("imma_relearn.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -166,7 +163,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("seed", type=int)
     ap.add_argument("style", nargs="?", default="dotted", choices=OTHER_STYLES, help="a trained style to erase")
-    ap.add_argument("--erase-steps", type=int, default=300, help="fewer leave more for a LoRA to restore")
+    ap.add_argument("--erase-steps", type=int, default=n(300), help="fewer leave more for a LoRA to restore")
     args = ap.parse_args()
     seed, style = args.seed, args.style
     from cli.common import quiet_libraries
@@ -189,7 +186,7 @@ def main() -> None:
     losses = erase(pipe, data, style, seed, steps=args.erase_steps)
     models["erased"] = (snap(), {"erase": losses, "erase_s": round(time.time() - t0)})
     t0 = time.time()
-    losses = imma(pipe, data, seed)
+    losses = imma(pipe, data, seed, steps=n(300))
     models["erased+imma"] = (snap(), {"imma": losses, "imma_s": round(time.time() - t0)})
     for name, (tensors, info) in models.items():
         row = {"style": style, "seed": seed, "erase_steps": args.erase_steps, "model": name, **info,

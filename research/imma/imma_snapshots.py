@@ -1,7 +1,7 @@
-"""Probe an IMMA setting in one process, scoring snapshots along the run (faster than bench/imma_probe.py).
+"""Probe an IMMA setting in one process, scoring snapshots along the run (faster than imma_probe.py).
 
-    .venv/bin/python bench/imma_snapshots.py NAME SEED '{"params": "resnets", "outer_lr": 1e-2}'
-    .venv/bin/python bench/imma_snapshots.py --table      # bench/results/imma_snapshots.md from the rows
+    .venv/bin/python research/imma/imma_snapshots.py NAME SEED '{"params": "resnets", "outer_lr": 1e-2}'
+    .venv/bin/python research/imma/imma_snapshots.py --table   # results/imma_snapshots.md from the rows
 
 The JSON holds `HardenSpec` fields over this probe's defaults (IMMA against LoRA, target `protect`, legal
 `legal-all`, 300 steps, batch 8, outer lr 3e-3, retain weight 10, S = attn2; `rank` sets the LoRA rank of both
@@ -13,13 +13,14 @@ the simulated and the scoring attacker) plus probe-only keys:
 - `outer_objective`: `ascent` (Alg. 1), `erase` (`erase_losses`: a bounded ESD-style target held under the
   attacker's adapter) or `unrolled` (`unrolled_losses`: second order, the loss drop of `unroll` =
   {"steps": K, "lr": β} differentiable attacker steps from φ's initialisation, or the warm φ with
-  `unroll_from: warm`). Research variants outside ALGORITHMS.md, kept here with their rows, not in the CLI.
+  `unroll_from: warm`). Research variants outside ALGORITHMS.md, kept here with their rows, not in the CLI;
+  they reach the product's IMMA through its public hook `IMMARecipe.outer_objective`.
 
 The recipe is
 the repo's `IMMARecipe` with a torch Adam outer optimizer (no Ray, no DeepSpeed: one process, one thread);
 each snapshot of the released tensors goes into a fresh tiny-world pipeline, is scored on the 8 other
 concepts (8 samples each) without attack, attacked by the default LoRA attack (seed 0) and scored on the
-held-out style (40 samples). One JSON row per snapshot is appended to bench/results/imma_snapshots.jsonl.
+held-out style (40 samples). One JSON row per snapshot is appended to results/imma_snapshots.jsonl.
 Two probes in parallel on this 2-core machine take about 7.5 min (300 steps, two snapshots).
 Data: bench/effectiveness.py's folders (`prepare_data`, made here if missing).
 """
@@ -29,22 +30,21 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import attack_steps, n, results, shared_data, work  # noqa: E402
 
-
-RESULTS = ROOT / "bench/results/imma_snapshots.jsonl"
+RESULTS = results("imma_snapshots.jsonl")
 
 
 def table() -> None:
-    """bench/results/imma_snapshots.md from the rows: one line per probe and snapshot, the baseline first."""
+    """results/imma_snapshots.md from the rows: one line per probe and snapshot, the baseline first."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     def rank(r):  # the attackers' LoRA rank, which the unhardened baseline must share
         return r["cfg"].get("rank", 8)
 
     refs = {rank(r): (r["target_attacked"], r["others_no_attack"]) for r in rows if r["step"] == 0}
     lines = ["Machine: 2-core x86-64 CPU, one torch thread per probe, two probes at a time. Made by "
-             "`bench/imma_snapshots.py` (see its docstring); rows in `imma_snapshots.jsonl`. Others: 8 samples of "
+             "`research/imma/imma_snapshots.py` (see its docstring); rows in `imma_snapshots.jsonl`. Others: 8 samples of "
              "each of 8 legal concepts, no attack. Sunset: 40 samples after the default LoRA attack (seed 0; rank 8 "
              "unless the settings give `rank`, which then holds for IMMA's simulated attacker too). Ratios are to the "
              "unhardened row of the same rank.", "",
@@ -54,10 +54,10 @@ def table() -> None:
         cfg = {k: v for k, v in r["cfg"].items() if k not in ("eval_at", "steps")}
         ref = refs.get(rank(r))
         kept, ratio = ((f" ({r['others_no_attack'] / ref[1]:.2f})", f" ({r['target_attacked'] / ref[0]:.2f})")
-                       if ref else ("", ""))
+                       if ref and ref[0] and ref[1] else ("", ""))
         lines.append(f"| {r['name']} | {r['seed']} | {r['step']} | {json.dumps(cfg) if cfg else '—'} | "
                      f"{r['others_no_attack']:.1%}{kept} | {r['target_attacked']:.1%}{ratio} |")
-    (ROOT / "bench/results/imma_snapshots.md").write_text("\n".join(lines) + "\n")
+    results("imma_snapshots.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -145,16 +145,14 @@ def main() -> None:
     from raystack.attacks.spec import AttackSpec
     from raystack.evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
     from raystack.hardening.imma import IMMARecipe
-    from raystack.hardening.method import LocalEngine
+    from raystack.hardening.method import LocalEngine, load_into_unet
     from raystack.hardening.spec import HardenSpec
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
     from raystack.tinyworld.classifier import Judge
 
-    from bench.effectiveness import prepare_data
-
     configure_threads(1)
-    data = prepare_data()
+    data = shared_data()
     settings = dict(cfg)
     eval_at = settings.pop("eval_at", None)
     legal = settings.pop("legal", "legal-all")
@@ -162,7 +160,7 @@ def main() -> None:
     objective = settings.pop("outer_objective", "ascent")
     unroll = settings.pop("unroll", {"steps": 3, "lr": 3e-3})
     unroll_from = settings.pop("unroll_from", "fresh")
-    kw = dict(method="imma", against="lora", target=[data / "protect"], legal=data / legal, seed=seed, steps=300,
+    kw = dict(method="imma", against="lora", target=[data / "protect"], legal=data / legal, seed=seed, steps=n(300),
               batch_size=8, outer_lr=3e-3, retain_weight=10.0, params="attn2")
     kw.update(settings)
     spec = HardenSpec(**kw)
@@ -207,16 +205,14 @@ def main() -> None:
 
     for step, tensors in snapshots.items():
         p = load_pipeline(None)
-        params = dict(p.unet.named_parameters())
-        with torch.no_grad():
-            for k, v in tensors.items():
-                params[k].copy_(v)
-        other = {c.name: acc(p, c, 8) for c in others}
+        load_into_unet(p.unet, tensors)
+        other = {c.name: acc(p, c, n(8)) for c in others}
         info = run_attack(AttackSpec(method="lora", data=data / "attacker", seed=0, overwrite=True, rank=spec.rank,
-                                     out=ROOT / "runs/imma-snapshots" / f"{name}-{seed}-{step}"), pipe=p)
+                                     steps=attack_steps(), out=work("imma-snapshots") / f"{name}-{seed}-{step}"),
+                          pipe=p)
         row = {"name": name, "seed": seed, "step": step, "cfg": cfg, "harden_s": round(harden_s),
                "final_losses": {k: round(mean(k), 4) for k in ("inner_loss", "outer_loss", "retain_loss")},
-               "others_no_attack": sum(other.values()) / len(other), "target_attacked": acc(p, target, 40),
+               "others_no_attack": sum(other.values()) / len(other), "target_attacked": acc(p, target, n(40, 2)),
                "attack_final_loss": info["final_loss"], "others": other}
         print(json.dumps(row), flush=True)
         with open(RESULTS, "a") as f:
