@@ -143,13 +143,20 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
 def test_a_diverged_release_is_refused_and_nothing_is_written(tmp_path):
     """--outer-lr 1e30 (finite: the flag check lets it through) leaves weights near 1e30: the UNet predicts
     inf/NaN, the release is refused with exit 1, and neither --out nor its run folder is left."""
-    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
-    res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
-                                str(tmp_path / "o"), "--steps", "3", "--batch-size", "2", "--outer-lr", "1e30"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 1 and len(lines) == 1 and "predicts NaN or inf" in lines[0], res.stderr
+    code, line = _imma_harden(tmp_path, tmp_path / "o", "--steps", "3", "--outer-lr", "1e30")
+    assert code == 1 and "predicts NaN or inf" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
+def _imma_harden(tmp_path, out, *extra) -> tuple[int, str]:
+    """A small IMMA harden of a 2-image sunset folder through the CLI: (exit code, its one stderr line)."""
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out", str(out),
+                                "--batch-size", "2", *extra], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    return res.returncode, lines[0]
 
 
 @pytest.mark.e2e
@@ -207,12 +214,8 @@ def test_harden_on_a_full_disk_is_one_line_and_leaves_no_run_folder(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
-        write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
-        res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
-                                    str(disk / "o"), "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1"],
-                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        lines = res.stderr.strip().splitlines()
-        assert res.returncode == 2 and len(lines) == 1 and "no space left on device" in lines[0], res.stderr
+        code, line = _imma_harden(tmp_path, disk / "o", "--steps", "2", "--checkpoint-every", "1")
+        assert code == 2 and "no space left on device" in line, line
         assert sorted(os.listdir(disk)) == []
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
