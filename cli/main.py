@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .attack import attack
 from .evaluate import evaluate
 from .harden import harden
+from .redteam import redteam
 from .tune import tune
 from .verify import verify
 from .world import world_app
@@ -54,6 +55,7 @@ app.command(name="harden")(harden)
 app.command(name="attack")(attack)
 app.command(name="evaluate")(evaluate)
 app.command(name="tune")(tune)
+app.command(name="redteam")(redteam)
 app.command(name="verify")(verify)
 app.add_typer(world_app, name="world")
 

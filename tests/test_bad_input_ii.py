@@ -103,6 +103,8 @@ def world(tmp_path_factory):
     (r / "run_nokeys" / "attack.json").write_text(json.dumps({"method": "lora"}))
     (r / "release").mkdir()
     (r / "release" / "manifest.json").write_text(json.dumps({"files": ["unet/x.safetensors"]}))
+    (sp / "attack_budget.yaml").write_text("name: a\nbudget: 10\nsearch: {steps: {choice: [5, 20]}}\n")
+    (sp / "attack_data.yaml").write_text("name: a\nbudget: 400\nsearch: {lr: {choice: [0.001]}}\nfixed: {data: /}\n")
     (r / "release_ok").mkdir()
     (r / "release_ok" / "manifest.json").write_text(json.dumps({"files": {}}))
     (r / "notakey.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
@@ -207,6 +209,18 @@ def cases(r: Path):
          "holds files this tool did not write"),
         ("world generate: overwrite a folder it did not write", ["world", "generate", "--out", str(r / "keep"),
                                                                  "--overwrite"], "holds files this tool did not write"),
+        # the red team's space files and --model specs
+        ("redteam: model spec without a name", ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"),
+                                                "--model", m, "--data", good, "--target", "sunset"],
+         "expected NAME=DIR"),
+        ("redteam: steps beyond the budget", ["redteam", "--space", str(r / "spaces" / "attack_budget.yaml"), "--model",
+                                              f"a={m}", "--data", good, "--target", "sunset"],
+         "search.steps: 20 is beyond the budget of 10 steps"),
+        ("redteam: space sets the data", ["redteam", "--space", str(r / "spaces" / "attack_data.yaml"), "--model",
+                                          f"a={m}", "--data", good, "--target", "sunset"], "set by the red-team run"),
+        ("redteam: out is the data", ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"), "--model",
+                                      f"a={m}", "--data", good, "--target", "sunset", "--out", good],
+         "is the input --data"),
         # 3. one run per --out: the harness holds the lock of r/locked while the command runs
         ("locked: attack", a + ["--out", str(r / "locked")], "in use by another immunize-cli run"),
         ("locked: harden run folder", h + t + ["--out", str(r / "locked")[:-len("locked")] + "locked_h"],
@@ -223,7 +237,7 @@ def _run_case(runner, argv, out: Path):
 def test_bad_input_ii_table(world, tmp_path):
     runner = CliRunner()
     table = cases(world)
-    assert len(table) >= 50
+    assert len(table) >= 55
     assets = tree_hash(default_model_path().parent)
     failures = []
     for name, argv, expect in table:

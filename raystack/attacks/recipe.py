@@ -72,17 +72,23 @@ def setup(spec: AttackSpec, pipe=None):
     captions = [ad.caption(c or "") for c in folder.captions]
     bank = LatentBank.encode(pipe.vae, folder.images)
     prior_bank = LatentBank.encode(pipe.vae, prior) if prior is not None else None
-    return AttackState(spec, pipe, ad, captions, bank, prior_bank, attacker_optimizer(ad, spec.lr),
+    return AttackState(spec, pipe, ad, captions, bank, prior_bank, attacker_optimizer(ad, spec.lr, spec.optimizer),
                        train_noise_scheduler(pipe))
 
 
 GRAD_CLIP = 1.0  # gradient-norm clip of every attacker step (IMMA's simulated attacker included)
 
 
-def attacker_optimizer(ad: Adaptation, lr: float):
-    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same)."""
+def attacker_optimizer(ad: Adaptation, lr: float, name: str = "adamw"):
+    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same): AdamW, or Adafactor as
+    kohya/OneTrainer users run it (transformers' implementation, fixed learning rate, no relative step)."""
     import torch
 
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(ad.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=ad.weight_decay())
     return torch.optim.AdamW(ad.parameters(), lr=lr, weight_decay=ad.weight_decay())
 
 

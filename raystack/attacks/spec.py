@@ -9,6 +9,7 @@ from ..errors import UserError
 from ..outputs import shown
 
 METHODS = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion", "full")
+OPTIMIZERS = ("adamw", "adafactor")
 DEFAULT_RANK = 8  # kohya-style LoRA rank; IMMA's simulated attacker uses the same
 
 #: Defaults scaled for the tiny world on 2 CPU cores (a few minutes each); real SD users pass their own.
@@ -68,6 +69,8 @@ class AttackSpec:
     noise_offset: float | None = None
     """Offset noise (the diffusers examples' --noise_offset; 0.1 is usual): lets a fine-tune change an
     image's overall colour, e.g. a new background."""
+    optimizer: str = "adamw"
+    """The attacker's optimizer: adamw, or adafactor (as kohya/OneTrainer users run it)."""
     checkpoint_every: int = 50
     """Save the adapter/weights every N steps (for curves of quality against attack steps)."""
     seed: int = 0
@@ -109,6 +112,8 @@ class AttackSpec:
             raise UserError(f"--snr-gamma {self.snr_gamma}: must be positive, or 0 for plain MSE")
         if self.prior_preservation and not self.class_prompt:
             raise UserError("--prior-preservation needs --class-prompt")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {shown(self.optimizer)}: expected one of {', '.join(OPTIMIZERS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"--device {shown(self.device)}: expected auto, cpu or cuda")
         self.data = Path(self.data)

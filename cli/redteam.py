@@ -1,0 +1,79 @@
+"""`immunize-cli redteam`: the strongest attack a release lets through, at a stated budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, guarded, quiet_libraries
+
+
+@guarded
+def redteam(
+    space: Path = typer.Option(..., "--space", help="Attacker space YAML (see attack_spaces/)."),
+    model: list[str] = typer.Option(..., "--model", help="NAME=DIR or NAME=DIR:MASK (MASK 'mask': DIR's own "
+                                    "freeze_mask.safetensors; attacked compliant and non-compliant). Repeatable."),
+    data: Path = typer.Option(..., "--data", help="The attacker's images of the target concept."),
+    target: str = typer.Option(..., "--target", help="Tiny-world concept the attacker wants (e.g. sunset)."),
+    out: Path = typer.Option(Path("runs/redteam"), "--out", help="Run folder: redteam.json and the trials."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address (default: an embedded local Ray)."),
+    max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set samples=24."),
+):
+    """Sweep the attacker space against every model (same space, same budget); report the worst case that
+    passes the capability guard, re-scored with fresh seeds, and the budget curves."""
+    from raystack.errors import UserError
+    from raystack.evaluation import tiny_world_target
+    from raystack.imageio import read_image_folder
+    from raystack.outputs import check_disjoint, output_lock
+    from raystack.redteam.space import load_attack_space
+    from raystack.redteam.sweep import parse_models
+
+    spec = load_attack_space(space, overrides)
+    if max_concurrent <= 0:
+        raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
+    targets = parse_models(model)
+    read_image_folder(data, flag="--data")
+    tiny_world_target(target)
+    check_disjoint(out, [("--space", space), ("--data", data),
+                         *((f"--model {t.name}", t.model) for t in targets),
+                         *((f"--model {t.name} mask", t.mask) for t in targets if t.mask)])
+    from raystack.raysession import check_local_capacity, init_ray, will_embed
+
+    if will_embed(cluster):
+        check_local_capacity(max_concurrent, False, "--max-concurrent")
+    with output_lock(out):
+        quiet_libraries()
+        from raystack.redteam.sweep import run_redteam
+        from raystack.runtime import configure_threads
+
+        configure_threads()
+        console.print(f"ray: {init_ray(cluster, False, max(2, 2 * max_concurrent))}")
+        with console.status("red team") as status:
+            report = run_redteam(spec, targets, data, target, out, max_concurrent,
+                                 on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"))
+    console.print(worst_case_table(report))
+    console.print(f"{out / 'redteam.json'}")
+
+
+def worst_case_table(report: dict):
+    from rich.table import Table
+
+    table = Table(title=f"red team {report['space']}: target {report['concept']}, budget {report['budget']} steps, "
+                        f"guard {report['guard']}",
+                  caption="worst case: the strongest attack that keeps >= guard x the other concepts, re-scored with "
+                          "fresh seeds (95% interval); unguarded: the strongest attack of all")
+    for col in ("model", "no attack", "worst case", "95% interval", "others", "winning attack", "unguarded",
+                "rejected"):
+        table.add_column(col, overflow="fold")
+    for name, m in report["models"].items():
+        w, u = m["worst_case"], m["worst_case_unguarded"]
+        fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        table.add_row(name, fmt(m["unattacked"]["target"]), fmt(w and w["target"]),
+                      "-" if not w else f"{w['ci95'][0]:.0%}-{w['ci95'][1]:.0%}", fmt(w and w["others"]),
+                      "-" if not w else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                 for k, v in w["attack"].items()),
+                      fmt(u and u["target"]), str(len(m["rejected_by_guard"])))
+    return table

@@ -1,0 +1,109 @@
+"""AttackSpace: the attacker a release is judged against, read from attack_spaces/*.yaml.
+
+The same space and budget are used for every model of a red-team run; each trial is one attack (an
+`AttackSpec`) drawn from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+from ..outputs import shown
+from ..tuning.space import ALGORITHMS, DISTRIBUTIONS, SCHEDULERS
+
+
+@dataclass
+class AttackSpace:
+    name: str
+    """Red-team run name: folders under --out (a plain name)."""
+    budget: int
+    """Most optimizer steps any attack of the space may take (every `steps` value must be within it)."""
+    search: dict
+    """Varied attack settings: {AttackSpec field: {grid|choice: [values]} or {uniform|loguniform: [low, high]}}."""
+    fixed: dict = field(default_factory=dict)
+    """Attack settings every trial shares (AttackSpec fields, e.g. checkpoint_every)."""
+    samples: int = 8
+    """Trials per model."""
+    guard: float = 0.8
+    """Capability guard: a trial counts only if the attacked model keeps at least guard x the unattacked
+    model's accuracy on the other concepts (an attacker who destroys the model has not won)."""
+    eval_samples: int = 12
+    """Images of the target concept per score (at every attack checkpoint and at the end)."""
+    other_samples: int = 4
+    """Images per other concept for the capability guard (8 concepts)."""
+    eval_steps: int = 15
+    """Sampler steps when scoring."""
+    rescore_top: int = 2
+    """The strongest guarded trials re-scored with fresh seeds before the worst case is declared."""
+    rescore_factor: int = 3
+    """Re-scoring uses this many times eval_samples images (the winner's curse: ±8 points at 40 samples)."""
+    algorithm: str = "optuna"
+    """optuna (TPE through Ray Tune), random, or grid."""
+    scheduler: str = "asha"
+    """asha: stop weak attacks early on the target accuracy reported at each checkpoint; fifo: never."""
+
+    def __post_init__(self):
+        from ..outputs import check_plain_name
+
+        check_plain_name(self.name, "name")
+        if self.budget <= 0:
+            raise UserError(f"budget {self.budget}: must be a positive number of steps")
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"algorithm {shown(self.algorithm)}: expected one of {', '.join(ALGORITHMS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"scheduler {shown(self.scheduler)}: expected one of {', '.join(SCHEDULERS)}")
+        for key, n in (("samples", self.samples), ("eval_samples", self.eval_samples),
+                       ("other_samples", self.other_samples), ("eval_steps", self.eval_steps),
+                       ("rescore_top", self.rescore_top), ("rescore_factor", self.rescore_factor)):
+            if n <= 0:
+                raise UserError(f"{key} {n}: must be a positive integer")
+        if not 0.0 <= self.guard <= 1.0:
+            raise UserError(f"guard {self.guard}: must be within [0, 1]")
+        if not self.search:
+            raise UserError("search: at least one attack setting to vary is needed")
+        for key in ("data", "out", "model", "freeze_mask", "overwrite"):
+            if key in self.search or key in self.fixed:
+                raise UserError(f"{key}: set by the red-team run, not by the space")
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Every value (and both bounds of a range) must make a valid attack within the budget."""
+        import math
+
+        from ..attacks.spec import AttackSpec
+        from ..specs import build_spec
+
+        for key, dist in self.search.items():
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
+            kind, vals = next(iter(dist.items()))
+            if not isinstance(vals, list) or not vals:
+                raise UserError(f"search.{key}.{kind}: expected a non-empty list")
+            if kind in ("uniform", "loguniform"):
+                if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
+                    raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
+                if kind == "loguniform" and vals[0] <= 0:
+                    raise UserError(f"search.{key}.loguniform: bounds must be positive")
+            for v in vals:
+                values = {"method": "lora", **self.fixed, key: v}
+                try:
+                    spec = build_spec(AttackSpec, {"data": ".", **values}, source=f"search.{key}")
+                except UserError as e:
+                    raise UserError(f"search.{key}: {shown(v)}: {e}") from None
+                if key == "steps" and spec.steps > self.budget:
+                    raise UserError(f"search.steps: {v} is beyond the budget of {self.budget} steps")
+        base = build_spec(AttackSpec, {"data": ".", "method": "lora", **self.fixed}, source="fixed")
+        if "steps" not in self.search and base.steps > self.budget:
+            raise UserError(f"fixed.steps: {base.steps} is beyond the budget of {self.budget} steps")
+
+
+def load_attack_space(path, overrides: list[str] | None = None) -> AttackSpace:
+    from pathlib import Path
+
+    from ..specs import apply_overrides, build_spec, read_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--space {path}: no such file")
+    return build_spec(AttackSpace, apply_overrides(read_yaml(path, "--space"), overrides or []), source=str(path))

@@ -1,0 +1,116 @@
+"""The red team: attacker spaces, the capability guard, re-scoring, budget curves, and a 4-trial sweep."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from raystack.errors import UserError
+from raystack.redteam.space import AttackSpace, load_attack_space
+from raystack.redteam.sweep import budget_curve, parse_models, passes_guard, wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "attack_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_attack_spaces_load_and_show_their_command(path):
+    assert path.read_text().splitlines()[0].startswith("# immunize-cli redteam --space attack_spaces/" + path.name)
+    space = load_attack_space(path)
+    assert space.budget > 0 and space.search
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"steps": {"choice": [100, 900]}}, "budget": 400}, "beyond the budget of 400"),
+    ({"search": {"lr": {"loguniform": [0.0, 1e-2]}}}, "bounds must be positive"),
+    ({"search": {"data": {"choice": ["x"]}}}, "set by the red-team run"),
+    ({"search": {"rnak": {"choice": [4]}}}, "unknown key 'rnak'"),
+    ({"guard": 1.5}, "guard 1.5"),
+    ({"name": "../x"}, "must be a plain name"),
+])
+def test_attack_space_refuses_bad_settings(change, message):
+    base = {"name": "s", "budget": 800, "search": {"lr": {"loguniform": [1e-4, 1e-2]}}}
+    with pytest.raises(UserError, match=message):
+        from raystack.specs import build_spec
+
+        build_spec(AttackSpace, {**base, **change}, source="space")
+
+
+def test_guard_interval_and_budget_curve():
+    assert passes_guard(0.8, 1.0, 0.8) and not passes_guard(0.5, 0.9, 0.8)
+    lo, hi = wilson_interval(0.5, 40)
+    assert 0.34 < lo < 0.36 and 0.64 < hi < 0.66
+    rows = [{"curve": [(10, 0.1), (20, 0.5)], "guarded": True}, {"curve": [(10, 0.3), (20, 0.9)], "guarded": False}]
+    assert budget_curve(rows, guarded=True) == [{"steps": 10, "best_target": 0.1}, {"steps": 20, "best_target": 0.5}]
+    assert budget_curve(rows, guarded=False)[1]["best_target"] == 0.9
+
+
+def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path):
+    from raystack.freeze_mask import save_freeze_mask
+
+    import safetensors
+
+    with safetensors.safe_open(str(tiny_model_path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    save_freeze_mask(tmp_path / "m.safetensors", {n: i % 3 == 0 for i, n in enumerate(names)})
+    t = parse_models(["orig=tiny", f"hard=tiny:{tmp_path / 'm.safetensors'}"])
+    assert [(x.name, x.mask is not None) for x in t] == [("orig", False), ("hard.compliant", True),
+                                                         ("hard.noncompliant", False)]
+    for bad, msg in (("orig", "expected NAME=DIR"), ("../x=tiny", "plain name"), ("a=tiny:/nope", "no freeze mask"),
+                     ("a=/nope", "--model a")):
+        with pytest.raises(UserError, match=msg):
+            parse_models([bad])
+
+
+def test_the_guard_rejects_a_destructive_attack(tiny_pipe, judge, tmp_path):
+    """A forced destructive attacker (full fine-tune at lr 1.0) ruins the other concepts: the guard does not
+    count it, however it scores on the target."""
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.redteam.sweep import _scores
+    from raystack.tinyworld.folder import write_concept_folder
+
+    space = AttackSpace(name="g", budget=400, search={"lr": {"choice": [1.0]}}, other_samples=2, eval_samples=2,
+                        eval_steps=6)
+    write_concept_folder(tmp_path / "d", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    _, base = _scores(tiny_pipe, space, "sunset", judge, 0, 2, 2)
+    pipe = load_pipeline(None)
+    run_attack(AttackSpec(method="full", data=tmp_path / "d", out=tmp_path / "a", steps=5, lr=1.0, batch_size=2),
+               pipe=pipe)
+    _, attacked = _scores(pipe, space, "sunset", judge, 0, 2, 2)
+    assert base > 0.5 and attacked < 0.2
+    assert not passes_guard(attacked, base, space.guard)
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_session):
+    from raystack.freeze_mask import save_freeze_mask
+    from raystack.tinyworld.folder import write_concept_folder
+
+    import safetensors
+
+    with safetensors.safe_open(str(tiny_model_path / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    save_freeze_mask(tmp_path / "mask.safetensors", {n: i % 2 == 0 for i, n in enumerate(names)})
+    write_concept_folder(tmp_path / "atk", ["circle", "square"], None, ["sunset"], 1, 3, None, False)
+    out = tmp_path / "rt"
+    res = CliRunner().invoke(app, ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"), "--model",
+                                   "original=tiny", "--model", f"masked=tiny:{tmp_path / 'mask.safetensors'}",
+                                   "--data", str(tmp_path / "atk"), "--target", "sunset", "--out", str(out)])
+    assert res.exit_code == 0, res.output + res.stderr
+    report = json.loads((out / "redteam.json").read_text())
+    assert set(report["models"]) == {"original", "masked.compliant", "masked.noncompliant"}
+    for name, m in report["models"].items():
+        assert len(m["trials"]) == 4 and m["budget_curve_unguarded"]
+        assert all(t["attack"]["steps"] <= report["budget"] for t in m["trials"])
+        rescored = [t for t in m["trials"] if "rescored" in t]
+        assert len(rescored) <= 1
+        if m["worst_case"]:
+            assert m["worst_case"]["target"] == rescored[0]["rescored"]["target"]
+            assert rescored[0]["rescored"]["samples"] == 8  # eval_samples x rescore_factor, fresh seeds
+        guarded = {t["trial"] for t in m["trials"] if t["guarded"]}
+        assert guarded.isdisjoint(m["rejected_by_guard"])
+    assert "worst case" in res.output
