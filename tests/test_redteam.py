@@ -46,7 +46,7 @@ def test_guard_interval_and_budget_curve():
     assert budget_curve(rows, guarded=False)[1]["best_target"] == 0.9
 
 
-def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path):
+def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path, monkeypatch):
     from raystack.freeze_mask import save_freeze_mask
 
     import safetensors
@@ -57,6 +57,11 @@ def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path)
     t = parse_models(["orig=tiny", f"hard=tiny:{tmp_path / 'm.safetensors'}"])
     assert [(x.name, x.mask is not None) for x in t] == [("orig", False), ("hard.compliant", True),
                                                          ("hard.noncompliant", False)]
+    import os
+
+    monkeypatch.chdir(tmp_path)  # paths are made absolute: the trials run in their own folders
+    (rel,) = parse_models([f"r={os.path.relpath(tiny_model_path)}:m.safetensors"])[:1]
+    assert Path(rel.model).is_absolute() and Path(rel.mask).is_absolute()
     for bad, msg in (("orig", "expected NAME=DIR"), ("../x=tiny", "plain name"), ("a=tiny:/nope", "no freeze mask"),
                      ("a=/nope", "--model a")):
         with pytest.raises(UserError, match=msg):

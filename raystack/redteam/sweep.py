@@ -46,10 +46,10 @@ def parse_models(values: list[str]) -> list[Target]:
             raise UserError(f"--model {shown(v)}: expected NAME=DIR or NAME=DIR:MASK")
         check_plain_name(name, "--model: the name")
         folder, _, mask = rest.partition(":")
-        path = resolve_model_path(folder, f"--model {name}")
+        path = resolve_model_path(folder, f"--model {name}").resolve()  # trials run in other folders (or nodes)
         check_pipeline_folder(path, f"--model {name}")
         if mask:
-            mask_path = path / "freeze_mask.safetensors" if mask == "mask" else Path(mask)
+            mask_path = (path / "freeze_mask.safetensors" if mask == "mask" else Path(mask)).resolve()
             if not mask_path.is_file():
                 raise UserError(f"--model {shown(v)}: no freeze mask at {mask_path}")
             out += [Target(f"{name}.compliant", str(path), str(mask_path)), Target(f"{name}.noncompliant", str(path))]
