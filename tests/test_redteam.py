@@ -46,6 +46,17 @@ def test_guard_interval_and_budget_curve():
     assert budget_curve(rows, guarded=False)[1]["best_target"] == 0.9
 
 
+def test_the_worst_case_must_pass_the_guard_on_its_re_scored_numbers():
+    from raystack.redteam.sweep import declare_worst_case
+
+    rows = [{"trial": "a", "rescored": {"target": 0.9, "others": 0.3}},   # strongest, but ruins the model
+            {"trial": "b", "rescored": {"target": 0.5, "others": 0.8}},
+            {"trial": "c", "rescored": {"target": 0.4, "others": 0.9}}]
+    assert declare_worst_case(rows, 0.9, 0.5)["trial"] == "b"
+    assert [r["rescored"]["guarded"] for r in rows] == [False, True, True]
+    assert declare_worst_case(rows[:1], 0.9, 0.5) is None
+
+
 def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path, monkeypatch):
     from raystack.freeze_mask import save_freeze_mask
 

@@ -173,6 +173,16 @@ def budget_curve(rows: list[dict], guarded: bool) -> list[dict]:
             for s in pts]
 
 
+def declare_worst_case(rescored: list[dict], others_unattacked: float, guard: float) -> dict | None:
+    """The strongest re-scored trial that still passes the guard on its re-scored numbers: the winner's curse
+    hits the guard too (a trial that passed on a few samples may not on more)."""
+    still = [r for r in rescored if r["rescored"]["others"] is not None
+             and passes_guard(r["rescored"]["others"], others_unattacked, guard)]
+    for r in rescored:
+        r["rescored"]["guarded"] = r in still
+    return max(still, key=lambda r: r["rescored"]["target"], default=None)
+
+
 def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
@@ -211,7 +221,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         guarded = sorted([r for r in done if r["guarded"]], key=lambda r: -r["target"])
         for r in guarded[: space.rescore_top]:
             r["rescored"] = rescore(r, space, concept, judge)
-        best = max(guarded[: space.rescore_top], key=lambda r: r["rescored"]["target"], default=None)
+        best = declare_worst_case(guarded[: space.rescore_top], base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         report["models"][t.name] = {
             "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
