@@ -23,18 +23,7 @@ def attack(
     from raystack.specs import spec_from_cli
 
     spec = spec_from_cli(AttackSpec, config, flags)
-    from raystack.errors import UserError
-    from raystack.models.pipeline_io import resolve_model_path
-    from raystack.outputs import check_disjoint, check_replaceable
-
-    out = spec.out
-    if out is None:
-        raise UserError("--out is required")
-    check_disjoint(out, [("--data", spec.data), ("--model", resolve_model_path(spec.model)),
-                         ("--freeze-mask", spec.freeze_mask), ("--config", config)])
-    if out.exists() and not spec.overwrite:
-        raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out)
+    spec.check_output(extra_inputs=(("--config", config),))  # before torch loads: bad input fails fast
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -48,4 +37,4 @@ def attack(
         task = prog.add_task(f"attack {spec.method}", total=spec.steps, loss=float("nan"))
         info = run_attack(spec, on_step=lambda s, l: prog.update(task, completed=s, loss=l))
     console.print(f"{spec.method}: {info['steps']} steps in {info['wall_seconds']:.0f}s, final loss "
-                  f"{info['final_loss']:.4f} -> {out}")
+                  f"{info['final_loss']:.4f} -> {spec.out}")

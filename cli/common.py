@@ -24,6 +24,17 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def require_finite(**values: float) -> None:
+    """Float options typed on the command line (not through a spec) must be finite numbers: --name inf is refused."""
+    import math
+
+    from raystack.errors import UserError
+
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+
+
 def guarded(fn):
     """Bad input becomes one clear line; a bug keeps its traceback only with IMMUNIZE_DEBUG=1."""
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import console, guarded, quiet_libraries
+from .common import console, guarded, quiet_libraries, require_finite
 
 
 def _parse_runs(values: list[str]) -> dict[str, Path]:
@@ -59,8 +58,7 @@ def evaluate(
     from raystack.tinyworld.classifier import default_classifier_path
 
     runs = _parse_runs(run)
-    if not math.isfinite(guidance):
-        raise UserError(f"--guidance {guidance}: must be a finite number")
+    require_finite(guidance=guidance)
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--reference", reference), ("--clip", clip),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     if out.exists() and not overwrite:

@@ -43,7 +43,8 @@ def harden(
             losses = " ".join(f"{k} {v:.4f}" for k, v in state["losses"].items() if isinstance(v, (int, float)))
             prog.update(task, description=f"harden {state['phase']}", completed=state["step"], losses=losses)
 
-        manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"))
+        manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
+                              validated=True)
     console.print(f"{spec.method}: {spec.out} ({manifest['wall_seconds']:.0f}s"
                   + (f", frozen ratio {manifest['frozen_ratio']:.3f}" if manifest["frozen_ratio"] is not None else "")
                   + ")")

@@ -8,20 +8,10 @@ from typing import Optional
 
 import typer
 
-from .common import console, guarded, quiet_libraries
+from .common import console, guarded, quiet_libraries, require_finite
 
 world_app = typer.Typer(help="The tiny world: generate data, pretrain, sample, score, check quality.",
                         no_args_is_help=True)
-
-
-def _check_finite(**values) -> None:
-    import math
-
-    from raystack.errors import UserError
-
-    for name, v in values.items():
-        if not math.isfinite(v):
-            raise UserError(f"--{name.replace('_', '-')} {v}: must be a finite number")
 
 
 def _setup():
@@ -97,7 +87,7 @@ def pretrain(
     """
     from raystack.outputs import check_disjoint
 
-    _check_finite(unet_lr=unet_lr)
+    require_finite(unet_lr=unet_lr)
     check_disjoint(out, [("--init-from", init_from)])
     check_disjoint(work, [("--init-from", init_from)], "--work")
     quiet_libraries()
@@ -145,7 +135,7 @@ def sample(
     from raystack.outputs import check_disjoint
 
     check_disjoint(out, [("--model", resolve_model_path(model))])
-    _check_finite(guidance=guidance)
+    require_finite(guidance=guidance)
     _setup()
     from raystack.imageio import save_png
     from raystack.models.pipeline_io import load_pipeline
@@ -212,7 +202,7 @@ def quality(
         if path is not None:
             check_disjoint(path, [("--model", resolve_model_path(model)),
                                   ("--classifier", classifier or default_classifier_path())], flag)
-    _check_finite(guidance=guidance)
+    require_finite(guidance=guidance)
     _setup()
     from rich.progress import BarColumn, Progress, TimeRemainingColumn
     from rich.table import Table

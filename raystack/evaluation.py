@@ -99,6 +99,13 @@ def sampled_accuracy(pipe, prompts: list[str], criterion: dict, n: int, judge, s
     return concept_accuracy(judge(generate(pipe, cycled(prompts, n), steps=steps, seed=seed)), **criterion)
 
 
+def other_concepts_accuracy(pipe, target: str, n: int, judge, seed: int = 1, steps: int = 25) -> float:
+    """Mean accuracy over the legal concepts other than `target`, n images each: what a hardening (a sweep's
+    utility) or an attack (the red team's capability guard) must leave."""
+    return float(np.mean([sampled_accuracy(pipe, c.prompts, c.criterion, n, judge, seed=seed, steps=steps)
+                          for c in tiny_world_others(target)]))
+
+
 def attacked_hardening(info: dict) -> dict | None:
     """The hardening an attack ran against: the attacked model's own (a hardened release), or, for an attack
     that respected a FreezeAsGuard mask, the mask's (read from the mask file's metadata and its release)."""

@@ -3,7 +3,22 @@
 import pytest
 import torch
 
-from raystack.hardening.imma import TorchOuter, imma_iteration
+from raystack.hardening.imma import imma_iteration
+
+
+class TorchOuter:
+    """An outer Adam on bare tensors for `imma_iteration` (the product binds a phase to its engine instead)."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+
+    def backward(self, loss) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> None:
+        self.opt.step()
 
 
 class ToyAdapter:

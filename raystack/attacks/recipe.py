@@ -13,8 +13,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 from ..atomic import atomic_dir
-from ..errors import UserError
-from ..outputs import check_disjoint, check_replaceable, output_lock
+from ..outputs import output_lock
 from ..specs import spec_to_dict
 from .methods import Adaptation, make_adaptation
 from .spec import AttackSpec
@@ -135,16 +134,9 @@ class AttackState:
 
 def run_attack(spec: AttackSpec, on_step: Callable[[int, float], None] | None = None, pipe=None) -> dict:
     """Run the attack and write `spec.out`; returns the attack.json contents."""
-    from ..models.pipeline_io import resolve_model_path
-
-    if spec.out is None:
-        raise UserError("--out is required")
-    check_disjoint(spec.out, [("--data", spec.data), ("--model", resolve_model_path(spec.model)),
-                              ("--freeze-mask", spec.freeze_mask)])
+    spec.check_output()
     with output_lock(spec.out):
-        if spec.out.exists() and not spec.overwrite:
-            raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
-        check_replaceable(spec.out)
+        spec.check_out_free()  # again under the lock: another run may have written it meanwhile
         return _run_attack_locked(spec, on_step, pipe)
 
 

@@ -119,3 +119,23 @@ class AttackSpec:
         self.data = Path(self.data)
         self.out = Path(self.out) if self.out is not None else None
         self.freeze_mask = Path(self.freeze_mask) if self.freeze_mask else None
+
+    def check_output(self, extra_inputs: tuple = ()) -> None:
+        """--out apart from every input of the attack (and `extra_inputs`, e.g. the --config file), then
+        `check_out_free`."""
+        from ..models.pipeline_io import resolve_model_path
+        from ..outputs import check_disjoint
+
+        if self.out is None:
+            raise UserError("--out is required")
+        check_disjoint(self.out, [("--data", self.data), ("--model", resolve_model_path(self.model)),
+                                  ("--freeze-mask", self.freeze_mask), *extra_inputs])
+        self.check_out_free()
+
+    def check_out_free(self) -> None:
+        """--out is new, or --overwrite replaces an earlier output of this tool."""
+        from ..outputs import check_replaceable
+
+        if self.out.exists() and not self.overwrite:
+            raise UserError(f"--out {self.out}: already exists (pass --overwrite to replace it)")
+        check_replaceable(self.out)

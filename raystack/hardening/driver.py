@@ -85,10 +85,11 @@ def check_writable(out: Path, flag: str) -> None:
 
 
 def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> str:
-    """Start or join Ray for a harden run, then check that the cluster can hold the workers."""
-    embedded = will_embed(spec.cluster)
+    """Start or join Ray for a harden run; a cluster joined here must hold the workers (an embedded Ray, or the
+    one this process already runs in, was checked by `validate_inputs`)."""
+    joins = not will_embed(spec.cluster) and not ray_running_here()
     line = init_ray(spec.cluster, spec.use_gpu, num_cpus or max(2, spec.workers + 1))
-    if not embedded:
+    if joins:
         check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
     return line
 
@@ -113,7 +114,6 @@ def _progress_actor():
 def worker_config(spec: HardenSpec) -> dict:
     """The spec as plain values, every path absolute: workers run in another directory (or machine)."""
     from ..models.pipeline_io import resolve_model_path
-
     from ..specs import spec_to_dict
 
     cfg = spec_to_dict(spec)
@@ -133,10 +133,13 @@ DEFAULT_BUSY_WAIT_S = 600.0
 
 
 def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = None,
-               fault_injection: dict | None = None, on_info: Callable[[str], None] | None = None) -> dict:
+               fault_injection: dict | None = None, on_info: Callable[[str], None] | None = None,
+               validated: bool = False) -> dict:
     """Submit the job, wait, assemble outputs; returns the manifest. Holds the lock on `--out` (and its run
-    folder) from before Ray starts until the output is committed."""
-    validate_inputs(spec)
+    folder) from before Ray starts until the output is committed. `validated`: the caller has just run
+    `validate_inputs(spec)` (the CLI does, before its progress bar), so it is not run twice."""
+    if not validated:
+        validate_inputs(spec)
     with output_lock(spec.out, "--out", with_run_dir=True):
         if spec.out.exists() and not spec.overwrite and not spec.resume:  # made while we waited for Ray's import
             raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
@@ -356,18 +359,14 @@ def relative_to_out(path, out: Path) -> str:
 
 def recorded_spec(spec: HardenSpec) -> dict:
     """The spec as the manifest records it: paths relative to --out, the signing key's location left out."""
+    from ..models.pipeline_io import resolve_model_path
     from ..specs import spec_to_dict
 
     d = spec_to_dict(spec)
     d["out"] = "."
     d["sign_key"] = None
-    d["model"] = relative_to_out(resolve_model_path_quiet(spec.model), spec.out)
+    d["model"] = relative_to_out(resolve_model_path(spec.model), spec.out)
     d["target"] = [relative_to_out(t, spec.out) for t in spec.target]
     d["legal"] = relative_to_out(spec.legal, spec.out) if spec.legal is not None else None
     return d
 
-
-def resolve_model_path_quiet(model):
-    from ..models.pipeline_io import resolve_model_path
-
-    return resolve_model_path(model)

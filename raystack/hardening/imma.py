@@ -34,23 +34,6 @@ class OuterOptimizer(Protocol):
     def step(self) -> None: ...
 
 
-class TorchOuter:
-    """Outer Adam on S without DeepSpeed (tests, single process)."""
-
-    def __init__(self, params, lr: float):
-        import torch
-
-        self.params = list(params)
-        self.opt = torch.optim.Adam(self.params, lr=lr)
-
-    def backward(self, loss) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-
-    def step(self) -> None:
-        self.opt.step()
-
-
 def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "torch.Tensor"],  # noqa: F821
                    outer_loss: Callable, outer: OuterOptimizer, theta_s: list,
                    inner_lr: float, inner_steps: int = 1, retain_weight: float = 0.0,

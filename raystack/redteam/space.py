@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..outputs import shown
-from ..tuning.space import ALGORITHMS, DISTRIBUTIONS, SCHEDULERS
+from ..tuning.space import ALGORITHMS, SCHEDULERS, check_distribution
 
 
 @dataclass
@@ -68,23 +68,12 @@ class AttackSpace:
 
     def check_values(self) -> None:
         """Every value (and both bounds of a range) must make a valid attack within the budget."""
-        import math
-
         from ..attacks.spec import AttackSpec
         from ..specs import build_spec
 
         for key, dist in self.search.items():
-            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-                raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
+            check_distribution(key, dist)
             kind, vals = next(iter(dist.items()))
-            if not isinstance(vals, list) or not vals:
-                raise UserError(f"search.{key}.{kind}: expected a non-empty list")
-            if kind in ("uniform", "loguniform"):
-                if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                             and math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
-                    raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
-                if kind == "loguniform" and vals[0] <= 0:
-                    raise UserError(f"search.{key}.loguniform: bounds must be positive")
             for v in vals:
                 values = {"method": "lora", **self.fixed, key: v}
                 try:

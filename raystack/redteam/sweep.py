@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from ..errors import UserError
 from .space import AttackSpace
@@ -76,16 +75,14 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def _scores(pipe, space: AttackSpace, target_name: str, judge, seed: int, target_n: int, others_n: int):
-    from ..evaluation import sampled_accuracy, tiny_world_others, tiny_world_target
+    from ..evaluation import other_concepts_accuracy, sampled_accuracy, tiny_world_target
 
     concept, _ = tiny_world_target(target_name)
     target = sampled_accuracy(pipe, concept.prompts, concept.criterion, target_n, judge, seed=seed,
                               steps=space.eval_steps)
     if others_n == 0:
         return target, None
-    others = [sampled_accuracy(pipe, c.prompts, c.criterion, others_n, judge, seed=seed + 1, steps=space.eval_steps)
-              for c in tiny_world_others(target_name)]
-    return target, float(np.mean(others))
+    return target, other_concepts_accuracy(pipe, target_name, others_n, judge, seed + 1, space.eval_steps)
 
 
 def attack_trial(config: dict) -> None:
@@ -127,21 +124,16 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
 
     from ..outputs import confined_rmtree
     from ..tuning.space import param_space
-    from ..tuning.sweep import make_search_alg, trial_dirname
+    from ..tuning.sweep import make_scheduler, make_search_alg, trial_dirname
 
     name = f"{space.name}-{target.name}"
     confined_rmtree(storage / name, storage.parent)
-    sched = None
-    if space.scheduler == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        sched = ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2, max_t=10_000)
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
                        "target": target.__dict__, "data": str(data), "concept": concept})
     tuner = tune.Tuner(
         tune.with_resources(attack_trial, {"cpu": 1}), param_space=space_dict,
-        tune_config=tune.TuneConfig(metric="target_running", mode="max", scheduler=sched,
+        tune_config=tune.TuneConfig(metric="target_running", mode="max", scheduler=make_scheduler(space),
                                     search_alg=make_search_alg(space, max_concurrent), num_samples=space.samples,
                                     max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))

@@ -149,21 +149,11 @@ class TuneSpace:
         base.setdefault("legal", ".")
         base.setdefault("out", "probe")
         for key, dist in self.search.items():
-            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-                raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
-            if not isinstance(next(iter(dist.values())), list) or not next(iter(dist.values())):
-                raise UserError(f"search.{key}.{next(iter(dist))}: expected a non-empty list")
+            check_distribution(key, dist)
         # the fixed settings with one value of every varied one: names and types are checked now, not in trial 3
         build_spec(HardenSpec, {**base, **{k: _example(v) for k, v in self.search.items()}}, source="harden/search")
         for key, dist in self.search.items():
             kind, vals = next(iter(dist.items()))
-            if kind in ("uniform", "loguniform"):
-                if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-                    raise UserError(f"search.{key}.{kind}: expected [low, high], two numbers")
-                if not all(math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
-                    raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
-                if kind == "loguniform" and vals[0] <= 0:
-                    raise UserError(f"search.{key}.loguniform: bounds must be positive")
             # every value (both bounds of a range) must make a valid harden spec: names, types, finiteness and
             # ranges are checked now, not in trial 3
             for i, v in enumerate(vals):
@@ -186,6 +176,23 @@ class TuneSpace:
                 raise UserError(f"{where}: unknown method {shown(a.get('method'))!r}; expected one of "
                                 f"{', '.join(METHODS)}")
             build_spec(AttackSpec, {"data": ".", **a}, source=where)
+
+
+def check_distribution(key: str, dist) -> None:
+    """One varied setting of a space (tune or attack): {grid|choice: [values]} or {uniform|loguniform: [low, high]}
+    with finite low < high (positive for loguniform). The values themselves are checked by the caller's spec."""
+    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
+    kind, vals = next(iter(dist.items()))
+    if not isinstance(vals, list) or not vals:
+        raise UserError(f"search.{key}.{kind}: expected a non-empty list")
+    if kind in ("uniform", "loguniform"):
+        if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            raise UserError(f"search.{key}.{kind}: expected [low, high], two numbers")
+        if not all(math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
+            raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
+        if kind == "loguniform" and vals[0] <= 0:
+            raise UserError(f"search.{key}.loguniform: bounds must be positive")
 
 
 def _example(dist: dict):

@@ -72,10 +72,9 @@ def _score(pipe, prompts: list[str], criterion: dict, judge, space: TuneSpace, s
 
 
 def _utility(pipe, judge, space: TuneSpace) -> float:
-    from ..evaluation import tiny_world_others
+    from ..evaluation import other_concepts_accuracy
 
-    accs = [_score(pipe, c.prompts, c.criterion, judge, space, 1) for c in tiny_world_others(space.target_concept)]
-    return float(np.mean(accs))
+    return other_concepts_accuracy(pipe, space.target_concept, space.eval_samples, judge, 1, space.eval_steps)
 
 
 def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str):
@@ -163,8 +162,9 @@ def run_trial(config: dict) -> None:
 
 
 # the driver ---------------------------------------------------------------------------------------------
-def make_scheduler(space: TuneSpace):
-    """ASHA stops a trial early on the target accuracy reported at each attack checkpoint."""
+def make_scheduler(space):
+    """ASHA stops a trial early on the target accuracy reported at each attack checkpoint (a TuneSpace's
+    trials, or an AttackSpace's attacks)."""
     if space.scheduler != "asha":
         return None
     from ray.tune.schedulers import ASHAScheduler
