@@ -1,7 +1,7 @@
 """Parent-death watch for an embedded Ray: `python -m raystack.ray_reaper MARKER TEMP_DIR DRIVER_PID`.
 
 The driver starts this with a pipe on stdin and keeps the write end. While the driver lives, this process
-records the driver's descendants every second (the GCS, the raylet and what the raylet starts: dashboard and
+records the driver's descendants four times a second (the GCS, the raylet and what the raylet starts: dashboard and
 runtime-env agents, workers). When the driver ends in any way (SIGKILL included) the kernel closes the pipe;
 this process then ends every recorded descendant still alive (same pid *and* start time, so a reused pid is
 never hit) and every process carrying `IMMUNIZE_RAY_SESSION=MARKER` in its environment, and removes Ray's
@@ -46,8 +46,8 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
 
 
-def descendants(root: int) -> dict[int, int]:
-    """{pid: start time} of every process below `root`."""
+def _process_tree() -> tuple[dict[int, list[int]], dict[int, int]]:
+    """({parent: [children]}, {pid: start time}) of every process now."""
     children: dict[int, list[int]] = {}
     starts: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -56,38 +56,69 @@ def descendants(root: int) -> dict[int, int]:
             if st is not None:
                 children.setdefault(st[0], []).append(int(name))
                 starts[int(name)] = st[1]
-    out, stack = {}, list(children.get(root, []))
+    return children, starts
+
+
+def _below(roots: list[int], children: dict[int, list[int]], starts: dict[int, int]) -> dict[int, int]:
+    out, stack = {}, [c for r in roots for c in children.get(r, [])]
     while stack:
         pid = stack.pop()
-        if pid not in out:
+        if pid not in out and pid in starts:
             out[pid] = starts[pid]
             stack.extend(children.get(pid, []))
     return out
 
 
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of every process below `root`."""
+    children, starts = _process_tree()
+    return _below([root], children, starts)
+
+
 def _alive(recorded: dict[int, int], marker: str) -> list[int]:
+    """The recorded processes still alive (same start time), what they have started since, and every process
+    carrying the session's marker."""
     me = os.getpid()
-    pids = [p for p, start in recorded.items() if p != me and (_stat(p) or (0, None))[1] == start]
-    return sorted(set(pids) | set(session_pids(marker)))
+    children, starts = _process_tree()
+    live = [p for p, start in recorded.items() if p != me and starts.get(p) == start]
+    pids = set(live) | set(_below(live, children, starts)) | set(session_pids(marker))
+    pids.discard(me)
+    return sorted(pids)
 
 
-def reap(marker: str, recorded: dict[int, int] | None = None, grace: float = 3.0) -> int:
-    """SIGTERM the session's processes, SIGKILL what is left after `grace` seconds; returns how many."""
+def reap(marker: str, recorded: dict[int, int] | None = None, grace: float = 3.0, settle: float = 1.0,
+         deadline: float = 30.0) -> int:
+    """SIGTERM the session's processes, SIGKILL what is left after `grace` seconds, and keep killing until none
+    has been seen for `settle` seconds (a raylet killed mid-fork leaves a child that appears only after the
+    first pass: seen once in CI as a RuntimeEnvAgent outliving the driver); returns how many are left."""
     recorded = recorded or {}
+    end = time.time() + deadline
     pids = _alive(recorded, marker)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + grace
-        while sig == signal.SIGTERM and time.time() < deadline and _alive(recorded, marker):
-            time.sleep(0.1)
+    for pid in pids:
+        _kill(pid, signal.SIGTERM)
+    stop_waiting = time.time() + grace
+    while time.time() < stop_waiting and _alive(recorded, marker):
+        time.sleep(0.1)
+    quiet_since = None
+    while time.time() < end:
         pids = _alive(recorded, marker)
-        if not pids:
-            break
-    return len(pids)
+        if pids:
+            quiet_since = None
+            for pid in pids:
+                _kill(pid, signal.SIGKILL)
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since >= settle:
+            return 0
+        time.sleep(0.1)
+    return len(_alive(recorded, marker))
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 def main(argv: list[str]) -> None:
@@ -98,7 +129,7 @@ def main(argv: list[str]) -> None:
     recorded: dict[int, int] = {}
     fd = sys.stdin.fileno()
     while True:
-        ready, _, _ = select.select([fd], [], [], 1.0)
+        ready, _, _ = select.select([fd], [], [], 0.25)
         if ready:
             try:
                 if not os.read(fd, 1 << 16):  # b"": the driver has gone
