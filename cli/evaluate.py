@@ -33,7 +33,7 @@ def _parse_runs(values: list[str]) -> dict[str, Path]:
 
 @guarded
 def evaluate(
-    run: list[str] = typer.Option(..., "--run", help="NAME=FOLDER: an attack output or a pipeline (repeatable)."),
+    run: list[str] = typer.Option([], "--run", help="NAME=FOLDER: an attack output or a pipeline (repeatable)."),
     target: str = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape, emblem or colour-style-shape object)."),
     out: Path = typer.Option(..., "--out", help="Report folder: report.json, report.html, images/."),
     baseline: Optional[str] = typer.Option(None, "--baseline",
@@ -51,6 +51,9 @@ def evaluate(
     dino: Optional[Path] = typer.Option(None, "--dino", help="Local DINO model folder: adds the DINO similarity."),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="Concept classifier folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    redteam: Optional[Path] = typer.Option(None, "--redteam", help="A finished `redteam --out`: the report gains "
+                                           "its worst-case section (table, budget curves) and the winning attacks "
+                                           "are evaluated as runs worst-<model>."),
 ):
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
@@ -58,8 +61,22 @@ def evaluate(
     from raystack.tinyworld.classifier import default_classifier_path
 
     runs = _parse_runs(run)
+    redteam_report = None
+    if redteam is not None:
+        from raystack.redteam.sweep import load_redteam
+
+        redteam_report, winners = load_redteam(redteam)
+        if redteam_report["concept"] != target:
+            raise UserError(f"--target {shown(target)}: the red team in --redteam attacked "
+                            f"{shown(redteam_report['concept'])}")
+        if set(winners) & set(runs):
+            raise UserError(f"--run: the names {', '.join(sorted(set(winners) & set(runs)))} are taken by --redteam")
+        runs.update(winners)
+    if not runs and redteam_report is None:
+        raise UserError("--run or --redteam: nothing to evaluate")
     require_finite(guidance=guidance)
-    check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--reference", reference), ("--clip", clip),
+    check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--redteam", redteam),
+                         ("--reference", reference), ("--clip", clip),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     if out.exists() and not overwrite:
         raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
@@ -68,11 +85,11 @@ def evaluate(
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):
         _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                         curves, clip, dino, classifier, overwrite)
+                         curves, clip, dino, classifier, overwrite, redteam_report)
 
 
 def _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                     curves, clip, dino, classifier, overwrite):
+                     curves, clip, dino, classifier, overwrite, redteam_report=None):
     quiet_libraries()
     from rich.table import Table
 
@@ -98,6 +115,8 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     with console.status("evaluating") as status:
         report, images = run_eval(runs, concept, ref, tiny_world_others(exclude=target), judge, embedders, settings,
                                   baseline, on_progress=lambda s: status.update(s))
+    if redteam_report is not None:
+        report["redteam"] = redteam_report
     write_report(out, report, images, ref, overwrite=overwrite)
     table = Table(title=f"target {target}")
     for col in ("run", "attack", "target acc", "others acc", "M(ref) classifier", "SGR", "RSGR"):

@@ -21,6 +21,8 @@ def redteam(
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address (default: an embedded local Ray)."),
     max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
     overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set samples=24."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same space, models "
+                                "and data): finished sweeps are read back, an unfinished one goes on."),
 ):
     """Sweep the attacker space against every model (same space, same budget); report the worst case that
     passes the capability guard, re-scored with fresh seeds, and the budget curves."""
@@ -45,6 +47,9 @@ def redteam(
     if will_embed(cluster):
         check_local_capacity(max_concurrent, False, "--max-concurrent")
     with output_lock(out):
+        from raystack.redteam.sweep import check_resumable
+
+        check_resumable(out, spec, targets, data, target, resume)
         quiet_libraries()
         from raystack.redteam.sweep import run_redteam
         from raystack.runtime import configure_threads
@@ -53,7 +58,8 @@ def redteam(
         console.print(f"ray: {init_ray(cluster, False, max(2, 2 * max_concurrent))}")
         with console.status("red team") as status:
             report = run_redteam(spec, targets, data, target, out, max_concurrent,
-                                 on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"))
+                                 on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
+                                 resume=resume)
     console.print(worst_case_table(report))
     console.print(f"{out / 'redteam.json'}")
 

@@ -56,6 +56,79 @@ def _curves_png(report: dict) -> bytes | None:
     return buf.getvalue()
 
 
+def _budget_curves_png(redteam: dict) -> bytes | None:
+    """Best target accuracy found within s attack steps, per model: guarded (solid), unguarded (dashed)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    drawn = False
+    for i, (name, m) in enumerate(redteam["models"].items()):
+        colour = f"C{i % 10}"
+        for key, style, label in (("budget_curve", "-", name), ("budget_curve_unguarded", "--", f"{name} (unguarded)")):
+            pts = [(p["steps"], p["best_target"]) for p in m.get(key) or [] if p.get("best_target") is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, color=colour, marker="o", markersize=3, label=label)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("attack steps (budget)")
+    ax.set_ylabel("best target accuracy found")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
+    """The worst case a release lets through (from `immunize-cli redteam`): table, budget curves, winners."""
+    def pct(v):
+        return "–" if v is None else f"{v:.1%}"
+
+    def config(a):
+        return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(a.items()))
+
+    rows = []
+    for name, m in redteam["models"].items():
+        w, u = m.get("worst_case"), m.get("worst_case_unguarded")
+        done = [t for t in m.get("trials", []) if t.get("status") == "done"]
+        rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]),
+                     pct(w and w["target"]), "–" if not w else f"{w['ci95'][0]:.0%}–{w['ci95'][1]:.0%}",
+                     pct(w and w["others"]), "none passed the guard" if not w else config(w["attack"]),
+                     pct(u and u["target"]), pct(u and u["others"]),
+                     f"{len(done)} / {len(m.get('rejected_by_guard', []))}"])
+    parts = [f"<h2 id='worst-case'>Worst case (red team): the strongest attack found within {redteam['budget']} "
+             "attack steps</h2>",
+             f"<p>Space <code>{html.escape(str(redteam['space']))}</code>, target "
+             f"<code>{html.escape(str(redteam['concept']))}</code>, seed {html.escape(str(redteam.get('seed', 0)))}. "
+             f"A trial counts only if the attacked model keeps ≥ {redteam['guard']} × its unattacked accuracy on the "
+             "other concepts (capability guard); the strongest guarded trials were re-scored with fresh seeds and "
+             "more samples before the worst case was declared.</p>",
+             _table(["model", "no attack: target", "no attack: others", "worst case (guarded, re-scored)",
+                     "95% interval", "others", "winning attack", "unguarded worst: target", "unguarded: others",
+                     "trials done / rejected by guard"], rows)]
+    curves = _budget_curves_png(redteam)
+    if curves:
+        parts.append(f"<h3>Budget curves</h3><img src='{put('budget_curves.png', curves)}' alt='budget curves'>")
+    if winner_grids:
+        parts.append("<h3>The winning attacks' samples of the target</h3><div class='grids'>")
+        for name, data in winner_grids.items():
+            src = put(f"{_safe(name)}_winner.png", data)
+            parts.append(f"<figure><img src='{src}' alt='{html.escape(name)} winner'>"
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        parts.append("</div>")
+    return "\n".join(parts)
+
+
 def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray]], reference: np.ndarray,
                  overwrite: bool = False, scale: int = 3) -> Path:
     def grid_bytes(imgs, cols=12):
@@ -73,6 +146,10 @@ def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray
 
         parts = [f"<h1>Red-team report: target <code>{html.escape(report['target'])}</code></h1>"]
         parts.append(f"<p>Settings: {html.escape(json.dumps(report['settings']))}</p>")
+        if report.get("redteam"):
+            grids = {f"worst-{m}": grid_bytes(images[f"worst-{m}"]["target"]) for m in report["redteam"]["models"]
+                     if f"worst-{m}" in images}
+            parts.append(_redteam_section(report["redteam"], put, grids))
         parts.append("<h2>Target concept</h2><div class='grids'>")
         parts.append(f"<figure><img src='{put('reference.png', grid_bytes(reference))}' alt='reference'>"
                      "<figcaption>reference images</figcaption></figure>")

@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from browser_check import check_images, find_chromium
 from raystack.errors import UserError
 from raystack.redteam.space import AttackSpace, load_attack_space
 from raystack.redteam.sweep import budget_curve, parse_models, passes_guard, wilson_interval
@@ -129,4 +130,37 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
             assert rescored[0]["rescored"]["samples"] == 8  # eval_samples x rescore_factor, fresh seeds
         guarded = {t["trial"] for t in m["trials"] if t["guarded"]}
         assert guarded.isdisjoint(m["rejected_by_guard"])
+        for t in m["trials"]:
+            if t["status"] == "done":  # where the time went, for the sweep cost benchmark
+                assert t["setup_s"] >= 0 and t["score_s"] > 0 and t["attack_s"] > 0
+                assert abs(t["setup_s"] + t["score_s"] + t["attack_s"] - t["seconds"]) < 0.1
+                assert (out / t["attack_dir"] / "attack.json").is_file()
     assert "worst case" in res.output
+    trials = {n: [t["trial"] for t in m["trials"]] for n, m in report["models"].items()}
+
+    args = ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"), "--model", "original=tiny", "--model",
+            f"masked=tiny:{tmp_path / 'mask.safetensors'}", "--data", str(tmp_path / "atk"), "--target", "sunset",
+            "--out", str(out)]
+    again = CliRunner().invoke(app, args)  # an earlier run is not replaced without --resume
+    assert again.exit_code == 2 and "--resume" in again.stderr
+    other = CliRunner().invoke(app, [*args, "--resume", "--set", "samples=5"])
+    assert other.exit_code == 2 and "the space differs" in other.stderr
+    resumed = CliRunner().invoke(app, [*args, "--resume"])  # finished sweeps are read back, not rerun
+    assert resumed.exit_code == 0, resumed.output + resumed.stderr
+    report2 = json.loads((out / "redteam.json").read_text())
+    assert {n: [t["trial"] for t in m["trials"]] for n, m in report2["models"].items()} == trials
+    assert all(m["resumed"] for m in report2["models"].values())
+    for name, m in report["models"].items():
+        assert [t["target"] for t in report2["models"][name]["trials"]] == [t["target"] for t in m["trials"]]
+
+    if find_chromium() is None:
+        pytest.fail("chromium is not installed: `make test` installs it (apt-get install chromium)")
+    res = CliRunner().invoke(app, ["evaluate", "--redteam", str(out), "--target", "sunset", "--samples", "2",
+                                   "--curve-samples", "1", "--steps", "3", "--no-curves", "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output + res.stderr
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "Worst case" in page and "budget curve" in page.lower()
+    seen = check_images(tmp_path / "rep" / "report.html", find_chromium())
+    assert seen["bad"] == [] and seen["total"] >= 2
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert set(rep["redteam"]["models"]) == set(report["models"])

@@ -41,6 +41,9 @@ class AttackSpace:
     """optuna (TPE through Ray Tune), random, or grid."""
     scheduler: str = "asha"
     """asha: stop weak attacks early on the target accuracy reported at each checkpoint; fifo: never."""
+    seed: int = 0
+    """Seeds the search (TPE), every attack (unless the space sets `seed`) and the scoring samples (re-scoring
+    uses 1000 + seed): another seed is an independent red team of the same space."""
 
     def __post_init__(self):
         from ..outputs import check_plain_name
@@ -61,6 +64,8 @@ class AttackSpace:
             raise UserError(f"guard {self.guard}: must be within [0, 1]")
         if not self.search:
             raise UserError("search: at least one attack setting to vary is needed")
+        if self.seed < 0:
+            raise UserError(f"seed {self.seed}: must not be negative")
         for key in ("data", "out", "model", "freeze_mask", "overwrite"):
             if key in self.search or key in self.fixed:
                 raise UserError(f"{key}: set by the red-team run, not by the space")

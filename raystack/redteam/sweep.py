@@ -85,41 +85,84 @@ def _scores(pipe, space: AttackSpace, target_name: str, judge, seed: int, target
     return target, other_concepts_accuracy(pipe, target_name, others_n, judge, seed + 1, space.eval_steps)
 
 
+_RUN_KEYS = ("space", "target", "data", "concept", "attacks")  # config entries set by the run, not drawn
+_WARM: dict = {}  # per trial process (Tune reuses it across trials): the judge and each model's pipeline, loaded once
+
+
+def _warm_pipeline(model: str):
+    """A fresh copy of `model`'s pipeline: loaded once per process, copied per trial (an attack changes it)."""
+    import copy
+
+    from ..models.pipeline_io import load_pipeline
+
+    key = ("pipe", model)
+    if key not in _WARM:
+        _WARM[key] = load_pipeline(model)
+    return copy.deepcopy(_WARM[key])
+
+
+def _warm_judge():
+    from ..tinyworld.classifier import Judge
+
+    if "judge" not in _WARM:
+        _WARM["judge"] = Judge()
+    return _WARM["judge"]
+
+
 def attack_trial(config: dict) -> None:
-    """Ray Tune function trainable: one attack from the space on one model, scored along the way."""
+    """Ray Tune function trainable: one attack from the space on one model, scored along the way.
+
+    Reports the objective (`target_running`) at every checkpoint and, at the end, where the trial's time went:
+    `setup_s` (from entering this function to the end of the first attack step: pipeline copy, data encoding), `score_s`
+    (sampling and judging) and `attack_s` (the optimizer steps)."""
+    entered = time.time()
     import ray.tune
 
     from ..attacks.recipe import run_attack
     from ..attacks.spec import AttackSpec
-    from ..models.pipeline_io import load_pipeline
     from ..runtime import configure_threads
     from ..specs import build_spec
-    from ..tinyworld.classifier import Judge
 
     configure_threads(1)
     space = AttackSpace(**config["space"])
     target = Target(**config["target"])
-    drawn = {k: v for k, v in config.items() if k not in ("space", "target", "data", "concept")}
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
-    values = {"method": "lora", **space.fixed, **drawn, "data": config["data"], "model": target.model,
-              "freeze_mask": target.mask, "out": str(trial_dir / "attack"), "overwrite": True}
+    drawn = {k: v for k, v in config.items() if k not in _RUN_KEYS}
+    # Straight into --out, not the trial's staging folder: Ray copies that only when a trial's process ends (a
+    # reused process never copied it), and the copy doubled the disk used.
+    attack_dir = Path(config["attacks"]) / ray.tune.get_context().get_trial_id()
+    values = {"method": "lora", "seed": space.seed, **space.fixed, **drawn, "data": config["data"],
+              "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True}
     spec = build_spec(AttackSpec, values, source="trial")
-    judge = Judge()
-    pipe = load_pipeline(target.model)
-    t0 = time.time()
+    judge = _warm_judge()
+    pipe = _warm_pipeline(target.model)
+    clock = {"first_step": None, "score": 0.0}
+
+    def score(n_others):
+        t = time.time()
+        acc, others = _scores(pipe, space, config["concept"], judge, space.seed, space.eval_samples, n_others)
+        clock["score"] += time.time() - t
+        return acc, others
 
     def on_step(step, loss):
+        if clock["first_step"] is None:
+            clock["first_step"] = time.time()
         if step % spec.checkpoint_every == 0 and step != spec.steps:
-            acc, _ = _scores(pipe, space, config["concept"], judge, 0, space.eval_samples, 0)
+            acc, _ = score(0)
             ray.tune.report({"target_running": acc, "attack_step": step})
 
     run_attack(spec, on_step=on_step, pipe=pipe)
-    acc, others = _scores(pipe, space, config["concept"], judge, 0, space.eval_samples, space.other_samples)
+    acc, others = score(space.other_samples)
+    end = time.time()
+    setup = (clock["first_step"] or end) - entered
     ray.tune.report({"target_running": acc, "attack_step": spec.steps, "target": acc, "others": others,
-                     "trial_seconds": round(time.time() - t0, 1), "done_all": True})
+                     "trial_seconds": round(end - entered, 2), "setup_s": round(setup, 2),
+                     "score_s": round(clock["score"], 2), "attack_s": round(end - entered - setup - clock["score"], 2),
+                     "done_all": True})
 
 
-def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int):
+def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
+               resume: bool = False):
+    """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished ones rerun)."""
     from ray import tune
 
     from ..outputs import confined_rmtree
@@ -127,17 +170,29 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     from ..tuning.sweep import make_scheduler, make_search_alg, trial_dirname
 
     name = f"{space.name}-{target.name}"
+    trainable = tune.with_resources(attack_trial, {"cpu": 1})
+    if resume and tune.Tuner.can_restore(str(storage / name)):
+        return tune.Tuner.restore(str(storage / name), trainable, resume_errored=True).fit()
     confined_rmtree(storage / name, storage.parent)
+    confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
-                       "target": target.__dict__, "data": str(data), "concept": concept})
+                       "target": target.__dict__, "data": str(data), "concept": concept,
+                       "attacks": str(attacks_dir(storage.parent, name))})
     tuner = tune.Tuner(
-        tune.with_resources(attack_trial, {"cpu": 1}), param_space=space_dict,
+        trainable, param_space=space_dict,
         tune_config=tune.TuneConfig(metric="target_running", mode="max", scheduler=make_scheduler(space),
-                                    search_alg=make_search_alg(space, max_concurrent), num_samples=space.samples,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=trial_dirname),
+                                    search_alg=make_search_alg(space, max_concurrent, seed=space.seed),
+                                    num_samples=space.samples, max_concurrent_trials=max_concurrent,
+                                    trial_dirname_creator=trial_dirname,
+                                    reuse_actors=True),  # warm trial processes: imports, judge, pipeline
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
     return tuner.fit()
+
+
+def attacks_dir(out: Path, sweep_name: str) -> Path:
+    """Where a sweep's attacks are written: <out>/attacks/<sweep>/<trial id>."""
+    return Path(out) / "attacks" / sweep_name
 
 
 def _rows(grid) -> list[dict]:
@@ -149,11 +204,12 @@ def _rows(grid) -> list[dict]:
         if df is not None and "attack_step" in df:
             curve = [(int(s), float(a)) for s, a in zip(df["attack_step"], df["target_running"])]
         rows.append({"trial": Path(r.path).name if r.path else None,
-                     "attack": {k: v for k, v in (r.config or {}).items()
-                                if k not in ("space", "target", "data", "concept")},
+                     "attack": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                      "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
                      "target": m.get("target"), "others": m.get("others"), "curve": curve,
-                     "path": r.path, "seconds": m.get("trial_seconds")})
+                     "path": str(Path((r.config or {}).get("attacks", ".")) / str(m.get("trial_id"))),
+                     "seconds": m.get("trial_seconds"),
+                     **{k: m.get(k) for k in ("setup_s", "score_s", "attack_s")}})
     return sorted(rows, key=lambda r: str(r["trial"]))
 
 
@@ -179,16 +235,57 @@ def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
 
-    pipe, _ = load_attacked_pipeline(Path(row["path"]) / "attack")
+    pipe, _ = load_attacked_pipeline(Path(row["path"]))
     n = space.eval_samples * space.rescore_factor
-    acc, others = _scores(pipe, space, concept, judge, 1000, n, space.other_samples)
+    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples)
     lo, hi = wilson_interval(acc, n)
     return {"target": acc, "others": others, "samples": n, "ci95": [lo, hi]}
 
 
+RUN_FILE = "redteam_run.json"
+
+
+def _relative(path: str, out: Path) -> str:
+    """A trial's attack folder relative to --out (the run folder can be moved or copied whole)."""
+    import os
+
+    return os.path.relpath(path, out)
+
+
+def _run_record(space: AttackSpace, targets: list[Target], data: Path, concept: str) -> dict:
+    return {"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
+            "models": [t.__dict__ for t in targets], "data": str(Path(data).resolve()), "concept": concept}
+
+
+def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: Path, concept: str,
+                    resume: bool) -> None:
+    """--resume needs a run in --out made with the same space, models, data and target; without --resume
+    --out must be new or empty (an earlier run's trials would be replaced)."""
+    from ..outputs import shown
+
+    out = Path(out)
+    record = out / RUN_FILE
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            hint = "pass --resume to continue its red-team run" if record.exists() else "choose a new or empty one"
+            raise UserError(f"--out {shown(out)}: already exists ({hint})")
+        return
+    if not record.is_file():
+        raise UserError(f"--resume: no red-team run in {shown(out)}")
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume: {shown(record)} is unreadable") from None
+    now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
+    for key in ("space", "models", "data", "concept"):
+        if before.get(key) != now[key]:
+            raise UserError(f"--resume: the {key} differs from the run in {shown(out)}; resume with the same inputs")
+
+
 def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: str, out: Path,
-                max_concurrent: int = 1, on_model=None) -> dict:
-    """Sweep the space against every model; returns (and writes) redteam.json."""
+                max_concurrent: int = 1, on_model=None, resume: bool = False) -> dict:
+    """Sweep the space against every model; returns (and writes) redteam.json. `resume`: sweeps already in
+    --out continue where they stopped (a finished one is read back, not rerun)."""
     from ..atomic import atomic_write_text
     from ..evaluation import tiny_world_target
     from ..models.pipeline_io import load_pipeline
@@ -197,15 +294,19 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     tiny_world_target(concept)  # a tiny-world concept, checked before anything runs
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_FILE).exists():
+        atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept), default=str))
     judge = Judge()
-    report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "concept": concept,
-                    "models": {}}
+    report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
+                    "concept": concept, "max_concurrent": max_concurrent, "models": {}}
     for t in targets:
         if on_model:
             on_model(t.name)
-        base_target, base_others = _scores(load_pipeline(t.model), space, concept, judge, 0, space.eval_samples,
-                                           space.other_samples)
-        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent))
+        base_target, base_others = _scores(load_pipeline(t.model), space, concept, judge, space.seed,
+                                           space.eval_samples, space.other_samples)
+        started = time.time()
+        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume))
+        sweep_seconds = time.time() - started
         for r in rows:
             r["guarded"] = (r["status"] == "done" and r["others"] is not None
                             and passes_guard(r["others"], base_others, space.guard))
@@ -217,15 +318,49 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         report["models"][t.name] = {
             "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
+            "sweep_seconds": round(sweep_seconds, 1), "resumed": resume,
             "worst_case": None if best is None else {
                 "target": best["rescored"]["target"], "ci95": best["rescored"]["ci95"],
-                "others": best["rescored"]["others"], "attack": best["attack"], "trial": best["trial"]},
+                "others": best["rescored"]["others"], "attack": best["attack"], "trial": best["trial"],
+                "attack_dir": _relative(best["path"], out)},
             "worst_case_unguarded": None if worst_unguarded is None else {
                 "target": worst_unguarded["target"], "others": worst_unguarded["others"],
-                "attack": worst_unguarded["attack"], "trial": worst_unguarded["trial"]},
+                "attack": worst_unguarded["attack"], "trial": worst_unguarded["trial"],
+                "attack_dir": _relative(worst_unguarded["path"], out)},
             "rejected_by_guard": [r["trial"] for r in done if not r["guarded"]],
             "budget_curve": budget_curve(rows, guarded=True),
             "budget_curve_unguarded": budget_curve(rows, guarded=False),
-            "trials": [{k: v for k, v in r.items() if k != "path"} for r in rows]}
+            "trials": [{**{k: v for k, v in r.items() if k != "path"}, "attack_dir": _relative(r["path"], out)}
+                       for r in rows]}
     atomic_write_text(out / RESULTS, json.dumps(report, indent=2, default=str))
     return report
+
+
+def load_redteam(folder: Path) -> tuple[dict, dict[str, Path]]:
+    """A finished red-team run (`redteam --out`): its redteam.json, and the attack folders of the guarded worst
+    cases as evaluate runs (`worst-<model>`), checked to lie inside the run folder."""
+    from ..outputs import check_plain_name, shown
+
+    folder = Path(folder)
+    path = folder / RESULTS
+    if not path.is_file():
+        raise UserError(f"--redteam {shown(folder)}: no {RESULTS} (a finished `immunize-cli redteam --out`)")
+    try:
+        report = json.loads(path.read_text())
+        models = report["models"]
+        for key in ("space", "budget", "guard", "concept"):
+            report[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--redteam {shown(path)}: not a red-team result") from None
+    root = folder.resolve()
+    runs: dict[str, Path] = {}
+    for name, m in models.items():
+        w = m.get("worst_case") if isinstance(m, dict) else None
+        if not w:
+            continue
+        d = (root / str(w.get("attack_dir", ""))).resolve()
+        if root not in d.parents or not (d / "attack.json").is_file():
+            raise UserError(f"--redteam {shown(folder)}: the worst case of {shown(name)} has no attack output "
+                            "inside the run folder")
+        runs[check_plain_name(f"worst-{name}", "--redteam: the model name")] = d
+    return report, runs

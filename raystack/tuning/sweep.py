@@ -172,8 +172,9 @@ def make_scheduler(space):
     return ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2, max_t=10_000)
 
 
-def make_search_alg(space: TuneSpace, max_concurrent: int):
-    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch."""
+def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = None):
+    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch (seeded when `seed` is
+    given, so a sweep draws the same settings again)."""
     if space.algorithm != "optuna":
         return None
     try:
@@ -183,7 +184,7 @@ def make_search_alg(space: TuneSpace, max_concurrent: int):
         import optuna  # noqa: F401 - OptunaSearch only fails later without it
     except ImportError:
         raise UserError("algorithm optuna: the optuna package is not installed (pip install optuna)") from None
-    return ConcurrencyLimiter(OptunaSearch(), max_concurrent=max_concurrent)
+    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
 
 
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
