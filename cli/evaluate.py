@@ -65,10 +65,7 @@ def evaluate(
     if redteam is not None:
         from raystack.redteam.sweep import load_redteam
 
-        redteam_report, winners = load_redteam(redteam)
-        if redteam_report["concept"] != target:
-            raise UserError(f"--target {shown(target)}: the red team in --redteam attacked "
-                            f"{shown(redteam_report['concept'])}")
+        redteam_report, winners = load_redteam(redteam, target)
         if set(winners) & set(runs):
             raise UserError(f"--run: the names {', '.join(sorted(set(winners) & set(runs)))} are taken by --redteam")
         runs.update(winners)

@@ -35,6 +35,8 @@ def shown(value, limit: int = SHOWN_CHARS) -> str:
     r.maxstring = r.maxother = limit
     r.maxlist = r.maxdict = r.maxtuple = r.maxset = 6
     r.maxlevel = 2
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
     text = value if isinstance(value, str) else r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

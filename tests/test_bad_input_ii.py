@@ -108,6 +108,15 @@ def world(tmp_path_factory):
     (r / "release_ok").mkdir()
     (r / "release_ok" / "manifest.json").write_text(json.dumps({"files": {}}))
     (r / "notakey.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    # red-team runs: a hand-edited result, one whose winner points outside the run, a folder that is no run
+    (r / "rt_garbage").mkdir()
+    (r / "rt_garbage" / "redteam.json").write_text("[1, 2]")
+    (r / "rt_escape").mkdir()
+    (r / "rt_escape" / "redteam.json").write_text(json.dumps({
+        "space": "s", "budget": 10, "guard": 0.5, "concept": "sunset",
+        "models": {"m": {"worst_case": {"attack_dir": "../run_nokeys"}}}}))
+    (r / "rt_norun").mkdir()
+    (r / "rt_norun" / "notes.txt").write_text("mine")
     return r
 
 
@@ -221,6 +230,19 @@ def cases(r: Path):
         ("redteam: out is the data", ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"), "--model",
                                       f"a={m}", "--data", good, "--target", "sunset", "--out", good],
          "is the input --data"),
+        ("evaluate: redteam folder without a result", ["evaluate", "--redteam", str(r / "rt_norun"), "--target",
+                                                        "sunset"], "no redteam.json"),
+        ("evaluate: redteam result hand-edited", ["evaluate", "--redteam", str(r / "rt_garbage"), "--target",
+                                                  "sunset"], "not a red-team result"),
+        ("evaluate: redteam winner outside its run", ["evaluate", "--redteam", str(r / "rt_escape"), "--target",
+                                                      "sunset"], "no attack output inside the run folder"),
+        ("evaluate: redteam of another concept", ["evaluate", "--redteam", str(r / "rt_escape"), "--target", "dotted"], "the red team in --redteam attacked"),
+        ("redteam: resume without a run", ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"),
+                                           "--model", f"a={m}", "--data", good, "--target", "sunset", "--out",
+                                           str(r / "rt_norun"), "--resume"], "no red-team run"),
+        ("redteam: out holds the user's files", ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"),
+                                                 "--model", f"a={m}", "--data", good, "--target", "sunset", "--out",
+                                                 str(r / "rt_norun")], "already exists"),
         # 3. one run per --out: the harness holds the lock of r/locked while the command runs
         ("locked: attack", a + ["--out", str(r / "locked")], "in use by another immunize-cli run"),
         ("locked: harden run folder", h + t + ["--out", str(r / "locked")[:-len("locked")] + "locked_h"],

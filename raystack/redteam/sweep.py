@@ -268,18 +268,18 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
     if not resume:
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             hint = "pass --resume to continue its red-team run" if record.exists() else "choose a new or empty one"
-            raise UserError(f"--out {shown(out)}: already exists ({hint})")
+            raise UserError(f"--out {shown(str(out))}: already exists ({hint})")
         return
     if not record.is_file():
-        raise UserError(f"--resume: no red-team run in {shown(out)}")
+        raise UserError(f"--resume: no red-team run in {shown(str(out))}")
     try:
         before = json.loads(record.read_text())
     except (OSError, ValueError):
-        raise UserError(f"--resume: {shown(record)} is unreadable") from None
+        raise UserError(f"--resume: {shown(str(record))} is unreadable") from None
     now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
     for key in ("space", "models", "data", "concept"):
         if before.get(key) != now[key]:
-            raise UserError(f"--resume: the {key} differs from the run in {shown(out)}; resume with the same inputs")
+            raise UserError(f"--resume: the {key} differs from the run in {shown(str(out))}; resume with the same inputs")
 
 
 def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: str, out: Path,
@@ -336,9 +336,9 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     return report
 
 
-def load_redteam(folder: Path) -> tuple[dict, dict[str, Path]]:
-    """A finished red-team run (`redteam --out`): its redteam.json, and the attack folders of the guarded worst
-    cases as evaluate runs (`worst-<model>`), checked to lie inside the run folder."""
+def load_redteam(folder: Path, concept: str) -> tuple[dict, dict[str, Path]]:
+    """A finished red-team run (`redteam --out`) of `concept`: its redteam.json, and the attack folders of the
+    guarded worst cases as evaluate runs (`worst-<model>`), checked to lie inside the run folder."""
     from ..outputs import check_plain_name, shown
 
     folder = Path(folder)
@@ -352,6 +352,8 @@ def load_redteam(folder: Path) -> tuple[dict, dict[str, Path]]:
             report[key]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"--redteam {shown(path)}: not a red-team result") from None
+    if report["concept"] != concept:
+        raise UserError(f"--target {shown(concept)}: the red team in --redteam attacked {shown(report['concept'])}")
     root = folder.resolve()
     runs: dict[str, Path] = {}
     for name, m in models.items():

@@ -2,6 +2,9 @@
 
     .venv/bin/python research/imma/imma_relearn.py SEED [STYLE] [--erase-steps N]   # default: dotted, 300
     .venv/bin/python research/imma/imma_relearn.py --table          # results/imma_relearn.md from the rows
+    .venv/bin/python research/imma/imma_relearn.py SEED --erase-steps 40 --save DIR --no-score
+        # writes the erased and erased+IMMA pipelines to DIR/erased-sSEED and DIR/erased-imma-sSEED (the red
+        # team's IMMA-in-the-re-learning-setting models; attacker data: runs/imma-relearn/data-STYLE/attacker)
 
 IMMA's strongest results (Zheng & Yeh, Tab. 3: ImageNet objects 45.5% -> 2.2% after LoRA) protect a model
 whose concept was first erased (ESD), where the knowledge is still latent and a short LoRA restores it.
@@ -133,6 +136,17 @@ def score(tensors: dict, data: Path, style: str, run: str) -> dict:
             "target_attacked": acc(target, n(40, 2)), "attack_final_loss": info["final_loss"], "others": others}
 
 
+def save(pipe, dest: Path, info: dict) -> None:
+    """The pipeline as it is now (LoRA-free UNet weights), through the product's atomic writer."""
+    from raystack.models.pipeline_io import save_pipeline
+
+    wrapped = [k for k in pipe.unet.state_dict() if ".lora_" in k or ".base_layer." in k]
+    if wrapped:
+        raise SystemExit(f"the UNet still carries an adapter ({wrapped[0]}); not saving")
+    save_pipeline(pipe, dest, overwrite=True, extra_info={"research": info})
+    print(f"saved {dest}", flush=True)
+
+
 def table() -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
     lines = ["Machine: 2-core x86-64 CPU, one torch thread. Made by `research/imma/imma_relearn.py` (see its docstring); rows "
@@ -164,6 +178,8 @@ def main() -> None:
     ap.add_argument("seed", type=int)
     ap.add_argument("style", nargs="?", default="dotted", choices=OTHER_STYLES, help="a trained style to erase")
     ap.add_argument("--erase-steps", type=int, default=n(300), help="fewer leave more for a LoRA to restore")
+    ap.add_argument("--save", type=Path, help="write the erased and erased+IMMA pipelines under this folder")
+    ap.add_argument("--no-score", action="store_true", help="skip the default-attack scoring (with --save)")
     args = ap.parse_args()
     seed, style = args.seed, args.style
     from cli.common import quiet_libraries
@@ -185,9 +201,16 @@ def main() -> None:
     models = {"original": (snap(), {})}
     losses = erase(pipe, data, style, seed, steps=args.erase_steps)
     models["erased"] = (snap(), {"erase": losses, "erase_s": round(time.time() - t0)})
+    if args.save:
+        save(pipe, args.save / f"erased-s{seed}", {"erased": style, "erase_steps": args.erase_steps, "seed": seed})
     t0 = time.time()
     losses = imma(pipe, data, seed, steps=n(300))
     models["erased+imma"] = (snap(), {"imma": losses, "imma_s": round(time.time() - t0)})
+    if args.save:
+        save(pipe, args.save / f"erased-imma-s{seed}", {"erased": style, "erase_steps": args.erase_steps,
+                                                        "seed": seed, "imma": "research/imma/imma_relearn.py"})
+    if args.no_score:
+        return
     for name, (tensors, info) in models.items():
         row = {"style": style, "seed": seed, "erase_steps": args.erase_steps, "model": name, **info,
                **score(tensors, data, style, f"{style}-{name}-{seed}-e{args.erase_steps}")}
