@@ -71,13 +71,14 @@ def worst_case_table(report: dict):
                         f"guard {report['guard']}",
                   caption="worst case: the strongest attack that keeps >= guard x the other concepts, re-scored with "
                           "fresh seeds (95% interval); unguarded: the strongest attack of all")
-    for col in ("model", "no attack", "worst case", "95% interval", "others", "winning attack", "unguarded",
-                "rejected"):
+    for col in ("model", "no attack", "reference attacks", "worst case", "95% interval", "others", "winning attack",
+                "unguarded", "rejected"):
         table.add_column(col, overflow="fold")
     for name, m in report["models"].items():
         w, u = m["worst_case"], m["worst_case_unguarded"]
         fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-        table.add_row(name, fmt(m["unattacked"]["target"]), fmt(w and w["target"]),
+        refs = ", ".join(f"{r['attack']['method']} {fmt(r['target'])}" for r in m.get("reference_attacks", [])) or "-"
+        table.add_row(name, fmt(m["unattacked"]["target"]), refs, fmt(w and w["target"]),
                       "-" if not w else f"{w['ci95'][0]:.0%}-{w['ci95'][1]:.0%}", fmt(w and w["others"]),
                       "-" if not w else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in w["attack"].items()),

@@ -101,7 +101,9 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
     for name, m in redteam["models"].items():
         w, u = m.get("worst_case"), m.get("worst_case_unguarded")
         done = [t for t in m.get("trials", []) if t.get("status") == "done"]
-        rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]),
+        refs = "; ".join(f"{r['attack']['method']} ({r['steps']} steps): {pct(r['target'])}, others "
+                         f"{pct(r['others'])}" for r in m.get("reference_attacks", [])) or "–"
+        rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]), refs,
                      pct(w and w["target"]), "–" if not w else f"{w['ci95'][0]:.0%}–{w['ci95'][1]:.0%}",
                      pct(w and w["others"]), "none passed the guard" if not w else config(w["attack"]),
                      pct(u and u["target"]), pct(u and u["others"]),
@@ -113,7 +115,8 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
              f"A trial counts only if the attacked model keeps ≥ {redteam['guard']} × its unattacked accuracy on the "
              "other concepts (capability guard); the strongest guarded trials were re-scored with fresh seeds and "
              "more samples before the worst case was declared.</p>",
-             _table(["model", "no attack: target", "no attack: others", "worst case (guarded, re-scored)",
+             _table(["model", "no attack: target", "no attack: others", "reference attacks (re-scored)",
+                     "worst case (guarded, re-scored)",
                      "95% interval", "others", "winning attack", "unguarded worst: target", "unguarded: others",
                      "trials done / rejected by guard"], rows)]
     curves = _budget_curves_png(redteam)

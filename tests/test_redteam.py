@@ -122,6 +122,9 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
     assert set(report["models"]) == {"original", "masked.compliant", "masked.noncompliant"}
     for name, m in report["models"].items():
         assert len(m["trials"]) == 4 and m["budget_curve_unguarded"]
+        ref = m["reference_attacks"][0]  # the default-attack column, scored like the winners
+        assert ref["attack"]["method"] == "full" and ref["samples"] == 8 and 0 <= ref["target"] <= 1
+        assert (out / "reference" / name / "0" / "attack.json").is_file()
         assert all(t["attack"]["steps"] <= report["budget"] for t in m["trials"])
         rescored = [t for t in m["trials"] if "rescored" in t]
         assert len(rescored) <= 1

@@ -37,6 +37,9 @@ class AttackSpace:
     """The strongest guarded trials re-scored with fresh seeds before the worst case is declared."""
     rescore_factor: int = 3
     """Re-scoring uses this many times eval_samples images (the winner's curse: ±8 points at 40 samples)."""
+    reference_attacks: list = field(default_factory=list)
+    """Attacks run once per model outside the search (AttackSpec fields, e.g. [{method: full}] for the default
+    full fine-tune) and scored as the winners are: the default-attack column the worst case is compared with."""
     algorithm: str = "optuna"
     """optuna (TPE through Ray Tune), random, or grid."""
     scheduler: str = "asha"
@@ -70,6 +73,18 @@ class AttackSpace:
             if key in self.search or key in self.fixed:
                 raise UserError(f"{key}: set by the red-team run, not by the space")
         self.check_values()
+        from ..attacks.spec import AttackSpec
+        from ..specs import build_spec
+
+        if not isinstance(self.reference_attacks, list):
+            raise UserError("reference_attacks: expected a list of attack settings")
+        for i, ref in enumerate(self.reference_attacks):
+            if not isinstance(ref, dict) or not ref.get("method"):
+                raise UserError(f"reference_attacks[{i}]: expected attack settings with a method")
+            for key in ("data", "out", "model", "freeze_mask", "overwrite"):
+                if key in ref:
+                    raise UserError(f"reference_attacks[{i}].{key}: set by the red-team run, not by the space")
+            build_spec(AttackSpec, {"data": ".", **ref}, source=f"reference_attacks[{i}]")
 
     def check_values(self) -> None:
         """Every value (and both bounds of a range) must make a valid attack within the budget."""

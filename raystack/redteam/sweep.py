@@ -231,6 +231,46 @@ def declare_worst_case(rescored: list[dict], others_unattacked: float, guard: fl
     return max(still, key=lambda r: r["rescored"]["target"], default=None)
 
 
+def _sweep_wall(storage: Path, name: str, seconds: float) -> float:
+    """The wall time of a model's sweep, kept beside it when it first finishes (a resume that reads a finished
+    sweep back takes no time)."""
+    from ..atomic import atomic_write_text
+
+    record = Path(storage) / f"{name}.wall.json"
+    if record.is_file():
+        try:
+            return float(json.loads(record.read_text())["sweep_seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    atomic_write_text(record, json.dumps({"sweep_seconds": round(seconds, 1)}))
+    return round(seconds, 1)
+
+
+def reference_attack(values: dict, index: int, target: Target, space: AttackSpace, data: Path, concept: str,
+                     judge, out: Path) -> dict:
+    """A reference attack (e.g. the default full fine-tune) on one model, scored like the re-scored winners;
+    an output already in `out` (a resumed run) is scored again, not retrained."""
+    from ..attacks.loading import load_attacked_pipeline
+    from ..attacks.recipe import run_attack
+    from ..attacks.spec import AttackSpec
+    from ..models.pipeline_io import load_pipeline
+    from ..specs import build_spec
+
+    spec = build_spec(AttackSpec, {"seed": space.seed, **values, "data": str(data), "model": target.model,
+                                   "freeze_mask": target.mask, "out": str(out), "overwrite": True},
+                      source=f"reference_attacks[{index}]")
+    if (out / "attack.json").is_file():
+        pipe, _ = load_attacked_pipeline(out)
+    else:
+        pipe = load_pipeline(target.model)
+        run_attack(spec, pipe=pipe)
+    n = space.eval_samples * space.rescore_factor
+    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples)
+    lo, hi = wilson_interval(acc, n)
+    return {"attack": values, "steps": spec.steps, "lr": spec.lr, "target": acc, "others": others, "samples": n,
+            "ci95": [lo, hi]}
+
+
 def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
@@ -277,6 +317,8 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
     except (OSError, ValueError):
         raise UserError(f"--resume: {shown(str(record))} is unreadable") from None
     now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
+    for rec in (before, now):  # reference attacks run after the sweeps: a resume may add them
+        rec.get("space", {}).pop("reference_attacks", None)
     for key in ("space", "models", "data", "concept"):
         if before.get(key) != now[key]:
             raise UserError(f"--resume: the {key} differs from the run in {shown(str(out))}; resume with the same inputs")
@@ -306,7 +348,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                                            space.eval_samples, space.other_samples)
         started = time.time()
         rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume))
-        sweep_seconds = time.time() - started
+        sweep_seconds = _sweep_wall(out / "tune", f"{space.name}-{t.name}", time.time() - started)
         for r in rows:
             r["guarded"] = (r["status"] == "done" and r["others"] is not None
                             and passes_guard(r["others"], base_others, space.guard))
@@ -316,7 +358,11 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
             r["rescored"] = rescore(r, space, concept, judge)
         best = declare_worst_case(guarded[: space.rescore_top], base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
+        references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
+                                       out / "reference" / t.name / str(i))
+                      for i, ref in enumerate(space.reference_attacks)]
         report["models"][t.name] = {
+            "reference_attacks": references,
             "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
             "sweep_seconds": round(sweep_seconds, 1), "resumed": resume,
             "worst_case": None if best is None else {
