@@ -107,6 +107,30 @@ class AttackSpace:
             raise UserError(f"fixed.steps: {base.steps} is beyond the budget of {self.budget} steps")
 
 
+def draw_attacks(space: AttackSpace, n: int, seed: int) -> list[dict]:
+    """`n` attacks drawn at random from the space (grid/choice: uniformly; uniform/loguniform: in its range),
+    the space's `fixed` settings included; the same `seed` draws the same attacks."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = dict(space.fixed)
+        for key, dist in space.search.items():
+            kind, vals = next(iter(dist.items()))
+            if kind in ("grid", "choice"):
+                v = vals[int(rng.integers(len(vals)))]
+            elif kind == "uniform":
+                v = float(rng.uniform(vals[0], vals[1]))
+            else:
+                v = float(math.exp(rng.uniform(math.log(vals[0]), math.log(vals[1]))))
+            a[key] = v
+        out.append(a)
+    return out
+
+
 def load_attack_space(path, overrides: list[str] | None = None) -> AttackSpace:
     from pathlib import Path
 

@@ -116,6 +116,19 @@ class TuneSpace:
     """Images per concept when scoring."""
     eval_steps: int = 15
     """Sampler steps when scoring."""
+    mitigation: str = "mean"
+    """How a trial's attacks make its mitigation: mean (their average target accuracy) or worst (the strongest
+    of them: a small worst case, so a setting is chosen against its best attacker, not the default one)."""
+    attacker_space: str | None = None
+    """An attack space (attack_spaces/*.yaml) from which every trial draws `attacker_draws` more attacks: the
+    same draws for every trial (seeded by `attacker_seed`), an inner random-search red team."""
+    attacker_draws: int = 0
+    """Attacks drawn from `attacker_space` per trial, beside `attacks`."""
+    attacker_seed: int = 0
+    """Seed of the draws from `attacker_space`."""
+    utility_guard: float = 0.0
+    """Skip attacking a setting that already ruined the model (TamperBench): a hardened model keeping less than
+    utility_guard x the unhardened model's utility counts as fully broken (mitigation 1.0) without an attack."""
 
     @property
     def workers(self) -> int:
@@ -163,6 +176,22 @@ class TuneSpace:
                     raise UserError(f"search.{key}: {shown(v)}: {e}") from None
         if not isinstance(self.attacks, list) or not self.attacks:
             raise UserError("attacks: at least one attack scores mitigation")
+        if self.mitigation not in ("mean", "worst"):
+            raise UserError(f"mitigation {shown(self.mitigation)}: expected mean or worst")
+        if not 0.0 <= self.utility_guard <= 1.0:
+            raise UserError(f"utility_guard {self.utility_guard}: must be within [0, 1]")
+        if self.attacker_draws < 0 or self.attacker_seed < 0:
+            raise UserError("attacker_draws and attacker_seed: must not be negative")
+        if self.attacker_draws and not self.attacker_space:
+            raise UserError(f"attacker_draws {self.attacker_draws}: needs attacker_space (an attack space file)")
+        if self.attacker_space:
+            from pathlib import Path
+
+            from ..redteam.space import load_attack_space
+
+            if not Path(self.attacker_space).is_file():
+                raise UserError(f"attacker_space {shown(self.attacker_space)}: no such file")
+            load_attack_space(self.attacker_space)  # checked now, not in trial 3
         from ..attacks.spec import METHODS, AttackSpec
 
         checks = [(f"attacks[{i}]", a) for i, a in enumerate(self.attacks)]
@@ -176,6 +205,15 @@ class TuneSpace:
                 raise UserError(f"{where}: unknown method {shown(a.get('method'))!r}; expected one of "
                                 f"{', '.join(METHODS)}")
             build_spec(AttackSpec, {"data": ".", **a}, source=where)
+
+
+def drawn_attacks(space: TuneSpace) -> list[dict]:
+    """The attacks every trial draws from `attacker_space` (the same for every trial)."""
+    if not space.attacker_draws:
+        return []
+    from ..redteam.space import draw_attacks, load_attack_space
+
+    return draw_attacks(load_attack_space(space.attacker_space), space.attacker_draws, space.attacker_seed)
 
 
 def check_distribution(key: str, dist) -> None:

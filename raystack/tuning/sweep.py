@@ -13,6 +13,7 @@ from ..errors import UserError
 from .space import TuneSpace, param_space
 
 RESULTS = "results.json"
+_RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility")  # config entries set by the sweep, not sampled
 BEST = "best.yaml"
 PARETO_PNG = "pareto.png"
 
@@ -44,7 +45,8 @@ def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
     from ..models.pipeline_io import resolve_model_path
 
     out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items()]
-    return out + [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
+    out += [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
+    return out + ([("attacker_space", Path(space.attacker_space))] if space.attacker_space else [])
 
 
 # objectives ---------------------------------------------------------------------------------------------
@@ -102,6 +104,16 @@ def attacked_mitigation(space: TuneSpace, hardened: Path, attacker: Path, out: P
     return _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
 
 
+def trial_mitigation(accuracies: list[float], how: str) -> float:
+    """A trial's mitigation from its attacks' final target accuracies: their mean, or the worst case."""
+    return float(max(accuracies) if how == "worst" else np.mean(accuracies))
+
+
+def ruined(utility: float, base_utility: float | None, guard: float) -> bool:
+    """The utility guard: a hardened model below guard x the unhardened model's utility is not worth attacking."""
+    return guard > 0 and base_utility is not None and utility < guard * base_utility
+
+
 def run_trial(config: dict) -> None:
     """Ray Tune function trainable: harden -> attacks (intermediate reports) -> utility -> final report."""
     import ray.tune
@@ -118,7 +130,7 @@ def run_trial(config: dict) -> None:
     configure_threads(1)
     space = TuneSpace(**config["space"])
     data = {k: Path(v) for k, v in config["data"].items()}
-    sampled = {k: v for k, v in config.items() if k not in ("space", "data")}
+    sampled = {k: v for k, v in config.items() if k not in _RUN_KEYS}
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
     values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
               "cluster": None}
@@ -128,7 +140,15 @@ def run_trial(config: dict) -> None:
     judge = Judge()
     concept, _ = tiny_world_target(space.target_concept)
     mitigations, it = [], 0
-    for ai, a in enumerate(space.attacks):
+    attacks = [*space.attacks, *config.get("drawn_attacks", [])]
+    if space.utility_guard > 0:
+        kept = _utility(load_pipeline(spec.out), judge, space)
+        if ruined(kept, config.get("base_utility"), space.utility_guard):
+            attacks = []  # counted as fully broken: no attack needed
+            mitigations = [1.0]
+            ray.tune.report({"mitigation_running": 1.0, "attack": -1, "attack_step": 0,
+                             "objective_running": -space.mitigation_weight})
+    for ai, a in enumerate(attacks):
         aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", f"attacks[{ai}]")
         pipe = load_pipeline(spec.out)
         every = max(1, aspec.checkpoint_every)
@@ -145,7 +165,7 @@ def run_trial(config: dict) -> None:
 
         run_attack(aspec, on_step=on_step, pipe=pipe)
         mitigations.append(last["acc"])
-    mitigation = float(np.mean(mitigations))
+    mitigation = trial_mitigation(mitigations, space.mitigation)
     if space.legal_finetune:
         lf = attack_spec(space.legal_finetune, spec.out, data.get("legal") or data["target"], trial_dir / "legal",
                          "legal_finetune")
@@ -158,6 +178,7 @@ def run_trial(config: dict) -> None:
                      "objective": scalarise(space, mitigation, utility),
                      "objective_running": scalarise(space, mitigation, utility),
                      "frozen_ratio": manifest.get("frozen_ratio"), "trial_seconds": round(time.time() - t0, 1),
+                     "attack_accuracies": mitigations, "ruined": not attacks and space.utility_guard > 0,
                      "done_all": True})
 
 
@@ -208,6 +229,10 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         space_dict = param_space(space)
         space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
         space_dict["data"] = {k: str(v) for k, v in data.items()}
+        from .space import drawn_attacks
+
+        space_dict["drawn_attacks"] = drawn_attacks(space)
+        space_dict["base_utility"] = base_utility(space) if space.utility_guard > 0 else None
         tuner = tune.Tuner(
             trainable, param_space=space_dict,
             tune_config=tune.TuneConfig(metric="objective_running", mode="max", scheduler=scheduler,
@@ -220,11 +245,12 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
     for r in grid:
         m = r.metrics or {}
         row = {"trial": Path(r.path).name if r.path else None,
-               "setting": {k: v for k, v in (r.config or {}).items() if k not in ("space", "data")},
+               "setting": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
                "mitigation": m.get("mitigation", m.get("mitigation_running")),
                "utility": m.get("utility"), "objective": m.get("objective"),
-               "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds")}
+               "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds"),
+               "attack_accuracies": m.get("attack_accuracies"), "ruined": m.get("ruined")}
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial"]))  # a stable order: ties go to the same trial after --resume
     done = [r for r in rows if r["status"] == "done"]
@@ -238,6 +264,14 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                "objective": f"{space.utility_weight} * utility - {space.mitigation_weight} * mitigation"}
     _write_outputs(space, out, results, done, best, data)
     return results
+
+
+def base_utility(space: TuneSpace) -> float:
+    """The unhardened model's utility, scored as a trial scores its hardened model (for the utility guard)."""
+    from ..models.pipeline_io import load_pipeline
+    from ..tinyworld.classifier import Judge
+
+    return _utility(load_pipeline(space.harden.get("model")), Judge(), space)
 
 
 def trial_dirname(trial) -> str:
