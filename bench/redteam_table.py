@@ -1,13 +1,13 @@
-"""A red-team run's redteam.json as a markdown table (worst cases, winning attacks, budget curves).
+"""Red-team runs (one per seed) as one markdown table: worst cases beside the reference (default) attacks.
 
-    .venv/bin/python bench/redteam_table.py runs/redteam-demo2/redteam.json bench/results/redteam_demo_quick \\
-        --command "immunize-cli redteam ..."
+    .venv/bin/python bench/redteam_table.py runs/redteam-bench-s0/redteam.json runs/redteam-bench-s1/redteam.json \\
+        --dest bench/results/redteam_demo --command "immunize-cli redteam ..."
 
-Writes NAME.json (a copy of the run's redteam.json) and NAME.md."""
+Writes DEST.json ({seed: the run's redteam.json}) and DEST.md. The "passes 0.8" column counts the finished
+trials that would also pass the space's default capability guard of 0.8 (on their sweep numbers)."""
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 
@@ -20,45 +20,74 @@ def interval(w) -> str:
 
 
 def attack_label(a: dict) -> str:
-    return ", ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(a.items()))
+    keep = ("method", "lr", "steps", "rank", "optimizer", "cross_attention_only", "snr_gamma", "noise_offset")
+    return ", ".join(f"{k}={a[k]:.2g}" if isinstance(a[k], float) else f"{k}={a[k]}" for k in keep if k in a)
 
 
-def table(report: dict, command: str) -> str:
-    lines = [f"Made by `{command}` on this 2-core CPU machine. Space `{report['space']}`, budget {report['budget']} "
-             f"attack steps, capability guard {report['guard']} (a trial counts only if the attacked model keeps "
-             f"≥ {report['guard']} × its unattacked accuracy on the other concepts), target `{report['concept']}`.",
-             "", "| model | no attack: target / others | worst case (guarded, re-scored) | 95% interval | others "
-             "| winning attack | unguarded worst: target / others | trials done / rejected by guard |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, m in report["models"].items():
-        w, u = m["worst_case"], m["worst_case_unguarded"]
-        done = sum(t["status"] == "done" for t in m["trials"])
-        lines.append(f"| {name} | {fmt(m['unattacked']['target'])} / {fmt(m['unattacked']['others'])} | "
-                     f"{fmt(w and w['target'])} | {interval(w)} | "
-                     f"{fmt(w and w['others'])} | {'—' if not w else attack_label(w['attack'])} | "
-                     f"{'—' if not u else fmt(u['target']) + ' / ' + fmt(u['others'])} | "
-                     f"{done} / {len(m['rejected_by_guard'])} |")
+def references(m: dict) -> str:
+    refs = m.get("reference_attacks") or []
+    return "<br>".join(f"{r['attack']['method']} {r['steps']}: {fmt(r['target'])} ({fmt(r['others'])})"
+                       for r in refs) or "—"
+
+
+def table(reports: dict[str, dict], command: str) -> str:
+    first = next(iter(reports.values()))
+    lines = [f"Made by `{command}` on this 2-core CPU machine (one run per seed). Space `{first['space']}`, budget "
+             f"{first['budget']} attack steps, capability guard {first['guard']} (a trial counts only if the attacked "
+             f"model keeps ≥ {first['guard']} × its unattacked accuracy on the other concepts), target "
+             f"`{first['concept']}`. Target accuracy (others in brackets); the reference attacks and the worst case "
+             "are re-scored with fresh seeds on 3x the samples.", "",
+             "| model | seed | no attack | reference attacks (default settings) | worst case (guarded, re-scored) | "
+             "95% interval | others | winning attack | unguarded worst | trials done / stopped early / pass guard "
+             "/ pass 0.8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    models = list(dict.fromkeys(name for r in reports.values() for name in r["models"]))
+    for name in models:
+        for seed, report in reports.items():
+            m = report["models"].get(name)
+            if m is None:
+                continue
+            w, u = m["worst_case"], m["worst_case_unguarded"]
+            done = [t for t in m["trials"] if t["status"] == "done"]
+            base = m["unattacked"]["others"] or 0
+            at_08 = sum(t["others"] is not None and t["others"] >= 0.8 * base for t in done)
+            passed = sum(t["guarded"] for t in done)
+            none = "none survived re-scoring" if passed else "none passed the guard"
+            lines.append(f"| {name} | {seed} | {fmt(m['unattacked']['target'])} ({fmt(m['unattacked']['others'])}) "
+                         f"| {references(m)} | **{fmt(w and w['target'])}** | {interval(w)} | "
+                         f"{fmt(w and w['others'])} | {none if not w else attack_label(w['attack'])} | "
+                         f"{'—' if not u else fmt(u['target']) + ' (' + fmt(u['others']) + ')'} | "
+                         f"{len(done)} / {len(m['trials']) - len(done)} / {passed} / "
+                         f"{at_08} |")
     lines += ["", "Budget curves: best target accuracy found within s attack steps (guarded trials; unguarded in "
-              "brackets).", ""]
-    steps = sorted({c["steps"] for m in report["models"].values() for c in m["budget_curve_unguarded"]})
-    lines.append("| model | " + " | ".join(str(s) for s in steps) + " |")
-    lines.append("|---|" + "---|" * len(steps))
-    for name, m in report["models"].items():
-        g = {c["steps"]: c["best_target"] for c in m["budget_curve"]}
-        u = {c["steps"]: c["best_target"] for c in m["budget_curve_unguarded"]}
-        lines.append(f"| {name} | " + " | ".join(f"{fmt(g.get(s))} [{fmt(u.get(s))}]" for s in steps) + " |")
+              "brackets), sweep numbers (not re-scored).", ""]
+    steps = sorted({c["steps"] for r in reports.values() for m in r["models"].values()
+                    for c in m["budget_curve_unguarded"]})
+    lines.append("| model | seed | " + " | ".join(str(s) for s in steps) + " |")
+    lines.append("|---|---|" + "---|" * len(steps))
+    for name in models:
+        for seed, report in reports.items():
+            m = report["models"].get(name)
+            if m is None:
+                continue
+            g = {c["steps"]: c["best_target"] for c in m["budget_curve"]}
+            u = {c["steps"]: c["best_target"] for c in m["budget_curve_unguarded"]}
+            lines.append(f"| {name} | {seed} | " + " | ".join(f"{fmt(g.get(s))} [{fmt(u.get(s))}]" for s in steps)
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("report", type=Path)
-    ap.add_argument("dest", type=Path, help="bench/results/NAME (without suffix)")
+    ap.add_argument("reports", type=Path, nargs="+")
+    ap.add_argument("--dest", type=Path, required=True, help="bench/results/NAME (without suffix)")
     ap.add_argument("--command", required=True)
     args = ap.parse_args()
-    report = json.loads(args.report.read_text())
-    shutil.copy(args.report, args.dest.with_suffix(".json"))
-    args.dest.with_suffix(".md").write_text(table(report, args.command))
+    reports = {}
+    for p in args.reports:
+        r = json.loads(p.read_text())
+        reports[str(r.get("seed", len(reports)))] = r
+    args.dest.with_suffix(".json").write_text(json.dumps(reports, indent=2))
+    args.dest.with_suffix(".md").write_text(table(reports, args.command))
     print(args.dest.with_suffix(".md").read_text())
 
 
