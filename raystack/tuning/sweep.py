@@ -13,7 +13,7 @@ from ..errors import UserError
 from .space import TuneSpace, param_space
 
 RESULTS = "results.json"
-_RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility")  # config entries set by the sweep, not sampled
+_RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility", "trials")  # config entries set by the sweep, not sampled
 BEST = "best.yaml"
 PARETO_PNG = "pareto.png"
 
@@ -131,7 +131,9 @@ def run_trial(config: dict) -> None:
     space = TuneSpace(**config["space"])
     data = {k: Path(v) for k, v in config["data"].items()}
     sampled = {k: v for k, v in config.items() if k not in _RUN_KEYS}
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    # Straight into --out/trials/<id>, not the trial's staging folder (which Ray copies to --out when the
+    # trial ends: twice the disk, and a hardened model per trial under /tmp).
+    trial_dir = Path(config["trials"]) / ray.tune.get_context().get_trial_id()
     values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
               "cluster": None}
     spec = build_spec(HardenSpec, values, source="trial")
@@ -225,10 +227,12 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         from ..outputs import check_plain_name, confined_rmtree
 
         confined_rmtree(storage / check_plain_name(name, "name"), out)  # a fresh sweep of that name
+        confined_rmtree(out / "trials" / name, out)
         scheduler, search_alg = make_scheduler(space), make_search_alg(space, max_concurrent)
         space_dict = param_space(space)
         space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
         space_dict["data"] = {k: str(v) for k, v in data.items()}
+        space_dict["trials"] = str(out / "trials" / name)
         from .space import drawn_attacks
 
         space_dict["drawn_attacks"] = drawn_attacks(space)
