@@ -7,8 +7,8 @@ Each measurement is the real command, `immunize-cli redteam` in a fresh process 
 tiny world: a fixed attacker space (LoRA and full fine-tunes of 100-200 steps, random search with a fixed
 seed, no early stopping, so both concurrencies run the same trials). From the run's redteam.json:
 
-- trials/hour: trials done per hour of sweep wall time (the Ray Tune fit, not the scoring of the
-  unattacked model and the re-scoring around it);
+- trials/hour: trials (run to the end or stopped early by ASHA) per hour of sweep wall time (the Ray Tune
+  fit, not the scoring of the unattacked model and the re-scoring around it);
 - set-up share: of the trial slots' time (sweep wall x concurrent trials), the part not spent attacking or
   scoring: a trial's own set-up (pipeline copy, data encoding, first step: `setup_s`) plus the slot time
   outside any trial (Ray placing the trial, starting or resetting its process). Goal: <= 20%.
@@ -38,8 +38,8 @@ def cost_row(report: dict, label: str, command_seconds: float | None = None) -> 
     conc = report.get("max_concurrent", 1)
     for name, m in report["models"].items():
         done = [t for t in m["trials"] if t.get("status") == "done" and t.get("setup_s") is not None]
-        if not done or not m.get("sweep_seconds"):
-            continue
+        if not done or not m.get("sweep_seconds") or m.get("resumed"):
+            continue  # a resumed sweep's wall time misses the interrupted attempt
         wall = m["sweep_seconds"]
         slots = wall * conc
         setup, attack, score = (sum(t[k] for t in done) for k in ("setup_s", "attack_s", "score_s"))

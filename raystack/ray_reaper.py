@@ -37,10 +37,13 @@ def session_pids(marker: str) -> list[int]:
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of `pid`, or None if it is gone."""
+    """(parent pid, start time) of `pid`, or None if it is gone (a zombie is gone: it only waits to be
+    collected, and a container's init may never collect it)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
         return int(fields[1]), int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
@@ -128,6 +131,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which shuts Ray down itself
     recorded: dict[int, int] = {}
     fd = sys.stdin.fileno()
+    driver_start = (_stat(driver) or (0, None))[1]
     while True:
         ready, _, _ = select.select([fd], [], [], 0.25)
         if ready:
@@ -136,6 +140,8 @@ def main(argv: list[str]) -> None:
                     break
             except OSError:
                 break
+        if (_stat(driver) or (0, None))[1] != driver_start:  # gone (or its pid reused): never record a stranger's
+            break
         recorded.update(descendants(driver))
     reap(marker, recorded)
     if os.path.basename(temp_dir).startswith("immunize-ray-"):

@@ -101,24 +101,27 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
     for name, m in redteam["models"].items():
         w, u = m.get("worst_case"), m.get("worst_case_unguarded")
         done = [t for t in m.get("trials", []) if t.get("status") == "done"]
+        passed = sum(bool(t.get("guarded")) for t in done)
+        none = "none survived re-scoring" if passed else "none passed the guard"
         refs = "; ".join(f"{r['attack']['method']} ({r['steps']} steps): {pct(r['target'])}, others "
                          f"{pct(r['others'])}" for r in m.get("reference_attacks", [])) or "–"
         rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]), refs,
                      pct(w and w["target"]), "–" if not w else f"{w['ci95'][0]:.0%}–{w['ci95'][1]:.0%}",
-                     pct(w and w["others"]), "none passed the guard" if not w else config(w["attack"]),
+                     pct(w and w["others"]), none if not w else config(w["attack"]),
                      pct(u and u["target"]), pct(u and u["others"]),
-                     f"{len(done)} / {len(m.get('rejected_by_guard', []))}"])
-    parts = [f"<h2 id='worst-case'>Worst case (red team): the strongest attack found within {redteam['budget']} "
-             "attack steps</h2>",
+                     f"{len(done)} / {len(m.get('trials', [])) - len(done)} / {passed}"])
+    parts = [f"<h2 id='worst-case'>Worst case (red team): the strongest attack found within "
+             f"{html.escape(str(redteam['budget']))} attack steps</h2>",
              f"<p>Space <code>{html.escape(str(redteam['space']))}</code>, target "
              f"<code>{html.escape(str(redteam['concept']))}</code>, seed {html.escape(str(redteam.get('seed', 0)))}. "
-             f"A trial counts only if the attacked model keeps ≥ {redteam['guard']} × its unattacked accuracy on the "
+             f"A trial counts only if the attacked model keeps ≥ {html.escape(str(redteam['guard']))} × its unattacked "
+             "accuracy on the "
              "other concepts (capability guard); the strongest guarded trials were re-scored with fresh seeds and "
              "more samples before the worst case was declared.</p>",
              _table(["model", "no attack: target", "no attack: others", "reference attacks (re-scored)",
                      "worst case (guarded, re-scored)",
                      "95% interval", "others", "winning attack", "unguarded worst: target", "unguarded: others",
-                     "trials done / rejected by guard"], rows)]
+                     "trials done / stopped early or failed / passed the guard"], rows)]
     curves = _budget_curves_png(redteam)
     if curves:
         parts.append(f"<h3>Budget curves</h3><img src='{put('budget_curves.png', curves)}' alt='budget curves'>")

@@ -114,7 +114,9 @@ def world(tmp_path_factory):
     (r / "rt_escape").mkdir()
     (r / "rt_escape" / "redteam.json").write_text(json.dumps({
         "space": "s", "budget": 10, "guard": 0.5, "concept": "sunset",
-        "models": {"m": {"worst_case": {"attack_dir": "../run_nokeys"}}}}))
+        "models": {"m": {"unattacked": {"target": 0.0, "others": 0.9}, "worst_case_unguarded": None,
+                         "worst_case": {"target": 0.5, "others": 0.6, "ci95": [0.3, 0.7], "attack": {"method": "full"},
+                                        "attack_dir": "../run_nokeys"}}}}))
     (r / "rt_norun").mkdir()
     (r / "rt_norun" / "notes.txt").write_text("mine")
     return r

@@ -109,7 +109,8 @@ class AttackSpace:
 
 def draw_attacks(space: AttackSpace, n: int, seed: int) -> list[dict]:
     """`n` attacks drawn at random from the space (grid/choice: uniformly; uniform/loguniform: in its range),
-    the space's `fixed` settings included; the same `seed` draws the same attacks."""
+    completed as a red-team trial completes its attack (method lora unless set, the space's seed and `fixed`
+    settings); the same `seed` draws the same attacks."""
     import math
 
     import numpy as np
@@ -117,7 +118,7 @@ def draw_attacks(space: AttackSpace, n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        a = dict(space.fixed)
+        a = {"method": "lora", "seed": space.seed, **space.fixed}  # as a red-team trial builds its attack
         for key, dist in space.search.items():
             kind, vals = next(iter(dist.items()))
             if kind in ("grid", "choice"):

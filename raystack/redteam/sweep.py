@@ -85,7 +85,7 @@ def _scores(pipe, space: AttackSpace, target_name: str, judge, seed: int, target
     return target, other_concepts_accuracy(pipe, target_name, others_n, judge, seed + 1, space.eval_steps)
 
 
-_RUN_KEYS = ("space", "target", "data", "concept", "attacks")  # config entries set by the run, not drawn
+_RUN_KEYS = ("space", "target", "data", "concept", "attacks")  # set by the run, not drawn ("attacks": older runs)  # config entries set by the run, not drawn
 _WARM: dict = {}  # per trial process (Tune reuses it across trials): the judge and each model's pipeline, loaded once
 
 
@@ -127,9 +127,11 @@ def attack_trial(config: dict) -> None:
     space = AttackSpace(**config["space"])
     target = Target(**config["target"])
     drawn = {k: v for k, v in config.items() if k not in _RUN_KEYS}
-    # Straight into --out, not the trial's staging folder: Ray copies that only when a trial's process ends (a
-    # reused process never copied it), and the copy doubled the disk used.
-    attack_dir = Path(config["attacks"]) / ray.tune.get_context().get_trial_id()
+    # Straight into --out/attacks/<sweep>/<trial id>, not the trial's staging folder: Ray copies that only when
+    # a trial's process ends (a reused process never copied it), and the copy doubled the disk used.
+    from ..tuning.sweep import trial_output_dir
+
+    attack_dir = trial_output_dir("attacks")
     values = {"method": "lora", "seed": space.seed, **space.fixed, **drawn, "data": config["data"],
               "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True}
     spec = build_spec(AttackSpec, values, source="trial")
@@ -162,7 +164,8 @@ def attack_trial(config: dict) -> None:
 
 def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
                resume: bool = False):
-    """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished ones rerun)."""
+    """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished and errored
+    ones rerun; a finished sweep is read back)."""
     from ray import tune
 
     from ..outputs import confined_rmtree
@@ -177,8 +180,7 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
-                       "target": target.__dict__, "data": str(data), "concept": concept,
-                       "attacks": str(attacks_dir(storage.parent, name))})
+                       "target": target.__dict__, "data": str(data), "concept": concept})
     tuner = tune.Tuner(
         trainable, param_space=space_dict,
         tune_config=tune.TuneConfig(metric="target_running", mode="max", scheduler=make_scheduler(space),
@@ -195,7 +197,8 @@ def attacks_dir(out: Path, sweep_name: str) -> Path:
     return Path(out) / "attacks" / sweep_name
 
 
-def _rows(grid) -> list[dict]:
+def _rows(grid, attacks: Path) -> list[dict]:
+    """One row per trial; `attacks`: the sweep's attack folders (attacks_dir)."""
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -207,7 +210,7 @@ def _rows(grid) -> list[dict]:
                      "attack": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                      "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
                      "target": m.get("target"), "others": m.get("others"), "curve": curve,
-                     "path": str(Path((r.config or {}).get("attacks", ".")) / str(m.get("trial_id"))),
+                     "path": str(attacks / str(m.get("trial_id"))),
                      "seconds": m.get("trial_seconds"),
                      **{k: m.get(k) for k in ("setup_s", "score_s", "attack_s")}})
     return sorted(rows, key=lambda r: str(r["trial"]))
@@ -244,6 +247,14 @@ def _sweep_wall(storage: Path, name: str, seconds: float) -> float:
             pass
     atomic_write_text(record, json.dumps({"sweep_seconds": round(seconds, 1)}))
     return round(seconds, 1)
+
+
+def _settings_key(values: dict, seed: int) -> str:
+    """A reference attack's folder name from its settings: a resume that changes them trains a new one."""
+    import hashlib
+
+    blob = json.dumps({"seed": seed, **values}, sort_keys=True, default=str).encode()
+    return f"{values.get('method', 'attack')}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
 
 def reference_attack(values: dict, index: int, target: Target, space: AttackSpace, data: Path, concept: str,
@@ -347,8 +358,12 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         base_target, base_others = _scores(load_pipeline(t.model), space, concept, judge, space.seed,
                                            space.eval_samples, space.other_samples)
         started = time.time()
-        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume))
-        sweep_seconds = _sweep_wall(out / "tune", f"{space.name}-{t.name}", time.time() - started)
+        sweep_name = f"{space.name}-{t.name}"
+        resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
+            (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
+        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume),
+                     attacks_dir(out, sweep_name))
+        sweep_seconds = _sweep_wall(out / "tune", sweep_name, time.time() - started)
         for r in rows:
             r["guarded"] = (r["status"] == "done" and r["others"] is not None
                             and passes_guard(r["others"], base_others, space.guard))
@@ -359,12 +374,12 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         best = declare_worst_case(guarded[: space.rescore_top], base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
-                                       out / "reference" / t.name / str(i))
+                                       out / "reference" / t.name / _settings_key(ref, space.seed))
                       for i, ref in enumerate(space.reference_attacks)]
         report["models"][t.name] = {
             "reference_attacks": references,
             "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
-            "sweep_seconds": round(sweep_seconds, 1), "resumed": resume,
+            "sweep_seconds": round(sweep_seconds, 1), "resumed": resumed,
             "worst_case": None if best is None else {
                 "target": best["rescored"]["target"], "ci95": best["rescored"]["ci95"],
                 "others": best["rescored"]["others"], "attack": best["attack"], "trial": best["trial"],
@@ -382,6 +397,52 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     return report
 
 
+def _check_redteam_report(report: dict) -> None:
+    """Every field the report section reads, with its type (raises on a hand-edited or foreign file)."""
+    def number(v, none_ok=False):
+        if (v is None and none_ok) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            return
+        raise ValueError(v)
+
+    for key in ("space", "concept"):
+        if not isinstance(report[key], str):
+            raise TypeError(key)
+    number(report["budget"])
+    number(report["guard"])
+    if not isinstance(report["models"], dict):
+        raise TypeError("models")
+    for m in report["models"].values():
+        number(m["unattacked"]["target"], True)
+        number(m["unattacked"]["others"], True)
+        for key in ("worst_case", "worst_case_unguarded"):
+            w = m.get(key)
+            if w is None:
+                continue
+            number(w["target"])
+            number(w["others"], True)
+            if not isinstance(w["attack"], dict) or not isinstance(w.get("attack_dir", ""), str):
+                raise TypeError(key)
+            if key == "worst_case":
+                lo, hi = w["ci95"]
+                number(lo)
+                number(hi)
+        for key in ("rejected_by_guard", "trials", "budget_curve", "budget_curve_unguarded"):
+            if not isinstance(m.get(key, []), list):
+                raise TypeError(key)
+        for t in m.get("trials", []):
+            if not isinstance(t, dict):
+                raise TypeError("trials")
+        for c in m.get("budget_curve", []) + m.get("budget_curve_unguarded", []):
+            number(c["steps"])
+            number(c["best_target"], True)
+        for r in m.get("reference_attacks", []):
+            number(r["target"])
+            number(r["others"], True)
+            number(r["steps"])
+            if not isinstance(r["attack"], dict):
+                raise TypeError("reference_attacks")
+
+
 def load_redteam(folder: Path, concept: str) -> tuple[dict, dict[str, Path]]:
     """A finished red-team run (`redteam --out`) of `concept`: its redteam.json, and the attack folders of the
     guarded worst cases as evaluate runs (`worst-<model>`), checked to lie inside the run folder."""
@@ -393,11 +454,10 @@ def load_redteam(folder: Path, concept: str) -> tuple[dict, dict[str, Path]]:
         raise UserError(f"--redteam {shown(folder)}: no {RESULTS} (a finished `immunize-cli redteam --out`)")
     try:
         report = json.loads(path.read_text())
-        models = report["models"]
-        for key in ("space", "budget", "guard", "concept"):
-            report[key]
-    except (OSError, ValueError, KeyError, TypeError):
+        _check_redteam_report(report)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
         raise UserError(f"--redteam {shown(path)}: not a red-team result") from None
+    models = report["models"]
     if report["concept"] != concept:
         raise UserError(f"--target {shown(concept)}: the red team in --redteam attacked {shown(report['concept'])}")
     root = folder.resolve()

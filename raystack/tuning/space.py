@@ -187,11 +187,12 @@ class TuneSpace:
         if self.attacker_space:
             from pathlib import Path
 
-            from ..redteam.space import load_attack_space
 
             if not Path(self.attacker_space).is_file():
                 raise UserError(f"attacker_space {shown(self.attacker_space)}: no such file")
-            load_attack_space(self.attacker_space)  # checked now, not in trial 3
+            # resolved now: trials run in their own folders
+            self.attacker_space = str(Path(self.attacker_space).resolve())
+            drawn_attacks(self)  # checked now, not in trial 3: every draw must make a valid attack
         from ..attacks.spec import METHODS, AttackSpec
 
         checks = [(f"attacks[{i}]", a) for i, a in enumerate(self.attacks)]
@@ -211,9 +212,14 @@ def drawn_attacks(space: TuneSpace) -> list[dict]:
     """The attacks every trial draws from `attacker_space` (the same for every trial)."""
     if not space.attacker_draws:
         return []
+    from ..attacks.spec import AttackSpec
     from ..redteam.space import draw_attacks, load_attack_space
+    from ..specs import build_spec
 
-    return draw_attacks(load_attack_space(space.attacker_space), space.attacker_draws, space.attacker_seed)
+    drawn = draw_attacks(load_attack_space(space.attacker_space), space.attacker_draws, space.attacker_seed)
+    for i, a in enumerate(drawn):
+        build_spec(AttackSpec, {"data": ".", **a}, source=f"attacker_space draw {i}")
+    return drawn
 
 
 def check_distribution(key: str, dist) -> None:

@@ -13,7 +13,7 @@ from ..errors import UserError
 from .space import TuneSpace, param_space
 
 RESULTS = "results.json"
-_RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility", "trials")  # config entries set by the sweep, not sampled
+_RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility")  # config entries set by the sweep, not sampled
 BEST = "best.yaml"
 PARETO_PNG = "pareto.png"
 
@@ -104,6 +104,16 @@ def attacked_mitigation(space: TuneSpace, hardened: Path, attacker: Path, out: P
     return _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
 
 
+def trial_output_dir(kind: str = "trials") -> Path:
+    """Where the running trial writes: <out>/<kind>/<sweep>/<trial id>, found from the sweep's storage
+    (<out>/tune) at run time, so a moved sweep folder resumes into itself."""
+    import ray.tune
+
+    ctx = ray.tune.get_context()
+    storage = ctx.get_storage()
+    return Path(storage.storage_fs_path).parent / kind / storage.experiment_dir_name / ctx.get_trial_id()
+
+
 def trial_mitigation(accuracies: list[float], how: str) -> float:
     """A trial's mitigation from its attacks' final target accuracies: their mean, or the worst case."""
     return float(max(accuracies) if how == "worst" else np.mean(accuracies))
@@ -128,12 +138,13 @@ def run_trial(config: dict) -> None:
     from ..tinyworld.classifier import Judge
 
     configure_threads(1)
-    space = TuneSpace(**config["space"])
+    # the drawn attacks travel in the config: the attack space file is not read again (not on every node)
+    space = TuneSpace(**{**config["space"], "attacker_space": None, "attacker_draws": 0})
     data = {k: Path(v) for k, v in config["data"].items()}
     sampled = {k: v for k, v in config.items() if k not in _RUN_KEYS}
-    # Straight into --out/trials/<id>, not the trial's staging folder (which Ray copies to --out when the
-    # trial ends: twice the disk, and a hardened model per trial under /tmp).
-    trial_dir = Path(config["trials"]) / ray.tune.get_context().get_trial_id()
+    # Straight into --out/trials/<sweep>/<id>, not the trial's staging folder (which Ray copies to --out when
+    # the trial ends: twice the disk, and a hardened model per trial under /tmp).
+    trial_dir = trial_output_dir()
     values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
               "cluster": None}
     spec = build_spec(HardenSpec, values, source="trial")
@@ -151,7 +162,8 @@ def run_trial(config: dict) -> None:
             ray.tune.report({"mitigation_running": 1.0, "attack": -1, "attack_step": 0,
                              "objective_running": -space.mitigation_weight})
     for ai, a in enumerate(attacks):
-        aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", f"attacks[{ai}]")
+        where = f"attacks[{ai}]" if ai < len(space.attacks) else f"attacker_space draw {ai - len(space.attacks)}"
+        aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", where)
         pipe = load_pipeline(spec.out)
         every = max(1, aspec.checkpoint_every)
         last = {}
@@ -196,8 +208,12 @@ def make_scheduler(space):
 
 
 def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = None):
-    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch (seeded when `seed` is
-    given, so a sweep draws the same settings again)."""
+    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch; random with a `seed`:
+    Tune's generator seeded. With a seed a sweep draws the same settings again."""
+    if space.algorithm == "random" and seed is not None:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
     if space.algorithm != "optuna":
         return None
     try:
@@ -232,7 +248,6 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         space_dict = param_space(space)
         space_dict["space"] = {k: getattr(space, k) for k in space.__dataclass_fields__}
         space_dict["data"] = {k: str(v) for k, v in data.items()}
-        space_dict["trials"] = str(out / "trials" / name)
         from .space import drawn_attacks
 
         space_dict["drawn_attacks"] = drawn_attacks(space)
