@@ -47,6 +47,20 @@ def test_guard_interval_and_budget_curve():
     assert budget_curve(rows, guarded=False)[1]["best_target"] == 0.9
 
 
+def test_re_scoring_goes_down_the_list_until_a_trial_survives(monkeypatch):
+    from raystack.redteam import sweep
+
+    others = {"a": 0.3, "b": 0.35, "c": 0.7, "d": 0.9, "e": 0.9}  # re-scored others of the trials, strongest first
+    monkeypatch.setattr(sweep, "rescore", lambda r, *a: {"target": 0.5, "others": others[r["trial"]]})
+    space = AttackSpace(name="s", budget=400, search={"lr": {"choice": [0.001]}}, guard=0.5, rescore_top=2,
+                        rescore_limit=4)
+    rows = [{"trial": k} for k in others]
+    done = sweep.rescore_until_one_survives(rows, space, "sunset", None, 0.9)
+    assert [r["trial"] for r in done] == ["a", "b", "c"]  # a and b fail 0.5 x 0.9 on more samples; c passes
+    space.rescore_limit = 2
+    assert [r["trial"] for r in sweep.rescore_until_one_survives(rows, space, "sunset", None, 0.9)] == ["a", "b"]
+
+
 def test_the_worst_case_must_pass_the_guard_on_its_re_scored_numbers():
     from raystack.redteam.sweep import declare_worst_case
 
@@ -127,7 +141,9 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
         assert len(list((out / "reference" / name).glob("full-*/attack.json"))) == 1
         assert all(t["attack"]["steps"] <= report["budget"] for t in m["trials"])
         rescored = [t for t in m["trials"] if "rescored" in t]
-        assert len(rescored) <= 1
+        assert len(rescored) <= 4
+        if len(rescored) > 1:  # re-scoring went further down only while none had passed the guard
+            assert sum(t["rescored"]["guarded"] for t in rescored) <= 1
         if m["worst_case"]:
             assert m["worst_case"]["target"] == rescored[0]["rescored"]["target"]
             assert rescored[0]["rescored"]["samples"] == 8  # eval_samples x rescore_factor, fresh seeds

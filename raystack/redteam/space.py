@@ -34,9 +34,13 @@ class AttackSpace:
     eval_steps: int = 15
     """Sampler steps when scoring."""
     rescore_top: int = 2
-    """The strongest guarded trials re-scored with fresh seeds before the worst case is declared."""
+    """The strongest guarded trials re-scored with fresh seeds before the worst case is declared; if none of
+    them passes the guard on its re-scored numbers, the next ones are re-scored (up to rescore_limit)."""
+    rescore_limit: int = 8
+    """Most trials re-scored per model (the search for a winner that survives re-scoring stops there)."""
     rescore_factor: int = 3
-    """Re-scoring uses this many times eval_samples images (the winner's curse: ±8 points at 40 samples)."""
+    """Re-scoring uses this many times eval_samples images of the target, and of other_samples per other concept
+    (the winner's curse: ±8 points at 40 samples; it hits the guard's numbers too)."""
     reference_attacks: list = field(default_factory=list)
     """Attacks run once per model outside the search (AttackSpec fields, e.g. [{method: full}] for the default
     full fine-tune) and scored as the winners are: the default-attack column the worst case is compared with."""
@@ -60,7 +64,8 @@ class AttackSpace:
             raise UserError(f"scheduler {shown(self.scheduler)}: expected one of {', '.join(SCHEDULERS)}")
         for key, n in (("samples", self.samples), ("eval_samples", self.eval_samples),
                        ("other_samples", self.other_samples), ("eval_steps", self.eval_steps),
-                       ("rescore_top", self.rescore_top), ("rescore_factor", self.rescore_factor)):
+                       ("rescore_top", self.rescore_top), ("rescore_factor", self.rescore_factor),
+                       ("rescore_limit", self.rescore_limit)):
             if n <= 0:
                 raise UserError(f"{key} {n}: must be a positive integer")
         if not 0.0 <= self.guard <= 1.0:

@@ -276,10 +276,25 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
         pipe = load_pipeline(target.model)
         run_attack(spec, pipe=pipe)
     n = space.eval_samples * space.rescore_factor
-    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples)
+    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples * space.rescore_factor)
     lo, hi = wilson_interval(acc, n)
     return {"attack": values, "steps": spec.steps, "lr": spec.lr, "target": acc, "others": others, "samples": n,
             "ci95": [lo, hi]}
+
+
+def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept: str, judge,
+                               others_unattacked: float) -> list[dict]:
+    """Re-score the strongest guarded trials (`rescore_top` of them), then further down the list while none
+    passes the guard on its re-scored numbers, at most `rescore_limit`: the strongest attacks sit on the guard's
+    edge (they trade the other concepts for the target), so the first few often fail it on more samples."""
+    done = []
+    for r in guarded[: space.rescore_limit]:
+        if len(done) >= space.rescore_top and any(
+                passes_guard(x["rescored"]["others"], others_unattacked, space.guard) for x in done):
+            break
+        r["rescored"] = rescore(r, space, concept, judge)
+        done.append(r)
+    return done
 
 
 def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
@@ -288,12 +303,16 @@ def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
 
     pipe, _ = load_attacked_pipeline(Path(row["path"]))
     n = space.eval_samples * space.rescore_factor
-    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples)
+    n_others = space.other_samples * space.rescore_factor
+    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, n_others)
     lo, hi = wilson_interval(acc, n)
-    return {"target": acc, "others": others, "samples": n, "ci95": [lo, hi]}
+    return {"target": acc, "others": others, "samples": n, "others_samples": n_others, "ci95": [lo, hi]}
 
 
 RUN_FILE = "redteam_run.json"
+#: The space keys that decide the trials; a resume must keep them (the rest is applied after the sweeps).
+SWEEP_KEYS = ("name", "budget", "search", "fixed", "samples", "eval_samples", "other_samples", "eval_steps",
+              "algorithm", "scheduler", "seed")
 
 
 def _relative(path: str, out: Path) -> str:
@@ -310,8 +329,8 @@ def _run_record(space: AttackSpace, targets: list[Target], data: Path, concept: 
 
 def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: Path, concept: str,
                     resume: bool) -> None:
-    """--resume needs a run in --out made with the same space, models, data and target; without --resume
-    --out must be new or empty (an earlier run's trials would be replaced)."""
+    """--resume needs a run in --out made with the same space (its SWEEP_KEYS), models, data and target;
+    without --resume --out must be new or empty (an earlier run's trials would be replaced)."""
     from ..outputs import shown
 
     out = Path(out)
@@ -328,8 +347,9 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
     except (OSError, ValueError):
         raise UserError(f"--resume: {shown(str(record))} is unreadable") from None
     now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
-    for rec in (before, now):  # reference attacks run after the sweeps: a resume may add them
-        rec.get("space", {}).pop("reference_attacks", None)
+    for rec in (before, now):  # what runs after the sweeps (guard, re-scoring, reference attacks) may change
+        if isinstance(rec.get("space"), dict):
+            rec["space"] = {k: v for k, v in rec["space"].items() if k in SWEEP_KEYS}
     for key in ("space", "models", "data", "concept"):
         if before.get(key) != now[key]:
             raise UserError(f"--resume: the {key} differs from the run in {shown(str(out))}; resume with the same inputs")
@@ -369,9 +389,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                             and passes_guard(r["others"], base_others, space.guard))
         done = [r for r in rows if r["status"] == "done"]
         guarded = sorted([r for r in done if r["guarded"]], key=lambda r: -r["target"])
-        for r in guarded[: space.rescore_top]:
-            r["rescored"] = rescore(r, space, concept, judge)
-        best = declare_worst_case(guarded[: space.rescore_top], base_others, space.guard)
+        rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others)
+        best = declare_worst_case(rescored, base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
                                        out / "reference" / t.name / _settings_key(ref, space.seed))
