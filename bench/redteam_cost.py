@@ -34,24 +34,28 @@ SETS = ["name=cost", "budget=200", "samples=8", "search.method.choice=[lora, ful
 
 
 def cost_row(report: dict, label: str, command_seconds: float | None = None) -> list[dict]:
+    """One row per model: every trial's last report carries its time so far (set-up, attack, scoring), early-
+    stopped trials included; a sweep whose trials lack it (made before the split was reported) shows '—'."""
     rows = []
     conc = report.get("max_concurrent", 1)
     for name, m in report["models"].items():
-        done = [t for t in m["trials"] if t.get("status") == "done" and t.get("setup_s") is not None]
-        if not done or not m.get("sweep_seconds") or m.get("resumed"):
+        trials = m["trials"]
+        if not trials or not m.get("sweep_seconds") or m.get("resumed"):
             continue  # a resumed sweep's wall time misses the interrupted attempt
         wall = m["sweep_seconds"]
         slots = wall * conc
-        setup, attack, score = (sum(t[k] for t in done) for k in ("setup_s", "attack_s", "score_s"))
-        in_trials = sum(t["seconds"] for t in done)
-        stopped = [t for t in m["trials"] if t.get("status") != "done"]
-        rows.append({"run": label, "model": name, "concurrent": conc, "trials_done": len(done),
-                     "trials_stopped_early": len(stopped), "sweep_seconds": wall,
-                     "trials_per_hour": round(len(m["trials"]) / wall * 3600, 1),
+        timed = [t for t in trials if t.get("setup_s") is not None]
+        complete = len(timed) == len(trials)
+        setup, attack, score = (sum(t[k] for t in timed) for k in ("setup_s", "attack_s", "score_s"))
+        in_trials = sum(t["seconds"] for t in timed)
+        done = sum(t.get("status") == "done" for t in trials)
+        rows.append({"run": label, "model": name, "concurrent": conc, "trials": len(trials), "trials_done": done,
+                     "trials_stopped_early": len(trials) - done, "sweep_seconds": wall,
+                     "trials_per_hour": round(len(trials) / wall * 3600, 1),
                      "trial_setup_s": round(setup, 1), "attack_s": round(attack, 1), "score_s": round(score, 1),
-                     "outside_trials_s": round(max(0.0, slots - in_trials), 1) if not stopped else None,
-                     "setup_share": round((slots - attack - score) / slots, 3) if not stopped else None,
-                     "trial_setup_share": round(setup / in_trials, 3),
+                     "outside_trials_s": round(max(0.0, slots - in_trials), 1) if complete else None,
+                     "setup_share": round((slots - attack - score) / slots, 3) if complete else None,
+                     "trial_setup_share": round(setup / in_trials, 3) if in_trials else None,
                      "command_seconds": command_seconds})
     return rows
 
@@ -91,7 +95,8 @@ def main() -> None:
     lines = [f"Machine: {machine}. Command: `.venv/bin/python {res['command'].strip()}`. Set-up share: of the trial "
              "slots' time (sweep wall x concurrent trials), the part not spent attacking or scoring (a trial's own "
              "set-up plus slot time outside any trial); goal <= 20%. Only for sweeps where every trial ran to its "
-             "end (early-stopped trials leave slot time that is neither).", "",
+             "end or reported its time split (every report carries it since this benchmark; earlier sweeps show '—' "
+             "for the shares over all trials).", "",
              "| run | model | at once | trials (done / stopped early) | sweep wall | trials/hour | attack | scoring "
              "| trials' own set-up | slot time outside trials | set-up share |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -101,7 +106,8 @@ def main() -> None:
         lines.append(f"| {r['run']} | {r['model']} | {r['concurrent']} | {r['trials_done']} / "
                      f"{r['trials_stopped_early']} | {r['sweep_seconds']:.0f} s | {r['trials_per_hour']:.0f} | "
                      f"{r['attack_s']:.0f} s | {r['score_s']:.0f} s | {r['trial_setup_s']:.0f} s "
-                     f"({r['trial_setup_share']:.1%}) | {outside} | {share} |")
+                     f"({'—' if r['trial_setup_share'] is None else format(r['trial_setup_share'], '.1%')}) | "
+                     f"{outside} | {share} |")
     (outdir / "redteam_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

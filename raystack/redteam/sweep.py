@@ -145,20 +145,23 @@ def attack_trial(config: dict) -> None:
         clock["score"] += time.time() - t
         return acc, others
 
+    def timing() -> dict:
+        """Where the trial's time went so far (every report carries it: ASHA may stop the trial after any)."""
+        now = time.time()
+        setup = (clock["first_step"] or now) - entered
+        return {"trial_seconds": round(now - entered, 2), "setup_s": round(setup, 2),
+                "score_s": round(clock["score"], 2), "attack_s": round(now - entered - setup - clock["score"], 2)}
+
     def on_step(step, loss):
         if clock["first_step"] is None:
             clock["first_step"] = time.time()
         if step % spec.checkpoint_every == 0 and step != spec.steps:
             acc, _ = score(0)
-            ray.tune.report({"target_running": acc, "attack_step": step})
+            ray.tune.report({"target_running": acc, "attack_step": step, **timing()})
 
     run_attack(spec, on_step=on_step, pipe=pipe)
     acc, others = score(space.other_samples)
-    end = time.time()
-    setup = (clock["first_step"] or end) - entered
-    ray.tune.report({"target_running": acc, "attack_step": spec.steps, "target": acc, "others": others,
-                     "trial_seconds": round(end - entered, 2), "setup_s": round(setup, 2),
-                     "score_s": round(clock["score"], 2), "attack_s": round(end - entered - setup - clock["score"], 2),
+    ray.tune.report({"target_running": acc, "attack_step": spec.steps, "target": acc, "others": others, **timing(),
                      "done_all": True})
 
 
