@@ -54,7 +54,7 @@ def table(reports: dict[str, dict], command: str) -> str:
             none = "none survived re-scoring" if passed else "none passed the guard"
             lines.append(f"| {name} | {seed} | {fmt(m['unattacked']['target'])} ({fmt(m['unattacked']['others'])}) "
                          f"| {references(m)} | **{fmt(w and w['target'])}** | {interval(w)} | "
-                         f"{fmt(w and w['others'])} | {none if not w else attack_label(w['attack'])} | "
+                         f"{fmt(w and w['others'])} | {none if not w else attack_label(w['attack']) + (' (a reference attack)' if w.get('source') == 'reference' else '')} | "
                          f"{'—' if not u else fmt(u['target']) + ' (' + fmt(u['others']) + ')'} | "
                          f"{len(done)} / {len(m['trials']) - len(done)} / {passed} / "
                          f"{at_08} |")

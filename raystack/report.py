@@ -107,7 +107,9 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
                          f"{pct(r['others'])}" for r in m.get("reference_attacks", [])) or "–"
         rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]), refs,
                      pct(w and w["target"]), "–" if not w else f"{w['ci95'][0]:.0%}–{w['ci95'][1]:.0%}",
-                     pct(w and w["others"]), none if not w else config(w["attack"]),
+                     pct(w and w["others"]),
+                     none if not w else config(w["attack"]) + (" (reference attack)" if w.get("source") == "reference"
+                                                               else ""),
                      pct(u and u["target"]), pct(u and u["others"]),
                      f"{len(done)} / {len(m.get('trials', [])) - len(done)} / {passed}"])
     parts = [f"<h2 id='worst-case'>Worst case (red team): the strongest attack found within "

@@ -47,6 +47,18 @@ def test_guard_interval_and_budget_curve():
     assert budget_curve(rows, guarded=False)[1]["best_target"] == 0.9
 
 
+def test_the_declared_worst_case_is_the_strongest_known_guarded_attack(tmp_path):
+    from raystack.redteam.sweep import strongest_known
+
+    best = {"rescored": {"target": 0.3, "ci95": [0.2, 0.4], "others": 0.7}, "attack": {"method": "lora"},
+            "trial": "t1", "path": str(tmp_path / "attacks" / "t1")}
+    ref = {"target": 0.5, "ci95": [0.4, 0.6], "others": 0.6, "attack": {"method": "full"}, "attack_dir": "reference/x"}
+    w = strongest_known(best, [ref], 0.9, 0.5, tmp_path)  # the default attack beat the sweep's winner
+    assert w["source"] == "reference" and w["target"] == 0.5
+    assert strongest_known(best, [{**ref, "others": 0.2}], 0.9, 0.5, tmp_path)["trial"] == "t1"  # it fails the guard
+    assert strongest_known(None, [{**ref, "others": 0.2}], 0.9, 0.5, tmp_path) is None
+
+
 def test_re_scoring_goes_down_the_list_until_a_trial_survives(monkeypatch):
     from raystack.redteam import sweep
 
@@ -144,9 +156,12 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
         assert len(rescored) <= 4
         if len(rescored) > 1:  # re-scoring went further down only while none had passed the guard
             assert sum(t["rescored"]["guarded"] for t in rescored) <= 1
-        if m["worst_case"]:
-            assert m["worst_case"]["target"] == rescored[0]["rescored"]["target"]
-            assert rescored[0]["rescored"]["samples"] == 8  # eval_samples x rescore_factor, fresh seeds
+        w, ws = m["worst_case"], m["worst_case_sweep"]
+        if ws:
+            assert ws["target"] in [t["rescored"]["target"] for t in rescored if t["rescored"]["guarded"]]
+            assert all(t["rescored"]["samples"] == 8 for t in rescored)  # eval_samples x rescore_factor
+        known = ([ws["target"]] if ws else []) + [r["target"] for r in m["reference_attacks"] if r["guarded"]]
+        assert (w is None) == (not known) and (w is None or w["target"] == max(known))
         guarded = {t["trial"] for t in m["trials"] if t["guarded"]}
         assert guarded.isdisjoint(m["rejected_by_guard"])
         for t in m["trials"]:

@@ -282,7 +282,27 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
     acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples * space.rescore_factor)
     lo, hi = wilson_interval(acc, n)
     return {"attack": values, "steps": spec.steps, "lr": spec.lr, "target": acc, "others": others, "samples": n,
-            "ci95": [lo, hi]}
+            "ci95": [lo, hi], "attack_dir": str(out)}
+
+
+def _winner(row: dict, out: Path) -> dict:
+    r = row["rescored"]
+    return {"target": r["target"], "ci95": r["ci95"], "others": r["others"], "attack": row["attack"],
+            "trial": row["trial"], "attack_dir": _relative(row["path"], out), "source": "sweep"}
+
+
+def strongest_known(best: dict | None, references: list[dict], others_unattacked: float, guard: float,
+                    out: Path) -> dict | None:
+    """The declared worst case: the strongest attack the red team knows that passes the guard on re-scored
+    numbers, the sweep's winner or a reference attack (a sweep that missed what the default attack does must
+    not report less than it)."""
+    known = [_winner(best, out)] if best is not None else []
+    for r in references:
+        if r["others"] is not None and passes_guard(r["others"], others_unattacked, guard):
+            known.append({"target": r["target"], "ci95": r["ci95"], "others": r["others"], "attack": r["attack"],
+                          "trial": f"reference:{r['attack'].get('method')}", "attack_dir": r["attack_dir"],
+                          "source": "reference"})
+    return max(known, key=lambda w: w["target"], default=None)
 
 
 def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept: str, judge,
@@ -398,14 +418,15 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
                                        out / "reference" / t.name / _settings_key(ref, space.seed))
                       for i, ref in enumerate(space.reference_attacks)]
+        for r in references:
+            r["attack_dir"] = _relative(r["attack_dir"], out)
+            r["guarded"] = r["others"] is not None and passes_guard(r["others"], base_others, space.guard)
         report["models"][t.name] = {
             "reference_attacks": references,
             "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
             "sweep_seconds": round(sweep_seconds, 1), "resumed": resumed,
-            "worst_case": None if best is None else {
-                "target": best["rescored"]["target"], "ci95": best["rescored"]["ci95"],
-                "others": best["rescored"]["others"], "attack": best["attack"], "trial": best["trial"],
-                "attack_dir": _relative(best["path"], out)},
+            "worst_case": strongest_known(best, references, base_others, space.guard, out),
+            "worst_case_sweep": None if best is None else _winner(best, out),
             "worst_case_unguarded": None if worst_unguarded is None else {
                 "target": worst_unguarded["target"], "others": worst_unguarded["others"],
                 "attack": worst_unguarded["attack"], "trial": worst_unguarded["trial"],
