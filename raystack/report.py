@@ -27,11 +27,23 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _curves_png(report: dict) -> bytes | None:
     runs = {k: r for k, r in report["runs"].items() if r.get("curve")}
     if not runs:
         return None
-    import io
 
     import matplotlib
 
@@ -49,16 +61,11 @@ def _curves_png(report: dict) -> bytes | None:
         ax.set_title(key.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _budget_curves_png(redteam: dict) -> bytes | None:
     """Best target accuracy found within s attack steps, per model: guarded (solid), unguarded (dashed)."""
-    import io
 
     import matplotlib
 
@@ -82,11 +89,7 @@ def _budget_curves_png(redteam: dict) -> bytes | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
