@@ -278,11 +278,8 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
     else:
         pipe = load_pipeline(target.model)
         run_attack(spec, pipe=pipe)
-    n = space.eval_samples * space.rescore_factor
-    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, space.other_samples * space.rescore_factor)
-    lo, hi = wilson_interval(acc, n)
-    return {"attack": values, "steps": spec.steps, "lr": spec.lr, "target": acc, "others": others, "samples": n,
-            "ci95": [lo, hi], "attack_dir": str(out)}
+    return {"attack": values, "steps": spec.steps, "lr": spec.lr, **rescored_scores(pipe, space, concept, judge),
+            "attack_dir": str(out)}
 
 
 def _winner(row: dict, out: Path) -> dict:
@@ -325,6 +322,12 @@ def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
     from ..attacks.loading import load_attacked_pipeline
 
     pipe, _ = load_attacked_pipeline(Path(row["path"]))
+    return rescored_scores(pipe, space, concept, judge)
+
+
+def rescored_scores(pipe, space: AttackSpace, concept: str, judge) -> dict:
+    """An attacked pipeline scored with fresh seeds on rescore_factor x the samples (target and other concepts),
+    with the target's 95% interval: how winners and reference attacks are judged alike."""
     n = space.eval_samples * space.rescore_factor
     n_others = space.other_samples * space.rescore_factor
     acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, n_others)
