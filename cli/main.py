@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from .attack import attack
 from .evaluate import evaluate
 from .harden import harden
+from .mask import mask_app
 from .redteam import redteam
 from .tune import tune
 from .verify import verify
@@ -58,6 +59,7 @@ app.command(name="tune")(tune)
 app.command(name="redteam")(redteam)
 app.command(name="verify")(verify)
 app.add_typer(world_app, name="world")
+app.add_typer(mask_app, name="mask")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,7 +78,8 @@ def worst_case_table(report: dict):
         w, u = m["worst_case"], m["worst_case_unguarded"]
         fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
         refs = ", ".join(f"{r['attack']['method']} {fmt(r['target'])}" for r in m.get("reference_attacks", [])) or "-"
-        table.add_row(name, fmt(m["unattacked"]["target"]), refs, fmt(w and w["target"]),
+        table.add_row(name if "same_as" not in m else f"{name} (= {m['same_as']}: same weights and mask)",
+                      fmt(m["unattacked"]["target"]), refs, fmt(w and w["target"]),
                       "-" if not w else f"{w['ci95'][0]:.0%}-{w['ci95'][1]:.0%}", fmt(w and w["others"]),
                       "-" if not w else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in w["attack"].items()),

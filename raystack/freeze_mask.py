@@ -63,3 +63,90 @@ def load_freeze_mask(path: Path, param_names: list[str] | None = None, flag: str
                             f"({len(missing)} missing, {len(extra)} unknown, e.g. {example!r})")
     return mask
 
+
+
+class FrozenTensorChanged(AssertionError):
+    """A tensor the release's freeze mask froze was trained or changed."""
+
+
+class FrozenTensors:
+    """What `apply` returns: the frozen parameters of one UNet and a fingerprint of each, to check they kept
+    their released values. Use it as a context manager to check on leaving the block."""
+
+    def __init__(self, unet, names: list[str]):
+        import torch
+
+        params = dict(unet.named_parameters())
+        self.names = names
+        frozen = set(names)
+        self.frozen_layers = [m for m, mod in unet.named_modules()
+                              if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and f"{m}.weight" in frozen]
+        """Linear/Conv modules whose weight is frozen: pass them as peft's `exclude_modules` so that a LoRA adapts
+        none of them (a compliant LoRA)."""
+        self._params = {n: params[n] for n in names}
+        self._digests = {n: _tensor_digest(p) for n, p in self._params.items()}
+        self._hook = unet.register_forward_pre_hook(self._no_gradient_on_frozen)
+
+    def _no_gradient_on_frozen(self, module, args):
+        """Runs before every forward pass: a trainer that switched a frozen tensor back on (e.g. with
+        `unet.requires_grad_(True)`) is stopped before it takes a step."""
+        on = [n for n, p in self._params.items() if p.requires_grad]
+        if on:
+            raise FrozenTensorChanged(f"freeze mask: {len(on)} frozen tensor(s) were made trainable again, e.g. {on[0]}")
+
+    def changed(self) -> list[str]:
+        """The frozen tensors whose bytes differ from their released values (empty: all kept)."""
+        return [n for n, p in self._params.items() if _tensor_digest(p) != self._digests[n]]
+
+    def check(self) -> None:
+        """Raise `FrozenTensorChanged` naming the first changed tensor, if any changed."""
+        bad = self.changed()
+        if bad:
+            raise FrozenTensorChanged(f"freeze mask: {len(bad)} frozen tensor(s) changed, e.g. {bad[0]}")
+
+    def remove(self) -> None:
+        """Stop checking in forward passes (the tensors stay frozen)."""
+        self._hook.remove()
+
+    def __enter__(self) -> "FrozenTensors":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+        if exc_type is None:
+            self.check()
+
+
+def _tensor_digest(t) -> str:
+    import hashlib
+
+    import torch
+
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+    return f"{t.dtype}|{tuple(t.shape)}|{hashlib.sha256(data).hexdigest()}"
+
+
+def apply(unet, mask) -> FrozenTensors:
+    """Freeze the tensors a release's mask freezes on a diffusers UNet, for any training loop:
+
+        guard = raystack.freeze_mask.apply(pipe.unet, "release/freeze_mask.safetensors")
+        ...train as usual...; guard.check()   # or: with apply(unet, mask): train()
+
+    `mask` is a mask file, a release folder holding one, or a {tensor name: frozen} dict; its names must be
+    exactly the UNet's parameters. Frozen tensors get no gradient (an optimizer built from all parameters then
+    skips them: no gradient, no update, no weight decay); a forward pre-hook refuses to run once one of them is
+    made trainable again, and `check()` compares every frozen tensor with its released bytes."""
+    names = [n for n, _ in unet.named_parameters()]
+    if isinstance(mask, dict):
+        unknown, missing = set(mask) - set(names), set(names) - set(mask)
+        if unknown or missing:
+            raise UserError(f"freeze mask: keys do not match the UNet's parameters ({len(missing)} missing, "
+                            f"{len(unknown)} unknown)")
+        flags = {k: bool(v) for k, v in mask.items()}
+    else:
+        flags = load_freeze_mask(Path(mask), names, flag="freeze mask")
+    frozen = [n for n in names if flags[n]]
+    params = dict(unet.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(False)
+    return FrozenTensors(unet, frozen)

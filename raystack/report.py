@@ -108,7 +108,8 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
         none = "none survived re-scoring" if passed else "none passed the guard"
         refs = "; ".join(f"{r['attack']['method']} ({r['steps']} steps): {pct(r['target'])}, others "
                          f"{pct(r['others'])}" for r in m.get("reference_attacks", [])) or "–"
-        rows.append([name, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]), refs,
+        label = name if not m.get("same_as") else f"{name} (same weights and mask as {m['same_as']}: its sweep)"
+        rows.append([label, pct(m["unattacked"]["target"]), pct(m["unattacked"]["others"]), refs,
                      pct(w and w["target"]), "–" if not w else f"{w['ci95'][0]:.0%}–{w['ci95'][1]:.0%}",
                      pct(w and w["others"]),
                      none if not w else config(w["attack"]) + (" (reference attack)" if w.get("source") == "reference"

@@ -127,6 +127,32 @@ def test_the_guard_rejects_a_destructive_attack(tiny_pipe, judge, tmp_path):
     assert not passes_guard(attacked, base, space.guard)
 
 
+def test_models_with_the_same_weights_and_mask_share_one_sweep(tmp_path, tiny_model_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from raystack.freeze_mask import save_freeze_mask
+    from raystack.redteam.sweep import same_attacks
+
+    copy, changed = tmp_path / "copy", tmp_path / "changed"
+    shutil.copytree(tiny_model_path, copy)
+    shutil.copytree(tiny_model_path, changed)
+    f = changed / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(f))
+    name = sorted(weights)[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1e-6  # one number of one tensor
+    save_file(weights, str(f))
+    save_freeze_mask(tmp_path / "m.safetensors", {n: i % 3 == 0 for i, n in enumerate(sorted(weights))})
+    t = same_attacks(parse_models(["orig=tiny", f"copy={copy}", f"changed={changed}",
+                                   f"hard={copy}:{tmp_path / 'm.safetensors'}"]))
+    assert {x.name: x.same_as for x in t} == {"orig": None, "copy": "orig", "changed": None,
+                                               "hard.compliant": None, "hard.noncompliant": "orig"}
+    assert not torch.equal(load_file(str(f))[name], load_file(str(copy / "unet" / f.name))[name])
+
+
 @pytest.mark.e2e
 @pytest.mark.ray
 def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_session):
@@ -146,11 +172,15 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
     assert res.exit_code == 0, res.output + res.stderr
     report = json.loads((out / "redteam.json").read_text())
     assert set(report["models"]) == {"original", "masked.compliant", "masked.noncompliant"}
+    # the mask's weights are the original's: the non-compliant attacker is the original's, swept once
+    assert report["models"]["masked.noncompliant"]["same_as"] == "original"
+    assert not (out / "reference" / "masked.noncompliant").exists()
     for name, m in report["models"].items():
         assert len(m["trials"]) == 4 and m["budget_curve_unguarded"]
         ref = m["reference_attacks"][0]  # the default-attack column, scored like the winners
         assert ref["attack"]["method"] == "full" and ref["samples"] == 8 and 0 <= ref["target"] <= 1
-        assert len(list((out / "reference" / name).glob("full-*/attack.json"))) == 1
+        swept = m.get("same_as", name)
+        assert len(list((out / "reference" / swept).glob("full-*/attack.json"))) == 1
         assert all(t["attack"]["steps"] <= report["budget"] for t in m["trials"])
         rescored = [t for t in m["trials"] if "rescored" in t]
         assert len(rescored) <= 4

@@ -67,6 +67,25 @@ def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
             _check_safetensors(f, flag)
 
 
+def weights_digest(path: Path) -> str:
+    """SHA-256 over every tensor of the pipeline's safetensors weights (names, dtypes, shapes and bytes; not
+    the files' metadata): two folders with the same digest are the same model to an attacker."""
+    import hashlib
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*/*.safetensors")):
+        h.update(f"{f.parent.name}/{f.name}".encode())
+        with safe_open(str(f), framework="pt") as st:
+            for key in sorted(st.keys()):
+                t = st.get_tensor(key).contiguous()
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _safetensors_header(f: Path, flag: str) -> dict:
     """The header of a safetensors file, checked against the file's size without loading any tensor:
     catches truncated or corrupt files (and headers that are JSON but not a tensor table) up front."""

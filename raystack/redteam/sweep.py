@@ -30,6 +30,27 @@ class Target:
     model: str | None
     mask: str | None = None
     """The release's freeze mask the attacker respects (the compliant attacker); None: no mask, or ignored."""
+    same_as: str | None = None
+    """An earlier model with the same weights (and the same mask, or none): the attacker faces the same
+    problem, so its sweep is reported for this model too instead of being run again (`same_attacks`)."""
+
+
+def same_attacks(targets: list[Target]) -> list[Target]:
+    """Mark models whose weights and mask equal an earlier model's (e.g. a FreezeAsGuard release keeps the
+    original weights, so its non-compliant attacker is the original's attacker): one sweep serves both."""
+    from ..freeze_mask import load_freeze_mask
+    from ..models.pipeline_io import weights_digest
+
+    digests: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for t in targets:
+        if t.model not in digests:
+            digests[t.model] = weights_digest(Path(t.model))
+        mask = None if t.mask is None else tuple(sorted(load_freeze_mask(Path(t.mask)).items()))
+        key = (digests[t.model], mask)
+        t.same_as = seen.get(key)
+        seen.setdefault(key, t.name)
+    return targets
 
 
 def parse_models(values: list[str]) -> list[Target]:
@@ -398,7 +419,11 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     judge = Judge()
     report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
                     "concept": concept, "max_concurrent": max_concurrent, "models": {}}
-    for t in targets:
+    for t in same_attacks(targets):
+        if t.same_as is not None:
+            report["models"][t.name] = {**report["models"][t.same_as], "model": t.model, "mask": t.mask,
+                                        "same_as": t.same_as}
+            continue
         if on_model:
             on_model(t.name)
         base_target, base_others = _scores(load_pipeline(t.model), space, concept, judge, space.seed,
@@ -510,7 +535,7 @@ def load_redteam(folder: Path, concept: str) -> tuple[dict, dict[str, Path]]:
     runs: dict[str, Path] = {}
     for name, m in models.items():
         w = m.get("worst_case") if isinstance(m, dict) else None
-        if not w:
+        if not w or m.get("same_as") in models:  # the same attack as an earlier model's: shown once
             continue
         d = (root / str(w.get("attack_dir", ""))).resolve()
         if root not in d.parents or not (d / "attack.json").is_file():

@@ -1,0 +1,101 @@
+"""`immunize-cli mask ...`: a release's freeze mask for other trainers (export) and for model hubs (check)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, guarded
+
+mask_app = typer.Typer(help="The freeze mask outside this tool: export it to other trainers, check a derivative.",
+                       no_args_is_help=True)
+
+
+@mask_app.command()
+@guarded
+def export(
+    release: Path = typer.Argument(..., help="The release folder (a `harden` output with freeze_mask.safetensors)."),
+    format: str = typer.Option(..., "--format", help="names (frozen tensors, one per line) | regex (one pattern "
+                               "that full-matches them) | peft (LoraConfig target_modules / exclude_modules, JSON) "
+                               "| kohya (frozen layers in kohya's LoRA naming: sd-scripts has no module filter) | "
+                               "onetrainer (layer_filter regex, JSON)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="The mask file (default: RELEASE/freeze_mask.safetensors)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: print it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is a file."),
+):
+    """Write the mask as a trainer reads it: frozen tensor names for full fine-tuning, and for LoRA trainers a
+    module filter that keeps adapters off every layer whose weight is frozen. The header names the mask's ratio
+    and the release's UNet hash."""
+    from raystack.errors import UserError
+    from raystack.mask_tools import FORMATS, export_mask, load_release
+    from raystack.outputs import check_disjoint, shown
+
+    if format not in FORMATS:
+        raise UserError(f"--format {shown(format)}: expected one of {', '.join(FORMATS)}")
+    if out is not None:
+        check_disjoint(out, [("RELEASE", release), ("--mask", mask)])
+        if out.is_dir() or (out.exists() and not overwrite):
+            raise UserError(f"--out {shown(str(out))}: " + ("is a folder; name a file" if out.is_dir() else
+                                                           "already exists (pass --overwrite to replace it)"))
+        if not out.parent.is_dir():
+            raise UserError(f"--out {shown(str(out))}: the folder {shown(str(out.parent))} does not exist")
+    text = export_mask(load_release(release, mask, flag="RELEASE"), format)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    from raystack.atomic import atomic_write_text
+
+    atomic_write_text(out, text)
+    console.print(f"wrote {out}")
+
+
+@mask_app.command()
+@guarded
+def check(
+    release: Path = typer.Option(..., "--release", help="The release folder (its UNet weights and freeze mask)."),
+    derivative: Path = typer.Option(..., "--derivative", help="What was published from it: a pipeline folder, a "
+                                    "unet folder, a UNet .safetensors, or a LoRA/adapter .safetensors (peft, "
+                                    "diffusers or kohya naming)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="The mask file (default: RELEASE/freeze_mask.safetensors)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+):
+    """Exit 0 if the derivative keeps every frozen tensor (full weights: bitwise equal to the release's;
+    adapters: none on a frozen module), 1 with a table of the violations otherwise."""
+    from rich.table import Table
+
+    from raystack.atomic import atomic_write_text
+    from raystack.errors import UserError
+    from raystack.mask_tools import check_derivative, load_release
+    from raystack.outputs import check_disjoint, shown
+
+    if json_out is not None:
+        check_disjoint(json_out, [("--release", release), ("--derivative", derivative), ("--mask", mask)],
+                       flag="--json")
+        if json_out.is_dir() or not json_out.parent.is_dir():
+            raise UserError(f"--json {shown(str(json_out))}: name a file in an existing folder")
+    rel = load_release(release, mask)
+    result = check_derivative(rel, derivative)
+    what = "frozen tensors" if result.kind == "full" else "adapted UNet modules"
+    if result.violations:
+        table = Table(title=f"{len(result.violations)} violation(s) of the freeze mask ({result.kind} derivative)")
+        table.add_column("tensor / module", overflow="fold")
+        table.add_column("problem", overflow="fold")
+        for name, why in result.violations[:50]:
+            table.add_row(name, why)
+        if len(result.violations) > 50:
+            table.caption = f"... and {len(result.violations) - 50} more (--json lists all)"
+        console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"{'NOT compliant' if result.violations else 'compliant'}: {result.checked} {what} checked "
+                  f"against {rel.mask_path.name} ({len(rel.frozen)} of {len(rel.mask)} UNet tensors frozen)")
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps({
+            "compliant": result.compliant, "kind": result.kind, "checked": result.checked,
+            "violations": [{"name": n, "problem": w} for n, w in result.violations], "notes": result.notes,
+            "release_unet_sha256": rel.unet_sha256, "frozen": len(rel.frozen), "tensors": len(rel.mask)}, indent=2))
+    if result.violations:
+        raise typer.Exit(1)
