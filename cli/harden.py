@@ -21,7 +21,9 @@ def harden(
 ):
     """Harden a model so that fine-tuning fails to teach it the target concept(s)."""
     from raystack.specs import spec_from_cli
+    from raystack.timing import mark
 
+    mark("command_entered")
     spec = spec_from_cli(HardenSpec, config, flags)
     from raystack.hardening.driver import validate_inputs
     from raystack.outputs import check_disjoint
@@ -29,6 +31,7 @@ def harden(
     if spec.out is not None and config is not None:
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
     validate_inputs(spec)
+    mark("validated")
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -45,6 +48,7 @@ def harden(
 
         manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
                               validated=True)
+    mark("outputs_written")
     console.print(f"{spec.method}: {spec.out} ({manifest['wall_seconds']:.0f}s"
                   + (f", frozen ratio {manifest['frozen_ratio']:.3f}" if manifest["frozen_ratio"] is not None else "")
                   + ")")

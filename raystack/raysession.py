@@ -84,6 +84,11 @@ def ray_running_here() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+def embedded_here() -> bool:
+    """This process started its own embedded Ray (it ends with this process)."""
+    return _reaper is not None
+
+
 def will_embed(cluster: str | None) -> bool:
     """True when the command would start its own Ray (no cluster named, none in the environment, none running
     in this process)."""
@@ -114,8 +119,11 @@ def init_ray(cluster: str | None, use_gpu: bool, num_cpus: int) -> str:
     Returns a line saying which Ray this is."""
     import ray
 
+    from .timing import ENV as TIMING_ENV
+
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                                **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}}
+                                **({} if use_gpu else {"DS_ACCELERATOR": "cpu"}),
+                                **({TIMING_ENV: os.environ[TIMING_ENV]} if os.environ.get(TIMING_ENV) else {})}}
     if cluster and cluster != "auto":
         check_reachable(cluster, "--cluster")  # a named cluster must answer, even where Ray already runs
     if ray.is_initialized():

@@ -24,13 +24,18 @@ class Engine:
     """The recipe's view of DeepSpeed: forward, backward, step, gathering, state in and out."""
 
     def __init__(self, recipe, spec):
+        from ..timing import mark
+
+        mark("deepspeed_import")
         import deepspeed
 
+        mark("deepspeed_initialize")
         self.stage = spec.zero_stage
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=recipe.engine_module(), optimizer=recipe.make_optimizer(),
             model_parameters=recipe.engine_params(), config=ds_config(spec), dist_init_required=False)
         self.params = recipe.engine_params()
+        mark("deepspeed_ready")
 
     # what the recipes call
     def forward(self, *args, **kwargs):

@@ -104,6 +104,9 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker: `run_method` with Ray Train's checkpoints and the driver's progress."""
+    from ..timing import mark
+
+    mark("worker_entered")
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
     from ..runtime import configure_threads
@@ -122,6 +125,7 @@ def train_loop(config: dict) -> None:
     spec = build_spec(HardenSpec, config["spec"], source="worker")
     progress = config.get("progress")
     rank, world = get_rank(), world_size()
+    mark("worker_imported", rank=rank)
     if rank == 0 and progress is not None:  # the driver's sign that the workers were placed
         progress.update.remote("loading", 0, spec.steps, {})
     device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
@@ -137,6 +141,8 @@ def train_loop(config: dict) -> None:
                 resume_tensors["state/rng/generator"] = load_tensors(mine)[0]["rng/generator"]
 
     def on_step(phase, done, losses):
+        if done == 1 or done == spec.steps:
+            mark("first_step" if done == 1 else "last_step", rank=rank, phase=phase.name)
         if rank == 0 and progress is not None:
             progress.update.remote(phase.name, done, spec.steps, losses)
         if fault.get("rank") == rank and fault.get("step") == done and not _fault_fired(fault):
@@ -146,6 +152,7 @@ def train_loop(config: dict) -> None:
 
     seed_everything(spec.seed)
     pipe = load_pipeline(spec.model, device=device)
+    mark("pipeline_loaded", rank=rank)
     t0 = time.time()
     run = run_method(spec, pipe, rank, world, (resume_tensors, resume_meta), on_step=on_step,
                      on_checkpoint=lambda phase, engine, meta, carried: _report(phase, engine, meta, carried, rank))
@@ -159,6 +166,7 @@ def train_loop(config: dict) -> None:
                          {"losses": run.losses, "wall_seconds": round(time.time() - t0, 2), "world_size": world,
                           "final": True, "resumed_from": run.resumed_from})
         ray.train.report({"final": 1, **run.losses}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    mark("worker_done", rank=rank)
 
 
 def _report(phase, engine, meta: dict, carried: dict, rank: int) -> None:
