@@ -142,16 +142,19 @@ def run_once(mode: str, steps: int, tmp: Path, target: Path, legal: Path, env_ra
 
 def start_local_ray(tmp: Path) -> tuple[dict, callable]:
     """`ray start --head` as a user would (token auth on), and the environment a command joins it with."""
-    token = secrets.token_hex(32)
+    from raystack.ray_reaper import ENV as SESSION_ENV, reap
+
+    token, marker = secrets.token_hex(32), secrets.token_hex(8)
     temp_dir = tempfile.mkdtemp(prefix="rayb-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1",
+           SESSION_ENV: marker}  # every process of this head carries the marker: stopped by it alone
     subprocess.run([str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--num-cpus", "3",
                     "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                     "--port", "6391"], check=True, capture_output=True, env=env)
     join = {"RAY_ADDRESS": "127.0.0.1:6391", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
-    def stop():
-        subprocess.run([str(ROOT / ".venv" / "bin" / "ray"), "stop", "--force"], capture_output=True, env=env)
+    def stop():  # never `ray stop`: it stops every Ray on the machine, other users' runs included
+        reap(marker)
         shutil.rmtree(temp_dir, ignore_errors=True)
     return join, stop
 
