@@ -37,7 +37,7 @@ def redteam(
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
     targets = parse_models(model)
-    read_image_folder(data, flag="--data")
+    read_image_folder(data, flag="--data", check_only=True)
     tiny_world_target(target)
     check_disjoint(out, [("--space", space), ("--data", data),
                          *((f"--model {t.name}", t.model) for t in targets),

@@ -117,5 +117,14 @@ class FrozenTextCache:
         return torch.stack([self._cache[c] for c in captions])
 
 
-def resolution_of(pipe) -> int:
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+def resolution_of(pipe, override: int | None = None, flag: str = "--resolution") -> int:
+    """The image size a pipeline trains at: its own (UNet sample size x VAE factor), or `override`, which must
+    survive the VAE and every UNet down-sampling evenly."""
+    if override is None:
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    step = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if override % step:
+        from .errors import UserError
+
+        raise UserError(f"{flag} {override}: this model needs a multiple of {step} (VAE factor x UNet down-sampling)")
+    return int(override)

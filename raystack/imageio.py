@@ -49,7 +49,7 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
                 im.load()
                 im = _to_rgb(im, path)
                 if size is not None and im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
+                    im = resize_and_crop(im, size)
                 return np.asarray(im, dtype=np.uint8).copy()
     except Image.DecompressionBombError:
         raise UserError(f"{path}: above the {MAX_PIXELS // 1_000_000} megapixel bound; resize it first") from None
@@ -57,11 +57,29 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
         raise UserError(f"{path}: unreadable image ({str(e).splitlines()[0][:120]})") from None
 
 
-def _to_rgb(im, path: Path):
-    """8-bit RGB. 16-bit (and 32-bit integer) greyscale is scaled down, not clipped: PIL's own conversion
-    clips every value above 255, which turns a 16-bit PNG white."""
+def resize_and_crop(im, size: int):
+    """The diffusers training examples' preprocessing: resize the short side to `size` (bicubic), then crop
+    the centre to size x size. A 300x200 photo keeps its aspect instead of being squashed."""
     from PIL import Image
 
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def _to_rgb(im, path: Path):
+    """8-bit RGB. 16-bit (and 32-bit integer) greyscale is scaled down, not clipped: PIL's own conversion
+    clips every value above 255, which turns a 16-bit PNG white. Transparency (RGBA, LA, a palette or an
+    image with a transparent colour) is composited on white, as image editors show it, not dropped to black."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im).astype(np.int64)
         top = 65535 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255
@@ -88,7 +106,10 @@ def confined_file(root: Path, name, where: str) -> Path:
 
 
 def read_image_folder(root: Path, flag: str = "--data", require_captions: bool = True,
-                      size: int | None = None) -> ImageFolder:
+                      size: int | None = None, check_only: bool = False) -> ImageFolder:
+    """Every image decoded (8-bit RGB), at `size` x `size` (`resize_and_crop`) or as stored. `check_only`:
+    a check before a run (every file and caption read); images of several sizes are then accepted, since
+    the run resizes them, and no array is kept."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder")
@@ -127,10 +148,10 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
             raise UserError(f"{flag} {meta}: lists {shown(name)}, which does not exist")
         imgs.append(read_image(p, size))
     shapes = {im.shape for im in imgs}
-    if len(shapes) > 1:
-        raise UserError(f"{flag} {root}: images differ in size ({sorted(shapes)[:3]}); resize them to one size "
-                        "(the model's resolution) first")
-    return ImageFolder(root, names, np.stack(imgs), [captions.get(n) for n in names])
+    if len(shapes) > 1 and not check_only:
+        raise UserError(f"{flag} {root}: images differ in size ({sorted(shapes)[:3]}); this command needs one size")
+    return ImageFolder(root, names, np.stack(imgs) if len(shapes) == 1 else np.zeros((0, 1, 1, 3), np.uint8),
+                       [captions.get(n) for n in names])
 
 
 def to_model_tensor(images: np.ndarray):

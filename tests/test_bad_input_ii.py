@@ -190,7 +190,8 @@ def cases(r: Path):
         ("attack: .. file_name", ["attack", "--method", "lora", "--data", str(r / "data" / "dotdot")],
          "leads outside the folder"),
         ("harden: decompression bomb", h + ["--target", str(r / "data" / "bomb")], "megapixel bound"),
-        ("harden: mixed sizes", h + ["--target", str(r / "data" / "mixed")], "resize them to one size"),
+        ("harden: resolution the VAE cannot take", h + ["--target", str(r / "data" / "mixed"), "--resolution", "30"],
+         "--resolution 30: must be a positive multiple of 8"),
         # 10. what used to be "internal error"
         ("harden: safetensors header not an object", h + t + ["--model", str(r / "models" / "hdr_list")],
          "truncated or corrupt safetensors"),

@@ -26,7 +26,7 @@ def load_attack_data(spec: AttackSpec, pipe):
     from ..imageio import read_image_folder
 
     folder = read_image_folder(spec.data, flag="--data", require_captions=spec.prompt is None,
-                               size=resolution_of(pipe))
+                               size=resolution_of(pipe, spec.resolution))
     return folder
 
 

@@ -25,6 +25,11 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+def check_resolution_flag(resolution) -> None:
+    if resolution is not None and (int(resolution) <= 0 or int(resolution) % 8):
+        raise UserError(f"--resolution {resolution}: must be a positive multiple of 8 (the VAE's factor)")
+
+
 @dataclass
 class AttackSpec:
     method: str
@@ -41,6 +46,9 @@ class AttackSpec:
     """Learning rate (default per method)."""
     batch_size: int = 4
     """Images per step."""
+    resolution: int | None = None
+    """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
+    cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
     rank: int | None = None
     """LoRA rank (lora, dreambooth-lora); default per method."""
     alpha: float | None = None
@@ -106,6 +114,7 @@ class AttackSpec:
                 raise UserError(f"{name} {val}: must be a positive integer")
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: must be positive")
+        check_resolution_flag(self.resolution)
         if not 0.0 <= self.noise_offset <= 1.0:
             raise UserError(f"--noise-offset {self.noise_offset}: must be in [0, 1]")
         if not self.snr_gamma >= 0:

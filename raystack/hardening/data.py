@@ -30,13 +30,13 @@ def jpeg_copies(images: np.ndarray, quality: int = 30) -> np.ndarray:
 
 
 def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str = "--target",
-               jpeg_mix: float = 0.0, seed: int = 0) -> Shard:
+               jpeg_mix: float = 0.0, seed: int = 0, resolution: int | None = None) -> Shard:
     from ..diffusion import LatentBank, resolution_of
     from ..imageio import read_image_folder
 
     images, captions = [], []
     for f in folders:
-        folder = read_image_folder(f, flag=flag, size=resolution_of(pipe))
+        folder = read_image_folder(f, flag=flag, size=resolution_of(pipe, resolution))
         images.append(folder.images)
         captions += [c or "" for c in folder.captions]
     imgs = np.concatenate(images)

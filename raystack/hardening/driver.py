@@ -51,9 +51,9 @@ def validate_inputs(spec: HardenSpec) -> None:
         if spec.outer_timestep_range[1] > n:
             raise UserError(f"--outer-timesteps {spec.outer_timesteps}: the model has {n} timesteps (0-{n})")
     for t in spec.target:
-        read_image_folder(t, flag="--target")
+        read_image_folder(t, flag="--target", check_only=True)
     if spec.legal is not None:
-        read_image_folder(spec.legal, flag="--legal")
+        read_image_folder(spec.legal, flag="--legal", check_only=True)
     if spec.sign_key is not None:
         from ..signing import load_private_key
 

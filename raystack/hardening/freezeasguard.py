@@ -127,8 +127,8 @@ class FreezeAsGuardRecipe(HardeningPhase):
         super().__init__(spec, pipe, rank, world)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
-        self.illegal = load_shard(spec.target, pipe, rank, world, flag="--target")
-        self.legal = load_shard([spec.legal], pipe, rank, world, flag="--legal")
+        self.illegal = load_shard(spec.target, pipe, rank, world, flag="--target", resolution=spec.resolution)
+        self.legal = load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
         n_ill, n_leg = self.illegal.total, self.legal.total
         self.lambda1 = spec.lambda1 if spec.lambda1 is not None else n_ill / (n_ill + n_leg)
         self.lambda2 = spec.lambda2 if spec.lambda2 is not None else n_leg / (n_ill + n_leg)

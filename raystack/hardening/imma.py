@@ -117,6 +117,14 @@ class IMMARecipe(HardeningPhase):
     simulates_attacker = True
     supports_zero3 = False  # the attacker's adapter is updated by hand inside the UNet ZeRO-3 would partition
 
+    def _attacker_caption(self, text: str) -> str:
+        """The simulated attacker's caption. Textual inversion learns a new word: a plain caption without the
+        defender's --token gets it in front (the defender picks the word, the user's captions stay as given)."""
+        if self.attacker.method == "textual-inversion" and \
+                self.spec.token not in [w.strip(",.") for w in (text or "").split()]:
+            text = f"{self.spec.token} {text}".strip()
+        return self.ad.caption(text)
+
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1, outer_objective: Callable | None = None):
         import torch
 
@@ -138,9 +146,9 @@ class IMMARecipe(HardeningPhase):
         self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
         self.ad = make_adaptation(attacker, pipe)
         self.inner_opt = attacker_optimizer(self.ad, attacker.lr) if spec.inner_optimizer == "adamw" else None
-        self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self.ad.caption, jpeg_mix=spec.jpeg_mix,
-                                 seed=spec.seed)
-        self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal")
+        self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self._attacker_caption, jpeg_mix=spec.jpeg_mix,
+                                 seed=spec.seed, resolution=spec.resolution)
+        self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
                       if spec.legal is not None and spec.retain_weight > 0 else None)
         self.legal_uncond = (None if self.legal is None else
                              Shard(self.legal.bank, [""] * len(self.legal.captions), self.legal.total))

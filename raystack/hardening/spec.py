@@ -42,6 +42,9 @@ class HardenSpec:
     """Outer iterations: IMMA's I, FreezeAsGuard's mask steps K."""
     batch_size: int = 4
     """Images per batch and worker."""
+    resolution: int | None = None
+    """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
+    cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
     checkpoint_every: int = 25
     """Report a resumable checkpoint to Ray Train every N outer steps."""
     max_failures: int = 0
@@ -115,6 +118,9 @@ class HardenSpec:
             raise UserError(f"--rho {self.rho}: must be within [0, 1]")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
+        from ..attacks.spec import check_resolution_flag
+
+        check_resolution_flag(self.resolution)
         for flag, v in (("--workers", self.workers), ("--steps", self.steps), ("--batch-size", self.batch_size),
                         ("--checkpoint-every", self.checkpoint_every), ("--inner-steps", self.inner_steps),
                         ("--user-steps", self.user_steps), ("--rank", self.rank)):
