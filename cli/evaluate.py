@@ -71,6 +71,19 @@ def evaluate(
         runs.update(winners)
     if not runs and redteam_report is None:
         raise UserError("--run or --redteam: nothing to evaluate")
+    if classifier is None:  # the tiny world's own classifier: the tiny world's models only
+        import json
+
+        from raystack.models.pipeline_io import check_tiny_world_judge
+
+        for name, p in runs.items():
+            model = p
+            if (p / "attack.json").is_file():
+                try:
+                    model = Path(json.loads((p / "attack.json").read_text())["base_model"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # read_attack_info names what is wrong with it, in one line
+            check_tiny_world_judge(model, f"--run {name}")
     require_finite(guidance=guidance)
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--redteam", redteam),
                          ("--reference", reference), ("--clip", clip),

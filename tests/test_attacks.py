@@ -164,3 +164,24 @@ def test_bad_input_gets_one_line_and_no_output(style_data, tmp_path, tiny_pipe):
         assert len(err) == 1 and message in err[0], (args, res.stderr)
         assert "Traceback" not in res.output
         assert not out.exists()
+
+
+def test_attack_json_records_an_absolute_base_model(tmp_path, tiny_model_path, monkeypatch):
+    """evaluate reads attack.json from any folder: a relative --model is recorded resolved."""
+    import json
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from raystack.tinyworld.folder import write_concept_folder
+
+    shutil.copytree(tiny_model_path, tmp_path / "m")
+    write_concept_folder(tmp_path / "d", ["circle"], ["red"], ["sunset"], 1, 0, None, False)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["attack", "--method", "lora", "--model", "m", "--data", "d", "--steps", "1",
+                                   "--out", "a"])
+    assert res.exit_code == 0, res.output + res.stderr
+    base = json.loads((tmp_path / "a" / "attack.json").read_text())["base_model"]
+    assert os.path.isabs(base) and os.path.samefile(base, tmp_path / "m")

@@ -97,3 +97,28 @@ def test_a_run_attacked_under_a_mask_reports_that_hardening(tmp_path, tiny_model
     info["spec"]["freeze_mask"] = str(tmp_path / "release" / "freeze_mask.safetensors")
     assert attacked_hardening(info) == {"method": "random-freeze"}
     assert attacked_hardening({"base_model": str(tiny_model_path), "spec": {"freeze_mask": None}}) is None
+
+
+def test_the_tiny_world_classifier_refuses_other_models(tmp_path, tiny_model_path):
+    """Scored by the 32-px classifier, a model of another resolution would show 0% everywhere: refused."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    from pathlib import Path
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_model_path, big)
+    cfg = json.loads((big / "unet" / "config.json").read_text())
+    cfg["sample_size"] *= 4
+    (big / "unet" / "config.json").write_text(json.dumps(cfg))
+    size = cfg["sample_size"] * 2
+    for argv in (["evaluate", "--run", f"x={big}", "--target", "sunset", "--out", str(tmp_path / "r")],
+                 ["redteam", "--space", str(Path(__file__).resolve().parents[1] / "attack_spaces" / "tiny_4.yaml"),
+                  "--model", f"x={big}", "--data", str(tmp_path), "--target", "sunset", "--out", str(tmp_path / "t")]):
+        res = CliRunner().invoke(app, argv)
+        assert res.exit_code == 2 and f"makes {size}-px images" in res.stderr, res.stderr
+        assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()

@@ -53,9 +53,12 @@ def _check_release(out, tiny_model_path):
 ])
 def test_two_worker_zero2_release_loads(method, against, extra, data, tmp_path, tiny_model_path, tiny_pipe,
                                         ray_session):
-    spec = _spec(tmp_path, data, method=method, against=against, **extra)
+    keep = method == "random-freeze"  # the run folder stays only when asked for
+    spec = _spec(tmp_path, data, method=method, against=against, keep_run=keep, **extra)
     manifest = run_harden(spec)
     pipe, manifest = _check_release(spec.out, tiny_model_path)
+    run_dir = spec.out.parent / f"{spec.out.name}.run"
+    assert run_dir.exists() == keep and (not keep or any(run_dir.rglob("checkpoint_*")))
     assert manifest["world_size"] == spec.workers == 2  # every method, random-freeze too, runs on both workers
     names = [n for n, _ in tiny_pipe.unet.named_parameters()]
     if method in ("freezeasguard", "random-freeze"):
@@ -83,6 +86,7 @@ def test_textual_inversion_against_emblem_with_defender_token(data, tmp_path, ra
                  token="zxq", workers=1, zero_stage=1)
     run_harden(spec)
     pipe, _ = _check_release(spec.out, None)
+    assert not (spec.out.parent / f"{spec.out.name}.run").exists()  # removed after success by default
     assert "<zxq>" not in pipe.tokenizer.get_vocab()  # the simulation's token is not released
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable
 
@@ -160,7 +161,7 @@ def _run_attack_locked(spec: AttackSpec, on_step, pipe) -> dict:
         info = {
             "method": spec.method,
             "spec": spec_to_dict(spec),
-            "base_model": str(resolve_model_path(spec.model)),
+            "base_model": str(Path(resolve_model_path(spec.model)).resolve()),  # evaluate runs from anywhere
             "placeholder": getattr(st.ad, "placeholder", None),
             "files": [str(f.relative_to(tmp)) for f in files],
             "checkpoints": sorted(p.name for p in (tmp / "checkpoints").glob("step-*")) if (tmp / "checkpoints").exists() else [],

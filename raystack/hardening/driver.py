@@ -163,7 +163,7 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) 
     run_dir = run_dir_for(spec).resolve()
     fresh_run_dir = not run_dir.exists()
     try:
-        return _fit_and_assemble(spec, on_progress, fault_injection, run_dir, t0)
+        manifest = _fit_and_assemble(spec, on_progress, fault_injection, run_dir, t0)
     except BaseException as e:
         full = is_disk_full(e)
         if (full or isinstance(e, RunFailed)) and fresh_run_dir and not spec.resume:
@@ -171,6 +171,9 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) 
         if full and not isinstance(e, DiskFull):
             raise disk_full(spec.out, e) from None
         raise
+    if not spec.keep_run and (spec.out / MANIFEST).is_file():
+        confined_rmtree(run_dir, run_dir.parent)  # --out is written: nothing left to resume
+    return manifest
 
 
 def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: Path, t0: float) -> dict:

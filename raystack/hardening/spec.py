@@ -51,6 +51,9 @@ class HardenSpec:
     """Ray Train FailureConfig: restart the workers from the last checkpoint up to N times (-1: forever)."""
     resume: bool = False
     """Continue the run found in --out's run folder instead of starting over."""
+    keep_run: bool = False
+    """Keep --out's run folder (`<out>.run`: Ray Train's checkpoints) after a successful run; by default it is
+    removed once --out is written, since only an unfinished run can be resumed from it."""
     overwrite: bool = False
     """Replace --out if it exists."""
     sign_key: Path | None = None

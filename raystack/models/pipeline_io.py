@@ -67,6 +67,29 @@ def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
             _check_safetensors(f, flag)
 
 
+def config_resolution(path: Path) -> int | None:
+    """The image size a pipeline folder makes, from its configs alone (UNet sample size x VAE factor); None
+    when the configs do not say."""
+    try:
+        unet = json.loads((Path(path) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_tiny_world_judge(path: Path, flag: str) -> None:
+    """The tiny world's classifier judges its 32-px images only: on any other model every accuracy would be
+    0 and mean nothing, so such a model is refused in one line instead of scored."""
+    from ..tinyworld.classifier import IMAGE_SIZE
+
+    size = config_resolution(path)
+    if size is not None and size != IMAGE_SIZE:
+        raise UserError(f"{flag}: the model makes {size}-px images; concepts are scored with the tiny world's "
+                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (scoring for real models is not "
+                        "built yet)")
+
+
 def weights_digest(path: Path) -> str:
     """SHA-256 over every tensor of the pipeline's safetensors weights (names, dtypes, shapes and bytes; not
     the files' metadata): two folders with the same digest are the same model to an attacker."""

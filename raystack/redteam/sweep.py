@@ -56,7 +56,7 @@ def same_attacks(targets: list[Target]) -> list[Target]:
 def parse_models(values: list[str]) -> list[Target]:
     """`NAME=DIR` or `NAME=DIR:MASK` (MASK `mask` = DIR/freeze_mask.safetensors). A masked model is attacked
     twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden)."""
-    from ..models.pipeline_io import check_pipeline_folder, resolve_model_path
+    from ..models.pipeline_io import check_pipeline_folder, check_tiny_world_judge, resolve_model_path
     from ..outputs import check_plain_name, shown
 
     out: list[Target] = []
@@ -68,6 +68,7 @@ def parse_models(values: list[str]) -> list[Target]:
         folder, _, mask = rest.partition(":")
         path = resolve_model_path(folder, f"--model {name}").resolve()  # trials run in other folders (or nodes)
         check_pipeline_folder(path, f"--model {name}")
+        check_tiny_world_judge(path, f"--model {name}")
         if mask:
             mask_path = (path / "freeze_mask.safetensors" if mask == "mask" else Path(mask)).resolve()
             if not mask_path.is_file():

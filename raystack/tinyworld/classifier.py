@@ -20,6 +20,9 @@ from .concepts import COLOURS, EMBLEM_NAMES, SHAPES, STYLES
 from ..imageio import from_model_tensor, to_model_tensor
 from .data import concept_set, emblem_set
 
+IMAGE_SIZE = 32
+"""The images the classifier judges: the tiny world's, 32 x 32 pixels."""
+
 HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES, "emblem": ("none",) + EMBLEM_NAMES}
 FEATURE_DIM = 128
 
