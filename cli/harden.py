@@ -24,8 +24,13 @@ def harden(
     from raystack.timing import mark
 
     mark("command_entered")
-    spec = spec_from_cli(HardenSpec, config, flags)
+    run_job(spec_from_cli(HardenSpec, config, flags), config)
+
+
+def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> None:
+    """Validate, run the Ray Train job with a progress bar, and say what was written (harden and erase)."""
     from raystack.hardening.driver import validate_inputs
+    from raystack.timing import mark
     from raystack.outputs import check_disjoint
 
     if spec.out is not None and config is not None:
@@ -40,11 +45,12 @@ def harden(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), "{task.completed}/{task.total}",
                   TextColumn("{task.fields[losses]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console) as prog:
-        task = prog.add_task(f"harden {spec.method} (starting Ray)", total=spec.steps, losses="")
+        task = prog.add_task(f"{verb} {spec.method} (starting Ray)", total=spec.steps, losses="")
 
         def show(state):
             losses = " ".join(f"{k} {v:.4f}" for k, v in state["losses"].items() if isinstance(v, (int, float)))
-            prog.update(task, description=f"harden {state['phase']}", completed=state["step"], losses=losses)
+            prog.update(task, description=f"{verb} {state['phase']}", completed=state["step"], total=state["total"],
+                        losses=losses)
 
         manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
                               validated=True)

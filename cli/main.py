@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     import click
 
 from .attack import attack
+from .erase import erase
 from .evaluate import evaluate
 from .harden import harden
 from .mask import mask_app
@@ -54,6 +55,7 @@ app = typer.Typer(
 )
 app.command(name="harden")(harden)
 app.command(name="attack")(attack)
+app.command(name="erase")(erase)
 app.command(name="evaluate")(evaluate)
 app.command(name="tune")(tune)
 app.command(name="redteam")(redteam)

@@ -50,8 +50,13 @@ def validate_inputs(spec: HardenSpec) -> None:
         n = json.loads(sched.read_text()).get("num_train_timesteps", 1000) if sched.is_file() else 1000
         if spec.outer_timestep_range[1] > n:
             raise UserError(f"--outer-timesteps {spec.outer_timesteps}: the model has {n} timesteps (0-{n})")
+    erasing = any(p.name in ("uce", "esd-x", "ablation") for p in spec.phases())
     for t in spec.target:
-        read_image_folder(t, flag="--target", check_only=True)
+        folder = read_image_folder(t, flag="--target", check_only=True)
+        if erasing:
+            from .erase import check_erase_captions
+
+            check_erase_captions(spec, [c or "" for c in folder.captions], f"--target {t}")
     if spec.legal is not None:
         read_image_folder(spec.legal, flag="--legal", check_only=True)
     if spec.sign_key is not None:
@@ -67,12 +72,23 @@ def validate_inputs(spec: HardenSpec) -> None:
         check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
     from .method import method_names, method_phases
 
-    no_zero3 = [p.name for p in method_phases(spec.method) if not p.supports_zero3]
+    no_zero3 = [p.name for p in spec.phases() if not p.supports_zero3]
     if spec.zero_stage == 3 and no_zero3:
         others = [m for m in method_names() if all(p.supports_zero3 for p in method_phases(m))]
         raise UserError(f"--zero-stage 3: {no_zero3[0]} updates parameters by hand inside the UNet (the simulated "
                         "attacker's adapter), which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
                         f"({', '.join(others)} run under ZeRO-3)")
+
+
+def erase_record(spec: HardenSpec) -> dict | None:
+    """What was erased, for the manifest and the release's info (None: nothing)."""
+    from .erase import ERASERS, concept_words
+
+    method = spec.erase or (spec.method if spec.method in ERASERS else None)
+    if method is None:
+        return None
+    return {"method": method, "concept": concept_words(spec), "anchor": spec.anchor,
+            "steps": None if method == "uce" else spec.erase_steps}
 
 
 def check_writable(out: Path, flag: str) -> None:
@@ -299,11 +315,12 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
                 raise RuntimeError("the learned mask does not cover the UNet's parameters")
             ratio = save_freeze_mask(tmp / MASK_FILE, {n: mask[n] for n in params},
                                      {"method": spec.method, "rho": spec.rho})
-        from .method import method_phases
 
-        simulated = any(p.simulates_attacker for p in method_phases(spec.method))
+        simulated = any(p.simulates_attacker for p in spec.phases())
+        erased = erase_record(spec)
         info = {"hardening": {"method": spec.method, "against": spec.against if simulated else None,
-                              "rho": spec.rho if mask else None, "frozen_ratio": ratio}}
+                              "rho": spec.rho if mask else None, "frozen_ratio": ratio,
+                              **({"erase": erased} if erased else {})}}
         (tmp / EXTRA_INFO).write_text(json.dumps(info, indent=2))
         manifest = {
             "method": spec.method,
@@ -311,6 +328,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
             "seed": spec.seed,
             "source_model": relative_to_out(src, spec.out),
             "source_model_sha256": hash_tree(src),
+            "erase": erased,
             "changed_tensors": sorted(theta),
             "frozen_ratio": ratio,
             "final_losses": meta.get("losses", {}),

@@ -119,6 +119,31 @@ class LocalEngine:
     def refresh_master_weights(self) -> None:
         pass
 
+    def optimizer_state(self) -> dict:
+        """The optimizer's tensors in the DeepSpeed engine's checkpoint layout (`opt/<i>/<key>`, `opt/step`)."""
+        import torch
+
+        out: dict = {}
+        for i, p in enumerate(self.params if self.optimizer is not None else []):
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if k == "step":
+                    out["opt/step"] = torch.as_tensor(v).detach().float().reshape(1).clone()  # Adam bumps it in place
+                elif isinstance(v, torch.Tensor):
+                    out[f"opt/{i}/{k}"] = v.detach().cpu().clone()
+        return out
+
+    def load_state(self, tensors: dict) -> None:
+        """Put back what `optimizer_state` returned (a resumed run continues with the same moments)."""
+        for i, p in enumerate(self.params if self.optimizer is not None else []):
+            keys = [k.split("/")[2] for k in tensors if k.startswith(f"opt/{i}/")]
+            if not keys:
+                continue
+            st = self.optimizer.state.setdefault(p, {})
+            for k in keys:
+                st[k] = tensors[f"opt/{i}/{k}"].to(p.device, p.dtype).clone()
+            if "opt/step" in tensors:
+                st["step"] = tensors["opt/step"].reshape(()).clone()
+
 
 def load_into_unet(unet, tensors: dict, released_names: bool = False) -> None:
     """Copy a {name: tensor} dict into a UNet's parameters in place (the one place this loop lives).

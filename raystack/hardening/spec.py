@@ -104,12 +104,29 @@ class HardenSpec:
     """T in m = σ(w / T)."""
     finetune_steps: int = 100
     """Steps of the mixed illegal + legal fine-tune that gives θ_ft."""
+    # concept erasure (`immunize-cli erase`, or `harden --erase` before --method) ----------------------
+    erase: str | None = None
+    """Erase the concept first, in the same job: uce, esd-x or ablation (then --method hardens the result)."""
+    concept: str | None = None
+    """Erasure: the concept's word(s) in the --target captions, comma-separated (e.g. dotted)."""
+    anchor: str = ""
+    """Erasure: what the concept's word becomes (e.g. plain; empty: the word is dropped)."""
+    erase_steps: int = 300
+    """Erasure (esd-x, ablation): training steps on the cross-attention."""
+    erase_lr: float = 1e-3
+    """Erasure (esd-x, ablation): Adam learning rate."""
+    erase_retain_weight: float = 10.0
+    """Erasure (esd-x, ablation): weight of keeping the original's predictions on --legal."""
+    esd_guidance: float = 1.0
+    """ESD's negative guidance η."""
+    uce_preserve_scale: float = 1.0
+    """UCE: weight of keeping the projections on the --legal captions."""
 
     def __post_init__(self):
         from ..specs import check_finite_fields
 
         check_finite_fields(self)
-        from .method import method_names, method_phases
+        from .method import method_names
 
         if self.method not in method_names():
             raise UserError(f"--method {shown(self.method)}: unknown hardening method; expected one of "
@@ -157,12 +174,40 @@ class HardenSpec:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
         _ = self.outer_timestep_range  # validates --outer-timesteps
         self.target = [Path(t) for t in self.target]
-        phases = method_phases(self.method)
+        if self.erase is not None:
+            from .erase import ERASERS
+
+            if self.erase not in ERASERS:
+                raise UserError(f"--erase {shown(self.erase)}: expected one of {', '.join(ERASERS)}")
+        phases = self.phases()
+        if any(p.name in ("uce", "esd-x", "ablation") for p in phases) and not self.concept:
+            raise UserError("--concept: erasure needs the concept's word(s) as its captions name it (e.g. --concept "
+                            "dotted)")
+        for flag, v in (("--erase-steps", self.erase_steps),):
+            if v <= 0:
+                raise UserError(f"{flag} {v}: must be a positive integer")
+        for flag, v in (("--erase-lr", self.erase_lr), ("--esd-guidance", self.esd_guidance)):
+            if not v > 0:
+                raise UserError(f"{flag} {v}: must be positive")
+        for flag, v in (("--erase-retain-weight", self.erase_retain_weight),
+                        ("--uce-preserve-scale", self.uce_preserve_scale)):
+            if v < 0:
+                raise UserError(f"{flag} {v}: must not be negative (it weights a loss term)")
         if any(p.needs_target for p in phases) and not self.target:
             raise UserError("--target: at least one image folder of the concept to protect is needed")
         needs_legal = [p.name for p in phases if p.needs_legal]
         if needs_legal and self.legal is None:
             raise UserError(f"--legal: {needs_legal[0]} needs an image folder of legal data")
+
+    def phases(self) -> tuple:
+        """The phases this job runs: the --erase phase (if any), then --method's."""
+        from .method import method_phases
+
+        if self.erase is None:
+            return method_phases(self.method)
+        from .erase import ERASERS
+
+        return (ERASERS[self.erase], *method_phases(self.method))
 
     @property
     def outer_timestep_range(self) -> tuple[int, int] | None:

@@ -59,13 +59,13 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
     `resume`: (tensors, meta) of a checkpoint `on_checkpoint(phase, engine, meta, carried)` was given;
     `local`: each phase's own torch optimizer instead of DeepSpeed (one process: tests, probes);
     `on_step(phase, done, losses)` after every step."""
-    from .method import load_into_unet, method_phases
+    from .method import load_into_unet
 
     resume_tensors, resume_meta = resume
     carried: dict = {}  # UNet tensors changed by finished phases (IMMA's θ for imma+freeze), by released name
     if resume_meta.get("carried"):
         carried = {k[len("carried/"):]: v for k, v in resume_tensors.items() if k.startswith("carried/")}
-    all_phases = method_phases(spec.method)
+    all_phases = spec.phases()
     start_phase = resume_meta.get("phase_index", 0)
     resumed_from = {"phase": all_phases[start_phase].name if start_phase < len(all_phases) else None,
                     "step": int(resume_meta.get("step", 0))} if resume_meta else None
@@ -141,10 +141,10 @@ def train_loop(config: dict) -> None:
                 resume_tensors["state/rng/generator"] = load_tensors(mine)[0]["rng/generator"]
 
     def on_step(phase, done, losses):
-        if done == 1 or done == spec.steps:
+        if done == 1 or done == phase.total_steps():
             mark("first_step" if done == 1 else "last_step", rank=rank, phase=phase.name)
         if rank == 0 and progress is not None:
-            progress.update.remote(phase.name, done, spec.steps, losses)
+            progress.update.remote(phase.name, done, phase.total_steps(), losses)
         if fault.get("rank") == rank and fault.get("step") == done and not _fault_fired(fault):
             _mark_fault(fault)
             time.sleep(float(fault.get("delay", 0)))  # let the controller take the last report first

@@ -1,0 +1,234 @@
+"""Concept erasure: take out of the weights a concept the model already knows, before hardening it against
+re-learning (both papers start there: IMMA protects ESD-erased weights, FreezeAsGuard runs UCE first).
+
+Three methods, each one phase of the method interface (so `immunize-cli erase` is a Ray Train + DeepSpeed job
+with checkpoints, resume and a manifest, and `harden --erase METHOD` runs it before --method in one job):
+
+- **ablation** (concept ablation, Kumari et al. 2023): on noisy latents of the concept's images, the
+  cross-attention is trained so the UNet predicts what the frozen original predicts for the *anchor* caption
+  (the concept's word replaced by --anchor).
+- **esd-x** (ESD on cross-attention, Gandikota et al. 2023): the prediction for the concept's caption is
+  trained towards the original's negatively guided one, ε(x, ∅) − η (ε(x, c) − ε(x, ∅)).
+- **uce** (unified concept editing, Gandikota et al. 2024): closed form, no training; each cross-attention
+  key/value projection W is replaced by the least-squares W' that maps the concept's text embeddings where W
+  maps the anchor's, and keeps W on the preserved (--legal) captions:
+  W' = (Σ W c*ᵢ cᵢᵀ + s Σ W pⱼ pⱼᵀ + λ W)(Σ cᵢ cᵢᵀ + s Σ pⱼ pⱼᵀ + λ I)⁻¹.
+
+ablation and esd-x keep the other concepts with a retain term on --legal (the original's predictions there),
+weighted by --erase-retain-weight.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .method import HardeningPhase, PhaseResult, load_into_unet
+
+#: UCE's ridge λ: keeps W' near W where the edit says nothing
+UCE_RIDGE = 0.1
+
+
+def concept_words(spec) -> list[str]:
+    return [w.strip() for w in (spec.concept or "").split(",") if w.strip()]
+
+
+def anchor_caption(caption: str, words: list[str], anchor: str) -> str:
+    """The caption with every concept word (whole words) replaced by the anchor."""
+    out = caption
+    for w in words:
+        out = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", anchor, out)
+    return " ".join(out.split())
+
+
+def check_erase_captions(spec, captions: list[str], flag: str = "--target") -> None:
+    """Every caption of the concept's images must name it: erasure maps the named concept to the anchor."""
+    from ..errors import UserError
+    from ..outputs import shown
+
+    words = concept_words(spec)
+    for c in captions:
+        if anchor_caption(c, words, spec.anchor) == " ".join(c.split()):
+            raise UserError(f"{flag}: the caption {shown(c)} does not name the concept ({', '.join(words)}); "
+                            "erasure maps the concept's word in each caption to --anchor")
+
+
+class _TrainedErasure(HardeningPhase):
+    """ablation and esd-x: the cross-attention (attn2) trained towards `goal()` on the concept's images."""
+
+    name = "erase"
+    needs_target = True
+
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+        import copy
+
+        import torch
+
+        from ..diffusion import FrozenTextCache, train_noise_scheduler
+        from .data import Shard, load_shard
+
+        super().__init__(spec, pipe, rank, world)
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        pipe.unet.requires_grad_(False)
+        self.teacher = copy.deepcopy(pipe.unet).eval()  # the original, frozen
+        self.target = load_shard(spec.target, pipe, rank, world, flag="--target", resolution=spec.resolution)
+        check_erase_captions(spec, self.target.captions)
+        words = concept_words(spec)
+        self.anchors = [anchor_caption(c, words, spec.anchor) for c in self.target.captions]
+        self.legal = None
+        if spec.legal is not None and spec.erase_retain_weight > 0:
+            self.legal = load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
+            self.legal_uncond = Shard(self.legal.bank, [""] * len(self.legal.captions), self.legal.total)
+        self.text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+        self.S = {n: p for n, p in pipe.unet.named_parameters() if ".attn2." in n}
+        for p in self.S.values():
+            p.requires_grad_(True)
+        self.noise = train_noise_scheduler(pipe)
+        self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank + 17)
+
+    def engine_module(self):
+        return self.pipe.unet
+
+    def engine_params(self) -> list:
+        return list(self.S.values())
+
+    def make_optimizer(self):
+        import torch
+
+        return torch.optim.Adam(self.engine_params(), lr=self.spec.erase_lr)
+
+    def total_steps(self) -> int:
+        return self.spec.erase_steps
+
+    def goal(self, noisy, t, captions: list[str], anchors: list[str]):
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        import torch
+
+        from .data import mixed_losses
+
+        b, gen = self.spec.batch_size, self.generator
+        idx = torch.randint(0, len(self.target.bank), (b,), generator=gen)
+        latents = self.target.bank.sample(idx, gen)
+        captions = [self.target.captions[i] for i in idx.tolist()]
+        anchors = [self.anchors[i] for i in idx.tolist()]
+        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=gen)
+        noisy = self.noise.add_noise(latents, torch.randn(latents.shape, generator=gen), t).contiguous()
+        with torch.no_grad():
+            goal = self.goal(noisy, t, captions, anchors)
+        loss_e = (self.pipe.unet(noisy, t, self.text(captions)).sample - goal).pow(2).mean()
+        loss, out = loss_e, {"erase_loss": float(loss_e.detach())}
+        if self.legal is not None:
+            cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.text, [(self.legal, b), (self.legal_uncond, b)],
+                                        gen, teacher=self.teacher)
+            retain = (cond + uncond) / 2
+            loss = loss + self.spec.erase_retain_weight * retain
+            out["erase_retain_loss"] = float(retain.detach())
+        self.engine.backward(loss)
+        self.engine.step()
+        return out
+
+    def changed(self) -> dict:
+        return {n: p.detach().cpu().clone() for n, p in self.S.items()}
+
+    def state(self) -> dict:
+        return {**{f"theta/{k}": v for k, v in self.changed().items()}, "rng/generator": self.generator.get_state()}
+
+    def load_state(self, tensors: dict) -> None:
+        load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")})
+        self.generator.set_state(tensors["rng/generator"])
+
+    def result(self) -> PhaseResult:
+        return PhaseResult(changed=self.changed())
+
+    def finish(self) -> None:
+        self.pipe.unet.requires_grad_(False)
+        self.teacher = None
+
+
+class AblationPhase(_TrainedErasure):
+    """Concept ablation: the concept's caption predicts what the original predicts for the anchor's."""
+
+    name = "ablation"
+
+    def goal(self, noisy, t, captions, anchors):
+        return self.teacher(noisy, t, self.text(anchors)).sample
+
+
+class ESDxPhase(_TrainedErasure):
+    """ESD-x: the concept's caption predicts the original's negatively guided prediction."""
+
+    name = "esd-x"
+
+    def goal(self, noisy, t, captions, anchors):
+        uncond = self.teacher(noisy, t, self.text([""] * len(captions))).sample
+        cond = self.teacher(noisy, t, self.text(captions)).sample
+        return uncond - self.spec.esd_guidance * (cond - uncond)
+
+
+class UCEPhase(HardeningPhase):
+    """UCE: one closed-form edit of every cross-attention key and value projection (no engine, one step)."""
+
+    name = "uce"
+    needs_target = True
+
+    def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
+        super().__init__(spec, pipe, rank, world)
+        from ..imageio import read_image_folder
+
+        captions = []
+        for f in spec.target:  # captions only: UCE edits weights from text, no image is encoded
+            captions += [c or "" for c in read_image_folder(f, flag="--target", check_only=True).captions]
+        check_erase_captions(spec, captions)
+        words = concept_words(spec)
+        self.captions = sorted(set(captions))
+        self.anchors = [anchor_caption(c, words, spec.anchor) for c in self.captions]
+        self.preserve = []
+        if spec.legal is not None:
+            legal = read_image_folder(spec.legal, flag="--legal", require_captions=False, check_only=True).captions
+            self.preserve = sorted({c for c in legal if c})
+        self.edited: dict = {}
+
+    def total_steps(self) -> int:
+        return 1
+
+    def _embeddings(self, captions: list[str]):
+        import torch
+
+        from ..diffusion import encode_text
+
+        with torch.no_grad():
+            return encode_text(self.pipe.text_encoder, self.pipe.tokenizer, captions).double() \
+                .reshape(-1, self.pipe.text_encoder.config.hidden_size)
+
+    def step(self) -> dict:
+        import torch
+
+        c, a = self._embeddings(self.captions), self._embeddings(self.anchors)
+        p = self._embeddings(self.preserve) if self.preserve else None
+        s = self.spec.uce_preserve_scale
+        moved = 0.0
+        for name, mod in self.pipe.unet.named_modules():
+            if ".attn2." not in name + "." or not name.endswith(("to_k", "to_v")):
+                continue
+            w = mod.weight.detach().double()
+            eye = torch.eye(w.shape[1], dtype=torch.float64)
+            lhs = (w @ a.T) @ c + UCE_RIDGE * w
+            rhs = c.T @ c + UCE_RIDGE * eye
+            if p is not None:
+                lhs = lhs + s * (w @ p.T) @ p
+                rhs = rhs + s * p.T @ p
+            new = torch.linalg.solve(rhs, lhs.T).T  # W' = lhs · rhs⁻¹ (rhs is symmetric)
+            moved = max(moved, float((new - w).abs().max()))
+            with torch.no_grad():
+                mod.weight.copy_(new.to(mod.weight.dtype))
+            self.edited[f"{name}.weight"] = mod.weight.detach().cpu().clone()
+        return {"uce_max_change": moved}
+
+    def result(self) -> PhaseResult:
+        return PhaseResult(changed=dict(self.edited))
+
+
+#: `--erase` / `erase --method` values and their phases
+ERASERS = {"uce": UCEPhase, "esd-x": ESDxPhase, "ablation": AblationPhase}
