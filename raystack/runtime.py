@@ -41,3 +41,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def compute_precision(precision: str, device: str):
+    """The context a training step's forward passes run in: fp32 as stored, or torch autocast to bf16 / fp16
+    (weights, gradients and optimizer state stay fp32; matmuls and convolutions run in the lower precision).
+    fp16 autocast needs a GPU (CPU training in fp16 is not supported by DeepSpeed either)."""
+    import contextlib
+
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device != "cuda":
+        from .errors import UserError
+
+        raise UserError("--precision fp16: needs a GPU (on CPU use bf16)")
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -123,7 +123,10 @@ class AttackState:
     def step(self) -> float:
         import torch
 
-        loss = self.loss()
+        from ..runtime import compute_precision
+
+        with compute_precision(self.spec.precision, self.pipe.device.type):
+            loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.ad.parameters(), GRAD_CLIP)

@@ -25,6 +25,15 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+def check_precision_flag(precision, gpu: bool) -> None:
+    from ..runtime import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {shown(precision)}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and not gpu:
+        raise UserError("--precision fp16: needs a GPU (on CPU use bf16)")
+
+
 def check_resolution_flag(resolution) -> None:
     if resolution is not None and (int(resolution) <= 0 or int(resolution) % 8):
         raise UserError(f"--resolution {resolution}: must be a positive multiple of 8 (the VAE's factor)")
@@ -46,6 +55,8 @@ class AttackSpec:
     """Learning rate (default per method)."""
     batch_size: int = 4
     """Images per step."""
+    precision: str = "fp32"
+    """fp32, or bf16 / fp16 compute (torch autocast: weights and optimizer state stay fp32; fp16 needs a GPU)."""
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
@@ -115,6 +126,7 @@ class AttackSpec:
         if not self.lr > 0:
             raise UserError(f"--lr {self.lr}: must be positive")
         check_resolution_flag(self.resolution)
+        check_precision_flag(self.precision, self.device == "cuda")
         if not 0.0 <= self.noise_offset <= 1.0:
             raise UserError(f"--noise-offset {self.noise_offset}: must be in [0, 1]")
         if not self.snr_gamma >= 0:

@@ -42,6 +42,8 @@ class HardenSpec:
     """Outer iterations: IMMA's I, FreezeAsGuard's mask steps K."""
     batch_size: int = 4
     """Images per batch and worker."""
+    precision: str = "fp32"
+    """fp32, or bf16 / fp16 compute (torch autocast: weights and optimizer state stay fp32; fp16 needs a GPU)."""
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
@@ -138,9 +140,10 @@ class HardenSpec:
             raise UserError(f"--rho {self.rho}: must be within [0, 1]")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
-        from ..attacks.spec import check_resolution_flag
+        from ..attacks.spec import check_precision_flag, check_resolution_flag
 
         check_resolution_flag(self.resolution)
+        check_precision_flag(self.precision, self.use_gpu)
         for flag, v in (("--workers", self.workers), ("--steps", self.steps), ("--batch-size", self.batch_size),
                         ("--checkpoint-every", self.checkpoint_every), ("--inner-steps", self.inner_steps),
                         ("--user-steps", self.user_steps), ("--rank", self.rank)):

@@ -59,6 +59,7 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
     `resume`: (tensors, meta) of a checkpoint `on_checkpoint(phase, engine, meta, carried)` was given;
     `local`: each phase's own torch optimizer instead of DeepSpeed (one process: tests, probes);
     `on_step(phase, done, losses)` after every step."""
+    from ..runtime import compute_precision
     from .method import load_into_unet
 
     resume_tensors, resume_meta = resume
@@ -85,9 +86,12 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
             start = int(resume_meta["step"])
             print(f"[immunize] rank {rank}: resumed {phase.name} at step {start}", flush=True)
         else:
-            losses.update(phase.prepare())
+            with compute_precision(spec.precision, pipe.device.type):
+                losses.update(phase.prepare())
         for step in range(start, phase.total_steps()):
-            losses = {k: v for k, v in phase.step().items() if v is not None}
+            with compute_precision(spec.precision, pipe.device.type):
+                stepped = phase.step()
+            losses = {k: v for k, v in stepped.items() if v is not None}
             done = step + 1
             if on_step is not None:
                 on_step(phase, done, losses)
