@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import sha256_file
 from .errors import UserError
 from .freeze_mask import MASK_FILE, load_freeze_mask
 from .outputs import shown
@@ -50,14 +51,6 @@ class Release:
 
     def free_layers(self) -> list[str]:
         return [m for m in self.layers if not self.mask.get(f"{m}.weight", False)]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unet_weight_files(folder: Path) -> list[Path]:
@@ -100,8 +93,8 @@ def load_release(folder: Path, mask: Path | None = None, flag: str = "--release"
     flags = load_freeze_mask(mask_path, names, flag="--mask" if mask is not None else flag)
     layers = {n: "conv" if isinstance(m, torch.nn.Conv2d) else "linear" for n, m in unet.named_modules()
               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    digest = _sha256(files[0]) if len(files) == 1 else hashlib.sha256(
-        "".join(_sha256(f) for f in files).encode()).hexdigest()
+    digest = sha256_file(files[0]) if len(files) == 1 else hashlib.sha256(
+        "".join(sha256_file(f) for f in files).encode()).hexdigest()
     return Release(folder, mask_path, flags, layers, digest)
 
 

@@ -3,7 +3,6 @@ assemble `--out` from the final checkpoint (atomically), write the manifest."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..atomic import disk_full, is_disk_full
+from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import check_disjoint, check_replaceable, confined_rmtree, output_lock
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
@@ -264,16 +263,8 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def _versions() -> dict:
