@@ -19,16 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
-from PIL import Image
-
 from raystack.freeze_mask import apply
+from raystack.imageio import read_image
 
 
 def load_images(folder: Path, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Short side resized to `size`, centre-cropped (the diffusers examples' preprocessing), in [-1, 1]."""
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
     pixels = []
     for r in rows:
-        img = Image.open(folder / r["file_name"]).convert("RGB").resize((size, size), Image.BICUBIC)
+        img = read_image(folder / r["file_name"], size)
         pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
     return torch.stack(pixels), [r["text"] for r in rows]
 
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.out.exists() or args.release.resolve() in [args.out.resolve(), *args.out.resolve().parents]:
+        ap.error(f"--out {args.out}: exists or lies inside the release; give a new folder")
     torch.manual_seed(args.seed)
 
     pipe = StableDiffusionPipeline.from_pretrained(args.release, safety_checker=None)

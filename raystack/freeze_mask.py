@@ -135,7 +135,8 @@ def apply(unet, mask) -> FrozenTensors:
     `mask` is a mask file, a release folder holding one, or a {tensor name: frozen} dict; its names must be
     exactly the UNet's parameters. Frozen tensors get no gradient (an optimizer built from all parameters then
     skips them: no gradient, no update, no weight decay); a forward pre-hook refuses to run once one of them is
-    made trainable again, and `check()` compares every frozen tensor with its released bytes."""
+    made trainable again, and `check()` compares every frozen tensor with its bytes when `apply` was called
+    (apply it to the UNet as loaded from the release, before any cast)."""
     names = [n for n, _ in unet.named_parameters()]
     if isinstance(mask, dict):
         unknown, missing = set(mask) - set(names), set(names) - set(mask)

@@ -63,11 +63,9 @@ def resize_and_crop(im, size: int):
     from PIL import Image
 
     w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    side = min(w, h)  # the centre square, in the image's own pixels, resized once (no huge intermediate)
+    left, top = (w - side) / 2, (h - side) / 2
+    return im.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def _to_rgb(im, path: Path):
@@ -109,7 +107,7 @@ def read_image_folder(root: Path, flag: str = "--data", require_captions: bool =
                       size: int | None = None, check_only: bool = False) -> ImageFolder:
     """Every image decoded (8-bit RGB), at `size` x `size` (`resize_and_crop`) or as stored. `check_only`:
     a check before a run (every file and caption read); images of several sizes are then accepted, since
-    the run resizes them, and no array is kept."""
+    the run resizes them."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{flag} {root}: no such folder")

@@ -24,7 +24,7 @@ FORMATS = ("names", "regex", "peft", "kohya", "onetrainer")
 
 KOHYA_PREFIX = "lora_unet_"
 #: adapter tensors patch a module's weight, except these, which patch its bias
-BIAS_SUFFIXES = (".diff_b", ".lora_B.bias", ".lora_b.bias")
+BIAS_SUFFIXES = (".diff_b", ".bias")
 
 
 @dataclass
@@ -215,8 +215,7 @@ def _check_full(rel: Release, files: list[Path], flag: str) -> CheckResult:
 
     released = {}
     for f in unet_weight_files(rel.folder / "unet"):
-        with safe_open(str(f), framework="pt") as st:
-            released.update({k: (f, None) for k in st.keys()})
+        released.update({k: (f, None) for k in _st_keys(f, "--release")})
     where: dict[str, Path] = {}
     for f in files:
         where.update({k: f for k in _st_keys(f, flag)})

@@ -101,6 +101,10 @@ def test_erase_bad_input(dotted, tmp_path):
         (["erase", "--method", "ablation", "--concept", "dotted", "--target", str(tmp_path / "other"),
           "--out", str(tmp_path / "o")], "does not name the concept"),
         (["erase", "--method", "esd-x", "--concept", "dotted", "--esd-guidance", "0", *base], "--esd-guidance 0"),
+        (["harden", "--erase", "uce", "--method", "ablation", "--concept", "dotted", *base], "two erasures"),
+        (["erase", "--method", "uce", "--concept", "dotted", "--anchor", "", *base], "as many tokens"),
+        (["erase", "--method", "ablation", "--concept", "dotted", "--zero-stage", "3", *base],
+         "--zero-stage 3: ablation reads the trained cross-attention weights whole"),
     ]
     for argv, expect in rows:
         res = CliRunner().invoke(app, argv)

@@ -42,7 +42,6 @@ def test_attack_in_bf16(method, folders, tmp_path):
                       pipe=pipe)
     assert seen and set(seen) == {torch.bfloat16}
     assert math.isfinite(info["final_loss"])
-    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())  # the weights stay fp32
 
 
 @pytest.mark.parametrize("method", ["imma", "freezeasguard"])
@@ -61,10 +60,10 @@ def test_hardening_in_bf16(method, folders, tmp_path):
     assert all(torch.isfinite(v).all() for v in run.changed.values())
 
 
-def test_fp16_on_cpu_and_unknown_precisions_are_refused(folders, tmp_path):
+def test_fp16_and_unknown_precisions_are_refused(folders, tmp_path):
     for argv, expect in (
-        (["attack", "--method", "lora", "--data", str(folders / "t"), "--precision", "fp16"], "needs a GPU"),
-        (["harden", "--target", str(folders / "t"), "--precision", "fp16"], "needs a GPU"),
+        (["attack", "--method", "lora", "--data", str(folders / "t"), "--precision", "fp16"], "loss scaling"),
+        (["harden", "--target", str(folders / "t"), "--precision", "fp16"], "loss scaling"),
         (["attack", "--method", "lora", "--data", str(folders / "t"), "--precision", "int8"], "--precision int8"),
     ):
         res = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "o")])

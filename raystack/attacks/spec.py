@@ -30,13 +30,13 @@ def check_precision_flag(precision, gpu: bool) -> None:
 
     if precision not in PRECISIONS:
         raise UserError(f"--precision {shown(precision)}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and not gpu:
-        raise UserError("--precision fp16: needs a GPU (on CPU use bf16)")
+    if precision == "fp16":
+        raise UserError("--precision fp16: not built (fp16 training needs loss scaling); use bf16")
 
 
 def check_resolution_flag(resolution) -> None:
     if resolution is not None and (int(resolution) <= 0 or int(resolution) % 8):
-        raise UserError(f"--resolution {resolution}: must be a positive multiple of 8 (the VAE's factor)")
+        raise UserError(f"--resolution {resolution}: must be a positive multiple of 8")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class AttackSpec:
     batch_size: int = 4
     """Images per step."""
     precision: str = "fp32"
-    """fp32, or bf16 / fp16 compute (torch autocast: weights and optimizer state stay fp32; fp16 needs a GPU)."""
+    """fp32, or bf16 compute (torch autocast: weights and optimizer state stay fp32)."""
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""

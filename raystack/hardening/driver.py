@@ -44,6 +44,8 @@ def validate_inputs(spec: HardenSpec) -> None:
     check_replaceable(spec.out)
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
+    if spec.resolution is not None:
+        check_resolution_for_model(model, spec.resolution)
     if spec.outer_timestep_range:
         sched = Path(model) / "scheduler" / "scheduler_config.json"
         n = json.loads(sched.read_text()).get("num_train_timesteps", 1000) if sched.is_file() else 1000
@@ -53,9 +55,11 @@ def validate_inputs(spec: HardenSpec) -> None:
     for t in spec.target:
         folder = read_image_folder(t, flag="--target", check_only=True)
         if erasing:
-            from .erase import check_erase_captions
+            from .erase import check_erase_captions, check_uce_anchor
 
             check_erase_captions(spec, [c or "" for c in folder.captions], f"--target {t}")
+            if any(p.name == "uce" for p in spec.phases()):
+                check_uce_anchor(spec, model, [c or "" for c in folder.captions])
     if spec.legal is not None:
         read_image_folder(spec.legal, flag="--legal", check_only=True)
     if spec.sign_key is not None:
@@ -71,12 +75,23 @@ def validate_inputs(spec: HardenSpec) -> None:
         check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
     from .method import method_names, method_phases
 
-    no_zero3 = [p.name for p in spec.phases() if not p.supports_zero3]
+    no_zero3 = [p for p in spec.phases() if not p.supports_zero3]
     if spec.zero_stage == 3 and no_zero3:
         others = [m for m in method_names() if all(p.supports_zero3 for p in method_phases(m))]
-        raise UserError(f"--zero-stage 3: {no_zero3[0]} updates parameters by hand inside the UNet (the simulated "
-                        "attacker's adapter), which ZeRO-3 partitions across ranks; use --zero-stage 0, 1 or 2 "
-                        f"({', '.join(others)} run under ZeRO-3)")
+        raise UserError(f"--zero-stage 3: {no_zero3[0].name} {no_zero3[0].zero3_reason}, which ZeRO-3 partitions "
+                        f"across ranks; use --zero-stage 0, 1 or 2 ({', '.join(others)} run under ZeRO-3)")
+
+
+def check_resolution_for_model(model: Path, resolution: int, flag: str = "--resolution") -> None:
+    """The model's own multiple (VAE factor x UNet down-sampling), from its configs, before anything starts."""
+    try:
+        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+        step = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # check_pipeline_folder has named what is wrong with the configs
+    if resolution % step:
+        raise UserError(f"{flag} {resolution}: this model needs a multiple of {step} (VAE factor x UNet down-sampling)")
 
 
 def erase_record(spec: HardenSpec) -> dict | None:
@@ -187,8 +202,20 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) 
             raise disk_full(spec.out, e) from None
         raise
     if not spec.keep_run and (spec.out / MANIFEST).is_file():
-        confined_rmtree(run_dir, run_dir.parent)  # --out is written: nothing left to resume
+        remove_finished_run(run_dir_for(spec))  # --out is written: nothing left to resume
     return manifest
+
+
+def remove_finished_run(run_dir: Path) -> None:
+    """Remove what this tool wrote in `<out>.run` (Ray Train's `harden` folder), then the folder if that left it
+    empty; never through a symlink, never anything else in it."""
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        return
+    confined_rmtree(run_dir / "harden", run_dir)
+    try:
+        run_dir.rmdir()
+    except OSError:  # something else is in it: left alone
+        pass
 
 
 def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: Path, t0: float) -> dict:

@@ -36,7 +36,7 @@ def anchor_caption(caption: str, words: list[str], anchor: str) -> str:
     """The caption with every concept word (whole words) replaced by the anchor."""
     out = caption
     for w in words:
-        out = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", anchor, out)
+        out = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", lambda _m: anchor, out)
     return " ".join(out.split())
 
 
@@ -52,11 +52,28 @@ def check_erase_captions(spec, captions: list[str], flag: str = "--target") -> N
                             "erasure maps the concept's word in each caption to --anchor")
 
 
+def check_uce_anchor(spec, model, captions: list[str]) -> None:
+    """UCE pairs the concept caption's token embeddings with the anchor caption's position by position: the
+    anchor must take as many tokens as the concept's word(s)."""
+    from transformers import CLIPTokenizer
+
+    from ..errors import UserError
+
+    tok = CLIPTokenizer.from_pretrained(str(model), subfolder="tokenizer")
+    words = concept_words(spec)
+    for c in captions:
+        if len(tok(c).input_ids) != len(tok(anchor_caption(c, words, spec.anchor)).input_ids):
+            raise UserError(f"--anchor {spec.anchor!r}: UCE maps the concept's tokens to the anchor's one by one; give "
+                            f"an anchor of as many tokens as {', '.join(words)} (e.g. a word of the same kind)")
+
+
 class _TrainedErasure(HardeningPhase):
     """ablation and esd-x: the cross-attention (attn2) trained towards `goal()` on the concept's images."""
 
     name = "erase"
     needs_target = True
+    supports_zero3 = False
+    zero3_reason = "reads the trained cross-attention weights whole for its checkpoints and result"
 
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         import copy
@@ -205,15 +222,16 @@ class UCEPhase(HardeningPhase):
     def step(self) -> dict:
         import torch
 
-        c, a = self._embeddings(self.captions), self._embeddings(self.anchors)
-        p = self._embeddings(self.preserve) if self.preserve else None
+        dev = next(self.pipe.unet.parameters()).device
+        c, a = self._embeddings(self.captions).to(dev), self._embeddings(self.anchors).to(dev)
+        p = self._embeddings(self.preserve).to(dev) if self.preserve else None
         s = self.spec.uce_preserve_scale
         moved = 0.0
         for name, mod in self.pipe.unet.named_modules():
             if ".attn2." not in name + "." or not name.endswith(("to_k", "to_v")):
                 continue
             w = mod.weight.detach().double()
-            eye = torch.eye(w.shape[1], dtype=torch.float64)
+            eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
             lhs = (w @ a.T) @ c + UCE_RIDGE * w
             rhs = c.T @ c + UCE_RIDGE * eye
             if p is not None:

@@ -48,6 +48,8 @@ class HardeningPhase:
     simulates_attacker = False
     """The phase simulates the --against attack inside (the manifest records it)."""
     supports_zero3 = True
+    zero3_reason = "updates parameters by hand inside the UNet (the simulated attacker's adapter)"
+    """Why a phase with supports_zero3 = False cannot run under ZeRO-3 (said in the refusal)."""
     """False when the phase writes engine-held parameters by hand inside a module ZeRO-3 would partition."""
 
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):

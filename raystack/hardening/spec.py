@@ -43,7 +43,7 @@ class HardenSpec:
     batch_size: int = 4
     """Images per batch and worker."""
     precision: str = "fp32"
-    """fp32, or bf16 / fp16 compute (torch autocast: weights and optimizer state stay fp32; fp16 needs a GPU)."""
+    """fp32, or bf16 compute (torch autocast: weights and optimizer state stay fp32)."""
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
@@ -182,6 +182,9 @@ class HardenSpec:
 
             if self.erase not in ERASERS:
                 raise UserError(f"--erase {shown(self.erase)}: expected one of {', '.join(ERASERS)}")
+            if self.method in ERASERS:
+                raise UserError(f"--erase {self.erase} --method {self.method}: two erasures; --method names the "
+                                "hardening that follows the erasure (e.g. imma or freezeasguard)")
         phases = self.phases()
         if any(p.name in ("uce", "esd-x", "ablation") for p in phases) and not self.concept:
             raise UserError("--concept: erasure needs the concept's word(s) as its captions name it (e.g. --concept "

@@ -92,13 +92,17 @@ def check_tiny_world_judge(path: Path, flag: str) -> None:
 
 def weights_digest(path: Path) -> str:
     """SHA-256 over every tensor of the pipeline's safetensors weights (names, dtypes, shapes and bytes; not
-    the files' metadata): two folders with the same digest are the same model to an attacker."""
+    the files' metadata) and its config and tokenizer files: two folders with the same digest are the same
+    model to an attacker."""
     import hashlib
 
     import torch
     from safetensors import safe_open
 
     h = hashlib.sha256()
+    for f in sorted([*Path(path).glob("*/*.json"), *Path(path).glob("*/*.txt"), Path(path) / "model_index.json"]):
+        if f.is_file():  # configs, scheduler and tokenizer: the same weights under another schedule differ
+            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
     for f in sorted(Path(path).glob("*/*.safetensors")):
         h.update(f"{f.parent.name}/{f.name}".encode())
         with safe_open(str(f), framework="pt") as st:
