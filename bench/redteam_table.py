@@ -52,7 +52,8 @@ def table(reports: dict[str, dict], command: str) -> str:
             at_08 = sum(t["others"] is not None and t["others"] >= 0.8 * base for t in done)
             passed = sum(t["guarded"] for t in done)
             none = "none survived re-scoring" if passed else "none passed the guard"
-            lines.append(f"| {name} | {seed} | {fmt(m['unattacked']['target'])} ({fmt(m['unattacked']['others'])}) "
+            label = name if not m.get("same_as") else f"{name} (= {m['same_as']}: same weights, no mask)"
+            lines.append(f"| {label} | {seed} | {fmt(m['unattacked']['target'])} ({fmt(m['unattacked']['others'])}) "
                          f"| {references(m)} | **{fmt(w and w['target'])}** | {interval(w)} | "
                          f"{fmt(w and w['others'])} | {none if not w else attack_label(w['attack']) + (' (a reference attack)' if w.get('source') == 'reference' else '')} | "
                          f"{'—' if not u else fmt(u['target']) + ' (' + fmt(u['others']) + ')'} | "
@@ -69,6 +70,8 @@ def table(reports: dict[str, dict], command: str) -> str:
             m = report["models"].get(name)
             if m is None:
                 continue
+            if m.get("same_as"):
+                continue  # the same sweep as the model it names
             g = {c["steps"]: c["best_target"] for c in m["budget_curve"]}
             u = {c["steps"]: c["best_target"] for c in m["budget_curve_unguarded"]}
             lines.append(f"| {name} | {seed} | " + " | ".join(f"{fmt(g.get(s))} [{fmt(u.get(s))}]" for s in steps)
