@@ -3,7 +3,7 @@
     .venv/bin/python bench/redteam_table.py runs/redteam-bench-s0/redteam.json runs/redteam-bench-s1/redteam.json \\
         --dest bench/results/redteam_demo --command "immunize-cli redteam ..."
 
-Writes DEST.json ({seed: the run's redteam.json}) and DEST.md. The "passes 0.8" column counts the finished
+Writes DEST.json ({seed: the run's redteam.json}; runs of the same seed merged model by model) and DEST.md. The "passes 0.8" column counts the finished
 trials that would also pass the space's default capability guard of 0.8 (on their sweep numbers)."""
 
 import argparse
@@ -88,7 +88,11 @@ def main() -> None:
     reports = {}
     for p in args.reports:
         r = json.loads(p.read_text())
-        reports[str(r.get("seed", len(reports)))] = r
+        key = str(r.get("seed", len(reports)))
+        if key in reports:  # several runs of one seed (e.g. models split across runs): one column of models
+            reports[key]["models"].update(r["models"])
+        else:
+            reports[key] = r
     args.dest.with_suffix(".json").write_text(json.dumps(reports, indent=2))
     args.dest.with_suffix(".md").write_text(table(reports, args.command))
     print(args.dest.with_suffix(".md").read_text())
