@@ -84,12 +84,12 @@ def validate_inputs(spec: HardenSpec) -> None:
 
 def check_resolution_for_model(model: Path, resolution: int, flag: str = "--resolution") -> None:
     """The model's own multiple (VAE factor x UNet down-sampling), from its configs, before anything starts."""
-    try:
-        unet = json.loads((Path(model) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(model) / "vae" / "config.json").read_text())
-        step = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(unet["down_block_types"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
+    from ..models.pipeline_io import config_geometry
+
+    geometry = config_geometry(model)
+    if geometry is None:
         return  # check_pipeline_folder has named what is wrong with the configs
+    step = geometry[1]
     if resolution % step:
         raise UserError(f"{flag} {resolution}: this model needs a multiple of {step} (VAE factor x UNet down-sampling)")
 

@@ -67,15 +67,22 @@ def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
             _check_safetensors(f, flag)
 
 
-def config_resolution(path: Path) -> int | None:
-    """The image size a pipeline folder makes, from its configs alone (UNet sample size x VAE factor); None
-    when the configs do not say."""
+def config_geometry(path: Path) -> tuple[int, int] | None:
+    """From a pipeline folder's configs alone: (the image size it makes = UNet sample size x VAE factor, the
+    multiple every training size must be = VAE factor x UNet down-sampling); None when the configs do not say."""
     try:
         unet = json.loads((Path(path) / "unet" / "config.json").read_text())
         vae = json.loads((Path(path) / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return int(unet["sample_size"]) * factor, factor * 2 ** (len(unet["down_block_types"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def config_resolution(path: Path) -> int | None:
+    """The image size a pipeline folder makes (`config_geometry`); None when the configs do not say."""
+    geometry = config_geometry(path)
+    return None if geometry is None else geometry[0]
 
 
 def check_tiny_world_judge(path: Path, flag: str) -> None:
