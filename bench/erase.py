@@ -1,10 +1,20 @@
-"""Concept erasure on the tiny world: how much of a trained style each method takes out, and what the other
-concepts keep (no attack; whether it comes back under attack is the red team's question).
+"""erase → harden on the tiny world, through the CLI: what each erasure takes out, what a LoRA re-learns after it,
+and what IMMA on the erased weights keeps from being re-learnt — single concept and three concepts at once.
 
-    .venv/bin/python bench/erase.py [--seeds 0,1] [--steps 40] [--samples 16]
+    .venv/bin/python bench/erase.py [--seeds 0,1] [--samples 40] [--parts erase,relearn,three] [--work DIR]
 
-Each method runs in one process through the method interface (`run_method`, as the Ray worker runs it);
-erasure and sampling seeds vary together. Writes bench/results/erase.{json,md}.
+Every model is made and judged by `immunize-cli` commands (erase, harden, attack, evaluate), each a fresh process
+as a user runs them; a step whose output exists is skipped, so an interrupted run continues where it stopped.
+Parts (the style: dotted, trained into the tiny model; anchor: plain):
+- erase:   `erase --method {uce,ablation,esd-x}`; `evaluate` the style and the other concepts (no attack).
+- relearn: the ablation-erased model, then `harden --method imma --against lora` on it (S = attn2, batch 8, outer lr
+           3e-3, retain weight 10, retain target = the erased model, 300 steps); the default `attack --method lora`
+           on the attacker's own images of the style against original, erased and erased + IMMA (and UCE-erased);
+           `evaluate` after the attack with a fresh sampling seed.
+- three:   dotted, striped and checkered erased with UCE and hardened with IMMA in one job (`harden --erase uce`,
+           one --target folder per concept: balanced draws); one LoRA re-learning all three; `evaluate` with the
+           three --target flags (each concept on its own, the mean and the worst).
+Writes bench/results/erase.{json,md}.
 """
 
 from __future__ import annotations
@@ -13,72 +23,190 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+CLI = [sys.executable, "-m", "cli.main"]
+STYLE, ANCHOR = "dotted", "plain"
+THREE = ("dotted", "striped", "checkered")
+#: per erasure method: its flags (trained methods: steps and learning rate of the cross-attention fine-tune)
+ERASERS = {"uce": [], "ablation": ["--erase-steps", "40"], "esd-x": ["--erase-steps", "200", "--esd-guidance", "3"]}
+IMMA = ["--method", "imma", "--against", "lora", "--steps", "300", "--batch-size", "8", "--outer-lr", "3e-3",
+        "--retain-weight", "10", "--params", "attn2", "--retain-target", "original"]
+
+
+def cli(log: Path, *argv: str) -> None:
+    """One immunize-cli command as a user runs it; its output goes to the log, a failure stops the bench."""
+    t0 = time.time()
+    with log.open("a") as f:
+        f.write(f"\n$ immunize-cli {' '.join(argv)}\n")
+        f.flush()
+        rc = subprocess.call([*CLI, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        f.write(f"# rc={rc} in {time.time() - t0:.0f} s\n")
+    if rc != 0:
+        raise SystemExit(f"immunize-cli {argv[0]} failed (rc {rc}); see {log}")
+    print(f"  {argv[0]} {argv[-1]}: {time.time() - t0:.0f} s", flush=True)
+
+
+def once(out: Path, log: Path, *argv: str) -> Path:
+    """Run the command unless its --out (written atomically) is already there."""
+    if not out.exists():
+        cli(log, *argv, "--out", str(out))
+    return out
+
+
+def data(work: Path) -> Path:
+    """protect / attacker / legal folders per style, laid out as research/imma/imma_relearn.py's."""
+    from raystack.tinyworld.concepts import TRAINED_STYLES
+    from raystack.tinyworld.folder import write_concept_folder
+
+    d = work / "data"
+    if not (d / "done").exists():
+        for st in THREE:
+            write_concept_folder(d / st / "protect", None, None, [st], 2, 1, None, True)
+            write_concept_folder(d / st / "attacker", ["circle", "square", "triangle", "cross"], None, [st], 1, 3,
+                                 None, True)
+        write_concept_folder(d / "legal", None, None, [s for s in TRAINED_STYLES if s != STYLE], 1, 2, None, True)
+        write_concept_folder(d / "legal-three", None, None, [s for s in TRAINED_STYLES if s not in THREE], 2, 2,
+                             None, True)
+        write_concept_folder(d / "attacker-three", ["circle", "square", "triangle", "cross"], None, list(THREE), 1, 3,
+                             None, True)
+        (d / "done").write_text("")
+    return d
+
+
+def report(path: Path) -> dict:
+    return json.loads((path / "report.json").read_text())["runs"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--style", default="dotted")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--samples", type=int, default=40)
+    ap.add_argument("--parts", default="erase,relearn,three")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
+    ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
-    import torch
+    from raystack.models.pipeline_io import default_model_path
 
-    torch.set_num_threads(1)
-    from raystack.evaluation import other_concepts_accuracy, sampled_accuracy, tiny_world_target
-    from raystack.hardening.spec import HardenSpec
-    from raystack.hardening.worker import run_method
-    from raystack.models.pipeline_io import load_pipeline
-    from raystack.tinyworld.classifier import Judge
-    from raystack.tinyworld.concepts import TRAINED_STYLES
-    from raystack.tinyworld.folder import write_concept_folder
+    original = str(default_model_path())
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    d = data(work)
+    log = work / "commands.log"
+    parts = args.parts.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    n = str(args.samples)
+    rows: dict[str, list] = {"erase": [], "relearn": [], "three": []}
+    common = ["--concept", STYLE, "--anchor", ANCHOR, "--target", str(d / STYLE / "protect"), "--legal",
+              str(d / "legal")]
+    for seed in seeds:
+        s = work / f"s{seed}"
+        sample_seed = str(100 + seed)  # sampling never reuses a training seed
+        erased = {}
+        if "erase" in parts or "relearn" in parts:
+            for m, flags in ERASERS.items():
+                if m == "esd-x" and "erase" not in parts:
+                    continue
+                erased[m] = once(s / f"erased-{m}", log, "erase", "--method", m, *flags, *common, "--seed", str(seed))
+        if "erase" in parts:
+            ev = once(s / "eval-erase", log, "evaluate", "--run", f"original={original}",
+                      *[a for m, p in erased.items() for a in ("--run", f"{m}={p}")], "--target", STYLE, "--samples", n,
+                      "--no-curves", "--seed", sample_seed)
+            runs = report(ev)
+            for m in ("original", *erased):
+                r = runs[m]
+                rows["erase"].append({"seed": seed, "method": "none" if m == "original" else m,
+                                      "target": r["target_accuracy"], "others": r["other_accuracy_mean"],
+                                      "others_ratio": r["other_accuracy_mean"] / runs["original"]["other_accuracy_mean"]})
+        if "relearn" in parts:
+            hardened = once(s / "erased-ablation+imma", log, "harden", *IMMA, "--model", str(erased["ablation"]),
+                            "--target", str(d / STYLE / "protect"), "--legal", str(d / "legal"), "--seed", str(seed))
+            models = {"original": original, "uce": erased["uce"], "ablation": erased["ablation"],
+                      "ablation+imma": hardened}
+            attacked = {m: once(s / f"lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
+                                str(d / STYLE / "attacker"), "--seed", "0") for m, p in models.items()}
+            ev = once(s / "eval-relearn", log, "evaluate",
+                      *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
+                      *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
+                      "--target", STYLE, "--samples", n, "--no-curves", "--seed", sample_seed)
+            runs = report(ev)
+            for m in models:
+                rows["relearn"].append({"seed": seed, "model": m, "target_no_attack": runs[m]["target_accuracy"],
+                                        "others_no_attack": runs[m]["other_accuracy_mean"],
+                                        "target_after_lora": runs[f"{m}.lora"]["target_accuracy"],
+                                        "others_after_lora": runs[f"{m}.lora"]["other_accuracy_mean"]})
+        if "three" in parts:
+            targets = [a for st in THREE for a in ("--target", str(d / st / "protect"))]
+            hardened = once(s / "three-uce+imma", log, "harden", "--erase", "uce", "--concept", ",".join(THREE),
+                            "--anchor", ANCHOR, *IMMA, *targets, "--legal", str(d / "legal-three"), "--seed", str(seed))
+            erased3 = once(s / "three-uce", log, "erase", "--method", "uce", "--concept", ",".join(THREE), "--anchor",
+                           ANCHOR, *targets, "--legal", str(d / "legal-three"), "--seed", str(seed))
+            models = {"original": original, "uce": erased3, "uce+imma": hardened}
+            attacked = {m: once(s / f"three-lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
+                                str(d / "attacker-three"), "--seed", "0") for m, p in models.items()}
+            ev = once(s / "eval-three", log, "evaluate",
+                      *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
+                      *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
+                      *[a for st in THREE for a in ("--target", st)], "--samples", n, "--no-curves",
+                      "--seed", sample_seed)
+            runs = report(ev)
+            for m in models:
+                for when, key in (("no attack", m), ("after LoRA", f"{m}.lora")):
+                    r = runs[key]
+                    rows["three"].append({"seed": seed, "model": m, "when": when, **r["target_accuracy_by_concept"],
+                                          "mean": r["target_accuracy"], "worst": r["target_accuracy_max"],
+                                          "others": r["other_accuracy_mean"]})
+    write(args, rows)
 
-    judge = Judge()
-    concept, _ = tiny_world_target(args.style)
-    keep = [s for s in TRAINED_STYLES if s != args.style]
 
-    def scores(pipe, seed):
-        return (sampled_accuracy(pipe, concept.prompts, concept.criterion, args.samples, judge, seed=seed, steps=15),
-                other_concepts_accuracy(pipe, args.style, max(1, args.samples // 4), judge, seed=seed + 1, steps=15))
-
-    rows = []
-    with tempfile.TemporaryDirectory() as d:
-        d = Path(d)
-        write_concept_folder(d / "t", None, None, [args.style], 2, 1, None, True)
-        write_concept_folder(d / "l", None, None, keep, 1, 2, None, True)
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            target, others = scores(load_pipeline(None), seed)
-            rows.append({"seed": seed, "method": "none", "target": target, "others": others, "seconds": 0.0})
-            for method in ("uce", "ablation", "esd-x"):
-                pipe = load_pipeline(None)
-                spec = HardenSpec(method=method, concept=args.style, anchor="plain", target=[d / "t"], legal=d / "l",
-                                  out=d / "o", erase_steps=args.steps, batch_size=8, seed=seed)
-                t0 = time.time()
-                run_method(spec, pipe, local=True)
-                seconds = round(time.time() - t0, 1)
-                target, others = scores(pipe, seed)
-                rows.append({"seed": seed, "method": method, "target": target, "others": others, "seconds": seconds})
-                print(rows[-1], flush=True)
-    res = {"command": "python bench/erase.py " + " ".join(sys.argv[1:]), "style": args.style, "steps": args.steps,
-           "samples": args.samples, "machine": f"{platform.node()} ({os.cpu_count()} CPUs)",
-           "when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
-    lines = [f"Made by `{res['command']}` on {res['machine']} ({res['when']}). Tiny world, trained style "
-             f"`{args.style}` erased with anchor `plain`; {args.samples} samples of the style and "
-             f"{max(1, args.samples // 4)} of each other concept; erasure ({args.steps} steps for the trained "
-             "methods, batch 8, retain weight 10 on the other trained styles) and sampling seeded by the seed; no "
-             "attack.", "", "| seed | method | style accuracy | other concepts | erase seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['seed']} | {r['method']} | {r['target']:.1%} | {r['others']:.1%} | {r['seconds']} |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "erase.json").write_text(json.dumps(res, indent=2))
-    (args.out / "erase.md").write_text("\n".join(lines) + "\n")
+def write(args, rows: dict) -> None:
+    """Merge these rows into bench/results/erase.json (by part and seed) and rewrite the markdown."""
+    path = args.dest / "erase.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged = {}
+    for part in ("erase", "relearn", "three"):
+        new = rows[part]
+        seeds = {r["seed"] for r in new}
+        merged[part] = sorted([r for r in old.get("rows", {}).get(part, []) if r["seed"] not in seeds] + new,
+                              key=lambda r: r["seed"])
+    res = {"command": "python bench/erase.py " + " ".join(sys.argv[1:]), "samples": args.samples,
+           "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "when": time.strftime("%Y-%m-%d %H:%M"),
+           "erasers": ERASERS, "imma": IMMA, "rows": merged}
+    pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
+    lines = [f"Made by `{res['command']}` on {res['machine']} ({res['when']}); every model made and scored by "
+             f"`immunize-cli` commands (the exact ones: the script's log). Tiny world; {args.samples} samples per "
+             "concept, sampling seed 100 + seed. Style `dotted` erased towards `plain`; erasure flags "
+             f"{json.dumps(ERASERS)}; IMMA `{' '.join(IMMA)}`; re-learning: the default `attack --method lora` "
+             "(seed 0) on the attacker's own images of the style(s).", ""]
+    if merged["erase"]:
+        lines += ["### Erasure (no attack)", "", "| seed | method | style accuracy | other concepts | others ÷ original |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['seed']} | {r['method']} | {pct(r['target'])} | {pct(r['others'])} | {r['others_ratio']:.2f} |"
+                  for r in merged["erase"]]
+    if merged["relearn"]:
+        lines += ["", "### Re-learning by LoRA after erasure, and IMMA on the erased weights", "",
+                  "| seed | model | style, no attack | others, no attack | style after LoRA | others after LoRA "
+                  "| after LoRA ÷ erase-only (ablation) |", "|---|---|---|---|---|---|---|"]
+        for r in merged["relearn"]:
+            ref = next(x for x in merged["relearn"] if x["seed"] == r["seed"] and x["model"] == "ablation")
+            ratio = (f"{r['target_after_lora'] / ref['target_after_lora']:.2f}" if r["model"] == "ablation+imma"
+                     and ref["target_after_lora"] else "–")
+            lines.append(f"| {r['seed']} | {r['model']} | {pct(r['target_no_attack'])} | {pct(r['others_no_attack'])} "
+                         f"| {pct(r['target_after_lora'])} | {pct(r['others_after_lora'])} | {ratio} |")
+    if merged["three"]:
+        lines += ["", "### Three concepts at once: UCE erasure + IMMA in one job, one LoRA re-learning all three", "",
+                  f"| seed | model | when | {' | '.join(THREE)} | mean | worst | other concepts |",
+                  "|---|---|---|" + "---|" * (len(THREE) + 3)]
+        lines += [f"| {r['seed']} | {r['model']} | {r['when']} | {' | '.join(pct(r[c]) for c in THREE)} | "
+                  f"{pct(r['mean'])} | {pct(r['worst'])} | {pct(r['others'])} |" for r in merged["three"]]
+    args.dest.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    (args.dest / "erase.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -34,7 +34,9 @@ def _parse_runs(values: list[str]) -> dict[str, Path]:
 @guarded
 def evaluate(
     run: list[str] = typer.Option([], "--run", help="NAME=FOLDER: an attack output or a pipeline (repeatable)."),
-    target: str = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape, emblem or colour-style-shape object)."),
+    target: list[str] = typer.Option(..., "--target", help="Target concept (tiny world: a style, shape, emblem or "
+                                     "colour-style-shape object); repeat it for a multi-concept hardening: each "
+                                     "concept is scored on its own, with the mean and the least protected."),
     out: Path = typer.Option(..., "--out", help="Report folder: report.json, report.html, images/."),
     baseline: Optional[str] = typer.Option(None, "--baseline",
                                            help="Run attacked WITHOUT hardening (x_A) for SGR/RSGR."),
@@ -61,11 +63,18 @@ def evaluate(
     from raystack.tinyworld.classifier import default_classifier_path
 
     runs = _parse_runs(run)
+    if len(set(target)) != len(target):
+        raise UserError(f"--target: {', '.join(sorted({t for t in target if target.count(t) > 1}))} given twice")
+    if len(target) > 1 and reference is not None:
+        raise UserError("--reference: one set of reference images fits one --target; with several targets the "
+                        "tiny world's own references are used")
     redteam_report = None
     if redteam is not None:
         from raystack.redteam.sweep import load_redteam
 
-        redteam_report, winners = load_redteam(redteam, target)
+        if len(target) > 1:
+            raise UserError("--redteam: a red team attacks one concept; evaluate it with that one --target")
+        redteam_report, winners = load_redteam(redteam, target[0])
         if set(winners) & set(runs):
             raise UserError(f"--run: the names {', '.join(sorted(set(winners) & set(runs)))} are taken by --redteam")
         runs.update(winners)
@@ -110,8 +119,12 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     from raystack.runtime import configure_threads
     from raystack.tinyworld.classifier import Judge
 
+    import numpy as np
+
     configure_threads()
-    concept, ref = tiny_world_target(target, token)
+    concepts = [tiny_world_target(t, token) for t in target]
+    concept, ref = concepts[0] if len(concepts) == 1 else ([c for c, _ in concepts],
+                                                           np.concatenate([r for _, r in concepts]))
     if reference is not None:
         ref = read_image_folder(reference, flag="--reference", require_captions=False).images
     judge = Judge(classifier)
@@ -128,13 +141,17 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     if redteam_report is not None:
         report["redteam"] = redteam_report
     write_report(out, report, images, ref, overwrite=overwrite)
-    table = Table(title=f"target {target}")
-    for col in ("run", "attack", "target acc", "others acc", "M(ref) classifier", "SGR", "RSGR"):
+    several = len(target) > 1
+    table = Table(title=f"target {report['target']}")
+    for col in ("run", "attack", *(f"{t} acc" for t in target if several), "target acc" + (" (mean)" if several else ""),
+                *(["worst target"] if several else []), "others acc", "M(ref) classifier", "SGR", "RSGR"):
         table.add_column(col, justify="left" if col in ("run", "attack") else "right")
     for name, r in report["runs"].items():
         gap = (report.get("gaps") or {}).get(name, {}).get("classifier", {})
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        table.add_row(name, r["attack"] or "none", fmt(r["target_accuracy"]), fmt(r["other_accuracy_mean"]),
+        per = [fmt(r["target_accuracy_by_concept"][t]) for t in target] if several else []
+        table.add_row(name, r["attack"] or "none", *per, fmt(r["target_accuracy"]),
+                      *([fmt(r["target_accuracy_max"])] if several else []), fmt(r["other_accuracy_mean"]),
                       fmt(r["similarity_to_reference"]["classifier"]), fmt(gap.get("SGR")), fmt(gap.get("RSGR")))
     console.print(table)
     console.print(f"report: {out / 'report.html'}")

@@ -58,17 +58,18 @@ def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.nda
                     "colour-style-shape object such as yellow-dotted-triangle)")
 
 
-def tiny_world_others(exclude: str | None = None) -> list[Concept]:
-    """Legal concepts whose quality must survive: every trained style and trained shape."""
+def tiny_world_others(exclude: str | list[str] | None = None) -> list[Concept]:
+    """Legal concepts whose quality must survive: every trained style and trained shape (but the target(s))."""
     from .tinyworld.concepts import COLOURS, TRAINED_SHAPES, TRAINED_STYLES, caption
 
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude or ())
     out = []
     for st in TRAINED_STYLES:
-        if st != exclude:
+        if st not in exclude:
             out.append(Concept(f"style:{st}", [caption(sh, co, st) for sh, co in zip(TRAINED_SHAPES * 2, COLOURS)],
                                {"style": st}))
     for sh in TRAINED_SHAPES:
-        if sh != exclude:
+        if sh not in exclude:
             out.append(Concept(f"shape:{sh}", [caption(sh, co, st) for co, st in zip(COLOURS, TRAINED_STYLES * 2)],
                                {"shape": sh}))
     return out
@@ -141,35 +142,58 @@ def _load_run(path: Path, weights: Path | None = None):
     return pipe, (lambda p: p), {"attack": None, "steps": 0, "hardening": read_extra_info(path).get("hardening")}
 
 
-def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, others: list[Concept], judge,
-             embedders: list, settings: EvalSettings, baseline: str | None = None,
+def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: np.ndarray, others: list[Concept],
+             judge, embedders: list, settings: EvalSettings, baseline: str | None = None,
              on_progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
-    """Returns (report dict, images per run) ."""
+    """Returns (report dict, images per run).
+
+    Several targets (a multi-concept hardening) are sampled and scored one by one: `target_accuracy` is then
+    their mean, `target_accuracy_by_concept` each one and `target_accuracy_max` the least protected — a
+    concept protected "on average" can still be fully re-learnt. Similarities pool the targets' images
+    against `reference` (all targets' reference images)."""
     from .attacks.loading import attack_checkpoints
     from .sampling import generate
     from .tinyworld.classifier import concept_accuracy
 
+    targets = [target] if isinstance(target, Concept) else list(target)
+    several = len(targets) > 1
     say = on_progress or (lambda s: None)
     ref_feats = {e.name: e(reference) for e in embedders}
-    report: dict = {"target": target.name, "criterion": target.criterion, "settings": settings.__dict__,
-                    "embedders": [e.name for e in embedders], "baseline": baseline, "runs": {}}
+    report: dict = {"target": " + ".join(t.name for t in targets), "criterion": targets[0].criterion,
+                    "settings": settings.__dict__, "embedders": [e.name for e in embedders], "baseline": baseline,
+                    "runs": {}}
+    if several:
+        report["targets"] = {t.name: t.criterion for t in targets}
     images: dict[str, dict[str, np.ndarray]] = {}
     feats: dict[str, dict] = {}
 
     def score(imgs, concept):
         return concept_accuracy(judge(imgs), **concept.criterion) if concept.criterion and judge else None
 
+    def sample_targets(pipe, to_prompt, n):
+        """Each target's n images, and their accuracies: (pooled images, {name: accuracy})."""
+        per = {t.name: generate(pipe, [to_prompt(p) for p in cycled(t.prompts, n)], settings.steps,
+                                settings.guidance, settings.seed) for t in targets}
+        return np.concatenate(list(per.values())), {t.name: score(per[t.name], t) for t in targets}
+
+    def summary(accs: dict) -> dict:
+        """target_accuracy (the mean over the targets), and with several targets each one and the worst."""
+        vals = [v for v in accs.values() if v is not None]
+        out = {"target_accuracy": (float(np.mean(vals)) if vals else None)}
+        if several:
+            out["target_accuracy_by_concept"] = accs
+            out["target_accuracy_max"] = max(vals) if vals else None
+        return out
+
     for name, path in runs.items():
         say(f"{name}: sampling")
         pipe, to_prompt, meta = _load_run(Path(path))
-        t_imgs = generate(pipe, [to_prompt(p) for p in cycled(target.prompts, settings.samples)], settings.steps,
-                          settings.guidance, settings.seed)
+        t_imgs, t_accs = sample_targets(pipe, to_prompt, settings.samples)
         o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, settings.samples)], settings.steps,
                                    settings.guidance, settings.seed) for c in others}
         images[name] = {"target": t_imgs, **o_imgs}
         feats[name] = {e.name: {"target": e(t_imgs), **{k: e(v) for k, v in o_imgs.items()}} for e in embedders}
-        run = {"path": str(path), **meta,
-               "target_accuracy": score(t_imgs, target),
+        run = {"path": str(path), **meta, **summary(t_accs),
                "other_accuracy": {c.name: score(o_imgs[c.name], c) for c in others},
                "similarity_to_reference": {e.name: set_similarity(feats[name][e.name]["target"], ref_feats[e.name])
                                            for e in embedders}}
@@ -180,9 +204,8 @@ def evaluate(runs: dict[str, Path], target: Concept, reference: np.ndarray, othe
             for step, w in attack_checkpoints(Path(path)):
                 say(f"{name}: curve at step {step}")
                 cp, cprompt, _ = _load_run(Path(path), w)
-                imgs = generate(cp, [cprompt(p) for p in cycled(target.prompts, settings.curve_samples)], settings.steps,
-                                settings.guidance, settings.seed)
-                curve.append({"step": step, "target_accuracy": score(imgs, target),
+                imgs, accs_at = sample_targets(cp, cprompt, settings.curve_samples)
+                curve.append({"step": step, **summary(accs_at),
                               **{f"similarity_{e.name}": set_similarity(e(imgs), ref_feats[e.name])
                                  for e in embedders}})
             run["curve"] = curve

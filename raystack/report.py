@@ -178,6 +178,12 @@ def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray
         parts.append("<h2>Runs</h2>" + _table(
             ["run", "attack", "hardening", "target accuracy", "other concepts accuracy",
              *[f"M(ref, target) [{e}]" for e in report["embedders"]]], rows))
+        if report.get("targets"):  # several protected concepts: each one's accuracy, and the least protected
+            names = list(report["targets"])
+            rows = [[name, *[r["target_accuracy_by_concept"][t] for t in names], r["target_accuracy"],
+                     r["target_accuracy_max"]] for name, r in report["runs"].items()]
+            parts.append("<h2>Target accuracy per protected concept</h2>"
+                         + _table(["run", *names, "mean", "worst (max)"], rows))
         if report.get("gaps"):
             rows = [[name, e, g["SGR"], g["RSGR"], g["M_target_base_vs_run"], g["M_other_base_vs_run"]]
                     for name, per in report["gaps"].items() for e, g in per.items()]

@@ -75,6 +75,40 @@ def test_uce_maps_the_concept_where_the_anchor_was_and_keeps_preserved_captions(
         assert after < 0.3 * before and kept < 0.1, (name, float(before), float(after), float(kept))
 
 
+def test_uce_closed_form_on_a_hand_computed_case():
+    """W = I (2×2), concept c = e1, anchor a = e2, ridge λ: W' = (W a cᵀ + λW)(c cᵀ + λI)⁻¹
+    = [[λ/(1+λ), 0], [1/(1+λ), 1]] — W' c moves from c towards W a = e2 as λ → 0, and e2 (orthogonal to c) is
+    kept. With e2 preserved at scale s, W' e2 = e2 stays exact, and a preserved p = c pulls W' c back to c."""
+    from raystack.hardening.erase import uce_edit
+
+    w, c, a = torch.eye(2, dtype=torch.float64), torch.tensor([[1.0, 0.0]], dtype=torch.float64), \
+        torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    lam = 0.1
+    expect = torch.tensor([[lam / (1 + lam), 0.0], [1 / (1 + lam), 1.0]], dtype=torch.float64)
+    assert torch.allclose(uce_edit(w, c, a, ridge=lam), expect)
+    assert torch.allclose(uce_edit(w, c, a, preserve=a, scale=5.0, ridge=lam), expect)  # e2 ⟂ c: no conflict
+    # preserving c itself with weight s: W' c = (W a + s c + λ c) / (1 + s + λ), by hand
+    s = 3.0
+    got = uce_edit(w, c, a, preserve=c, scale=s, ridge=lam) @ c[0]
+    assert torch.allclose(got, torch.tensor([(s + lam) / (1 + s + lam), 1 / (1 + s + lam)], dtype=torch.float64))
+
+
+def test_several_concepts_are_drawn_in_balance():
+    """A multi-concept hardening draws each --target folder (concept) equally often, however many images each
+    has; one folder keeps the plain uniform draw (so single-concept runs are unchanged)."""
+    from raystack.hardening.data import Shard
+
+    g = torch.Generator().manual_seed(0)
+    big_and_small = Shard(bank=[0] * 32, captions=[""] * 32, total=32, groups=[0] * 30 + [1] * 2)
+    idx = big_and_small.draw(4000, g)
+    share_small = float((idx >= 30).float().mean())
+    assert 0.45 < share_small < 0.55, share_small
+    assert set(idx[idx >= 30].tolist()) == {30, 31}
+    one = Shard(bank=[0] * 32, captions=[""] * 32, total=32)
+    assert torch.equal(one.draw(8, torch.Generator().manual_seed(1)),
+                       torch.randint(0, 32, (8,), generator=torch.Generator().manual_seed(1)))
+
+
 def test_trained_erasure_resumes_exactly(dotted):
     from raystack.models.pipeline_io import load_pipeline
 

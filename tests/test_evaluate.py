@@ -48,6 +48,25 @@ def test_evaluate_writes_report_with_grids_and_curves(two_attacks, tmp_path):
     assert all(src in html for src in images.values())
 
 
+def test_several_targets_are_scored_one_by_one(tmp_path, tiny_model_path):
+    """A multi-concept hardening is judged per concept: the original model draws the trained styles dotted and
+    striped (≥ 60% each) and not the held-out sunset; the mean and the worst (max) follow from the three."""
+    out = tmp_path / "report"
+    res = CliRunner().invoke(app, ["evaluate", "--run", f"original={tiny_model_path}", "--target", "dotted",
+                                   "--target", "striped", "--target", "sunset", "--samples", "12", "--steps", "15",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output + res.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["targets"]) == ["dotted", "striped", "sunset"] and report["target"] == "dotted + striped + sunset"
+    r = report["runs"]["original"]
+    per = r["target_accuracy_by_concept"]
+    assert per["dotted"] >= 0.6 and per["striped"] >= 0.6 and per["sunset"] <= 0.2, per
+    assert r["target_accuracy"] == pytest.approx(sum(per.values()) / 3)
+    assert r["target_accuracy_max"] == max(per.values())
+    assert not any(k in ("style:dotted", "style:striped") for k in r["other_accuracy"])  # targets are not "others"
+    assert "Target accuracy per protected concept" in (out / "report.html").read_text()
+
+
 def test_report_images_load_in_headless_chromium(two_attacks, tmp_path):
     chromium = find_chromium()
     if chromium is None:
@@ -70,6 +89,9 @@ def test_evaluate_bad_input(tmp_path, two_attacks):
         (["--run", f"a={tmp_path}"], "neither an attack output"),
         (["--run", f"a={two_attacks / 'weak'}", "--baseline", "b"], "not one of the --run names"),
         (["--run", f"a={two_attacks / 'weak'}", "--target", "blob"], "not a tiny-world concept"),
+        (["--run", f"a={two_attacks / 'weak'}", "--target", "dotted", "--target", "dotted"], "dotted given twice"),
+        (["--run", f"a={two_attacks / 'weak'}", "--target", "dotted", "--target", "striped", "--reference",
+          str(two_attacks / "zig")], "--reference: one set of reference images fits one --target"),
     ]
     for args, msg in cases:
         full = ["evaluate", *args, "--out", str(tmp_path / "r")]

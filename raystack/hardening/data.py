@@ -12,6 +12,21 @@ class Shard:
     bank: object  # LatentBank
     captions: list[str]
     total: int  # images before sharding
+    groups: list[int] | None = None
+    """The image folder (concept) of each item when there are several: draws are then balanced per concept."""
+
+    def draw(self, n: int, generator):
+        """n item indices. One folder: uniform over the items. Several folders (a multi-concept hardening): each
+        draw picks a concept uniformly, then one of its items — a small concept is not drowned by a large one
+        (a concept protected "on average" can still be fully re-learnt)."""
+        import torch
+
+        if not self.groups or len(set(self.groups)) < 2:
+            return torch.randint(0, len(self.bank), (n,), generator=generator)
+        members = [torch.tensor([i for i, g in enumerate(self.groups) if g == k]) for k in sorted(set(self.groups))]
+        which = torch.randint(0, len(members), (n,), generator=generator).tolist()
+        pos = torch.rand(n, generator=generator).tolist()
+        return torch.stack([members[k][int(u * len(members[k]))] for k, u in zip(which, pos)])
 
 
 def jpeg_copies(images: np.ndarray, quality: int = 30) -> np.ndarray:
@@ -34,11 +49,12 @@ def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str 
     from ..diffusion import LatentBank, resolution_of
     from ..imageio import read_image_folder
 
-    images, captions = [], []
-    for f in folders:
+    images, captions, groups = [], [], []
+    for k, f in enumerate(folders):
         folder = read_image_folder(f, flag=flag, size=resolution_of(pipe, resolution))
         images.append(folder.images)
         captions += [c or "" for c in folder.captions]
+        groups += [k] * len(folder.images)
     imgs = np.concatenate(images)
     if jpeg_mix > 0:
         rng = np.random.default_rng(seed)
@@ -46,10 +62,12 @@ def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str 
         if pick.any():
             imgs = np.concatenate([imgs, jpeg_copies(imgs[pick])])
             captions = captions + [c for c, p in zip(captions, pick) if p]
+            groups = groups + [g for g, p in zip(groups, pick) if p]
     if caption_fn is not None:
         captions = [caption_fn(c) for c in captions]
     idx = list(range(rank, len(imgs), world)) or [rank % len(imgs)]
-    return Shard(LatentBank.encode(pipe.vae, imgs[idx]), [captions[i] for i in idx], len(imgs))
+    return Shard(LatentBank.encode(pipe.vae, imgs[idx]), [captions[i] for i in idx], len(imgs),
+                 groups=[groups[i] for i in idx] if len(folders) > 1 else None)
 
 
 def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator, **loss_kw):
@@ -66,7 +84,7 @@ def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], 
 
     latents, captions, sizes = [], [], []
     for shard, n in parts:
-        idx = torch.randint(0, len(shard.bank), (n,), generator=generator)
+        idx = shard.draw(n, generator)
         latents.append(shard.bank.sample(idx, generator))
         captions += [shard.captions[i] for i in idx.tolist()]
         sizes.append(n)

@@ -126,7 +126,7 @@ class _TrainedErasure(HardeningPhase):
         from .data import mixed_losses
 
         b, gen = self.spec.batch_size, self.generator
-        idx = torch.randint(0, len(self.target.bank), (b,), generator=gen)
+        idx = self.target.draw(b, gen)
         latents = self.target.bank.sample(idx, gen)
         captions = [self.target.captions[i] for i in idx.tolist()]
         anchors = [self.anchors[i] for i in idx.tolist()]
@@ -184,6 +184,22 @@ class ESDxPhase(_TrainedErasure):
         return uncond - self.spec.esd_guidance * (cond - uncond)
 
 
+def uce_edit(w, concept, anchor, preserve=None, scale: float = 1.0, ridge: float = UCE_RIDGE):
+    """UCE's closed form for one projection W (out × in): the W' minimising
+    Σᵢ |W' cᵢ − W aᵢ|² + scale Σⱼ |W' pⱼ − W pⱼ|² + ridge |W' − W|², i.e.
+    W' = (Σ W aᵢ cᵢᵀ + scale Σ W pⱼ pⱼᵀ + ridge W)(Σ cᵢ cᵢᵀ + scale Σ pⱼ pⱼᵀ + ridge I)⁻¹.
+    Rows of `concept`/`anchor`/`preserve` are token embeddings (concept row i pairs with anchor row i)."""
+    import torch
+
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    lhs = (w @ anchor.T) @ concept + ridge * w
+    rhs = concept.T @ concept + ridge * eye
+    if preserve is not None:
+        lhs = lhs + scale * (w @ preserve.T) @ preserve
+        rhs = rhs + scale * preserve.T @ preserve
+    return torch.linalg.solve(rhs, lhs.T).T  # W' = lhs · rhs⁻¹ (rhs is symmetric)
+
+
 class UCEPhase(HardeningPhase):
     """UCE: one closed-form edit of every cross-attention key and value projection (no engine, one step)."""
 
@@ -231,13 +247,7 @@ class UCEPhase(HardeningPhase):
             if ".attn2." not in name + "." or not name.endswith(("to_k", "to_v")):
                 continue
             w = mod.weight.detach().double()
-            eye = torch.eye(w.shape[1], dtype=torch.float64, device=w.device)
-            lhs = (w @ a.T) @ c + UCE_RIDGE * w
-            rhs = c.T @ c + UCE_RIDGE * eye
-            if p is not None:
-                lhs = lhs + s * (w @ p.T) @ p
-                rhs = rhs + s * p.T @ p
-            new = torch.linalg.solve(rhs, lhs.T).T  # W' = lhs · rhs⁻¹ (rhs is symmetric)
+            new = uce_edit(w, c, a, p, s)
             moved = max(moved, float((new - w).abs().max()))
             with torch.no_grad():
                 mod.weight.copy_(new.to(mod.weight.dtype))
