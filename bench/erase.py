@@ -86,7 +86,8 @@ def report(path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--samples", type=int, default=40)
+    ap.add_argument("--samples", type=int, default=40, help="images per protected concept")
+    ap.add_argument("--other-samples", type=int, default=12, help="images per other concept")
     ap.add_argument("--parts", default="erase,relearn,three")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
     ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
@@ -101,6 +102,7 @@ def main() -> None:
     parts = args.parts.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     n = str(args.samples)
+    evaluate_n = ["--samples", n, "--other-samples", str(args.other_samples)]
     rows: dict[str, list] = {"erase": [], "relearn": [], "three": []}
     common = ["--concept", STYLE, "--anchor", ANCHOR, "--target", str(d / STYLE / "protect"), "--legal",
               str(d / "legal")]
@@ -115,7 +117,7 @@ def main() -> None:
                 erased[m] = once(s / f"erased-{m}", log, "erase", "--method", m, *flags, *common, "--seed", str(seed))
         if "erase" in parts:
             ev = once(s / "eval-erase", log, "evaluate", "--run", f"original={original}",
-                      *[a for m, p in erased.items() for a in ("--run", f"{m}={p}")], "--target", STYLE, "--samples", n,
+                      *[a for m, p in erased.items() for a in ("--run", f"{m}={p}")], "--target", STYLE, *evaluate_n,
                       "--no-curves", "--seed", sample_seed)
             runs = report(ev)
             for m in ("original", *erased):
@@ -133,7 +135,7 @@ def main() -> None:
             ev = once(s / "eval-relearn", log, "evaluate",
                       *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
                       *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
-                      "--target", STYLE, "--samples", n, "--no-curves", "--seed", sample_seed)
+                      "--target", STYLE, *evaluate_n, "--no-curves", "--seed", sample_seed)
             runs = report(ev)
             for m in models:
                 rows["relearn"].append({"seed": seed, "model": m, "target_no_attack": runs[m]["target_accuracy"],
@@ -152,7 +154,7 @@ def main() -> None:
             ev = once(s / "eval-three", log, "evaluate",
                       *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
                       *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
-                      *[a for st in THREE for a in ("--target", st)], "--samples", n, "--no-curves",
+                      *[a for st in THREE for a in ("--target", st)], *evaluate_n, "--no-curves",
                       "--seed", sample_seed)
             runs = report(ev)
             for m in models:
@@ -180,7 +182,8 @@ def write(args, rows: dict) -> None:
     pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
     lines = [f"Made by `{res['command']}` on {res['machine']} ({res['when']}); every model made and scored by "
              f"`immunize-cli` commands (the exact ones: the script's log). Tiny world; {args.samples} samples per "
-             "concept, sampling seed 100 + seed. Style `dotted` erased towards `plain`; erasure flags "
+             f"protected concept and {args.other_samples} per other concept, sampling seed 100 + seed. Style `dotted` "
+             "erased towards `plain`; erasure flags "
              f"{json.dumps(ERASERS)}; IMMA `{' '.join(IMMA)}`; re-learning: the default `attack --method lora` "
              "(seed 0) on the attacker's own images of the style(s).", ""]
     if merged["erase"]:

@@ -43,7 +43,9 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference images of the target "
                                              "(default: the tiny world's generator)."),
     token: str = typer.Option("sks", "--token", help="Identifier the attacker used in prompts (emblems, objects)."),
-    samples: int = typer.Option(24, "--samples", min=1, help="Images per concept and run."),
+    samples: int = typer.Option(24, "--samples", min=1, help="Images per target concept and run."),
+    other_samples: Optional[int] = typer.Option(None, "--other-samples", min=1,
+                                                help="Images per other (legal) concept and run (default: --samples)."),
     curve_samples: int = typer.Option(12, "--curve-samples", min=1, help="Images per checkpoint on the curves."),
     steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),
     guidance: float = typer.Option(4.0, "--guidance"),
@@ -104,11 +106,11 @@ def evaluate(
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):
         _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                         curves, clip, dino, classifier, overwrite, redteam_report)
+                         curves, clip, dino, classifier, overwrite, redteam_report, other_samples)
 
 
 def _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                     curves, clip, dino, classifier, overwrite, redteam_report=None):
+                     curves, clip, dino, classifier, overwrite, redteam_report=None, other_samples=None):
     quiet_libraries()
     from rich.table import Table
 
@@ -133,7 +135,7 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
         embedders.append(HFImageEmbedder("clip", clip))
     if dino:
         embedders.append(HFImageEmbedder("dino", dino))
-    settings = EvalSettings(samples=samples, curve_samples=curve_samples, steps=steps, guidance=guidance, seed=seed,
+    settings = EvalSettings(samples=samples, other_samples=other_samples, curve_samples=curve_samples, steps=steps, guidance=guidance, seed=seed,
                             curves=curves)
     with console.status("evaluating") as status:
         report, images = run_eval(runs, concept, ref, tiny_world_others(exclude=target), judge, embedders, settings,

@@ -11,6 +11,20 @@ from dataclasses import dataclass
 import numpy as np
 
 
+#: pixels per VAE encode and per sampling call (env IMMUNIZE_CHUNK_PIXELS overrides): bounds the activations'
+#: memory at real image sizes — 4 images per call at 512 px, 1 at 1024 px — while the tiny world's 32-px batches
+#: stay at their cap of 64, so its results are unchanged
+CHUNK_PIXELS = 1 << 20
+
+
+def images_per_call(height: int, width: int, cap: int = 64) -> int:
+    """How many images of this size one VAE or sampling call takes (≥ 1, ≤ cap)."""
+    import os
+
+    budget = int(os.environ.get("IMMUNIZE_CHUNK_PIXELS") or CHUNK_PIXELS)
+    return max(1, min(cap, budget // max(1, height * width)))
+
+
 @dataclass
 class LatentBank:
     """VAE posterior moments of a fixed image set, encoded once: the VAE is frozen in every method."""
@@ -20,11 +34,14 @@ class LatentBank:
     scaling_factor: float
 
     @classmethod
-    def encode(cls, vae, images: np.ndarray, batch: int = 64) -> "LatentBank":
+    def encode(cls, vae, images: np.ndarray, batch: int | None = None) -> "LatentBank":
+        """Posterior moments of uint8 N×H×W×3 images, `batch` (default: `images_per_call`) per VAE call: the
+        peak memory does not grow with N."""
         import torch
 
         from .imageio import to_model_tensor
 
+        batch = batch or images_per_call(images.shape[1], images.shape[2])
         means, stds = [], []
         dev, dtype = vae.device, vae.dtype
         with torch.no_grad():

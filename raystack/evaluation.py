@@ -78,7 +78,9 @@ def tiny_world_others(exclude: str | list[str] | None = None) -> list[Concept]:
 @dataclass
 class EvalSettings:
     samples: int = 24
-    """Images per concept (prompts are cycled)."""
+    """Images per target concept (prompts are cycled)."""
+    other_samples: int | None = None
+    """Images per other (legal) concept; None: as many as `samples`."""
     curve_samples: int = 12
     steps: int = 25
     guidance: float = 4.0
@@ -189,7 +191,8 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
         say(f"{name}: sampling")
         pipe, to_prompt, meta = _load_run(Path(path))
         t_imgs, t_accs = sample_targets(pipe, to_prompt, settings.samples)
-        o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, settings.samples)], settings.steps,
+        n_other = settings.other_samples or settings.samples
+        o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, n_other)], settings.steps,
                                    settings.guidance, settings.seed) for c in others}
         images[name] = {"target": t_imgs, **o_imgs}
         feats[name] = {e.name: {"target": e(t_imgs), **{k: e(v) for k, v in o_imgs.items()}} for e in embedders}

@@ -10,9 +10,10 @@ IMMA's strongest results (Zheng & Yeh, Tab. 3: ImageNet objects 45.5% -> 2.2% af
 whose concept was first erased (ESD), where the knowledge is still latent and a short LoRA restores it.
 The tiny world's held-out style (issue 4's criterion) was never learned at all. This bench rebuilds the
 paper's setting on a *trained* style, in one process, one thread:
-1. erase: cross-attention (attn2) fine-tuned so that, on noisy images of the style, the UNet predicts under
-   the style's captions what the original predicts under the same captions in plain style (a concept-
-   ablation target), with the original's predictions on the other styles distilled as the retain term;
+1. erase: the product's concept ablation (`immunize-cli erase --method ablation`): cross-attention (attn2)
+   fine-tuned so that, on noisy images of the style, the UNet predicts under the style's captions what the
+   original predicts under the same captions in plain style, with the original's predictions on the other
+   styles distilled as the retain term;
 2. IMMA (the repo's `IMMARecipe`, the probe's settings: S = attn2, batch 8, outer lr 3e-3, retain target =
    the erased model, retain weight 10, 300 steps) on the erased model, target = the style's images;
 3. each model (original, erased, erased + IMMA) scored on the 7 other concepts (8 samples each, no attack),
@@ -47,47 +48,21 @@ def prepare(style: str) -> Path:
 
 
 def erase(pipe, data: Path, style: str, seed: int, steps: int = 300, lr: float = 1e-3, retain_weight: float = 10.0):
-    """Concept ablation of `style` on attn2, in place; returns the final (erase, retain) losses."""
-    import copy
+    """Concept ablation of `style` on attn2, in place, by the product's erasure (`immunize-cli erase --method
+    ablation`'s phase, one process); returns the mean (erase, retain) losses of the last 25 steps.
 
-    import torch
+    Rows in results/imma_relearn.jsonl made before this used a copy of the same loop inside this script (commit
+    8ee9830 and earlier): same targets, losses, optimizer and batch; only the random generator is seeded
+    differently, so re-running gives other draws, not the same numbers."""
+    from raystack.hardening.spec import HardenSpec
+    from raystack.hardening.worker import run_method
 
-    from raystack.diffusion import encode_text, train_noise_scheduler
-    from raystack.hardening.data import Shard, load_shard, mixed_losses
-
-    teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
-    unet = pipe.unet
-    params = [p for n, p in unet.named_parameters() if "attn2" in n]
-    unet.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    noise = train_noise_scheduler(pipe)
-    gen = torch.Generator().manual_seed(seed)
-    target = load_shard([data / "protect"], pipe, 0, 1)
-    legal = load_shard([data / "legal"], pipe, 0, 1, flag="--legal")
-    legal_uncond = Shard(legal.bank, [""] * len(legal.captions), legal.total)
-
-    def encode(captions):
-        with torch.no_grad():
-            return encode_text(pipe.text_encoder, pipe.tokenizer, captions)
-
-    b, last = 8, []
-    for _ in range(steps):
-        idx = torch.randint(0, len(target.bank), (b,), generator=gen)
-        latents = target.bank.sample(idx, gen)
-        captions = [target.captions[i] for i in idx.tolist()]
-        t = torch.randint(0, noise.config.num_train_timesteps, (b,), generator=gen)
-        noisy = noise.add_noise(latents, torch.randn(latents.shape, generator=gen), t).contiguous()
-        with torch.no_grad():
-            decoy = teacher(noisy, t, encode([c.replace(style, "plain") for c in captions])).sample
-        loss_e = (unet(noisy, t, encode(captions)).sample - decoy).pow(2).mean()
-        cond, uncond = mixed_losses(unet, noise, encode, [(legal, b), (legal_uncond, b)], gen, teacher=teacher)
-        opt.zero_grad(set_to_none=True)
-        (loss_e + retain_weight * (cond + uncond) / 2).backward()
-        opt.step()
-        last.append((float(loss_e.detach()), float(((cond + uncond) / 2).detach())))
-    unet.requires_grad_(False)
+    spec = HardenSpec(method="ablation", concept=style, anchor="plain", target=[data / "protect"],
+                      legal=data / "legal", erase_steps=steps, erase_lr=lr, erase_retain_weight=retain_weight,
+                      batch_size=8, seed=seed)
+    last = []
+    run_method(spec, pipe, local=True, on_step=lambda phase, done, losses: last.append(
+        (losses["erase_loss"], losses["erase_retain_loss"])))
     tail = last[-25:]
     return {"erase_loss": round(sum(x[0] for x in tail) / len(tail), 5),
             "retain_loss": round(sum(x[1] for x in tail) / len(tail), 5)}
