@@ -93,3 +93,30 @@ def test_textual_inversion_against_emblem_with_defender_token(data, tmp_path, ra
 def test_zero3_refused_for_imma_with_reason(data, tmp_path):
     with pytest.raises(UserError, match="ZeRO-3 partitions"):
         run_harden(_spec(tmp_path, data, method="imma", zero_stage=3))
+
+
+@pytest.mark.parametrize("method, extra", [("imma", {"against": "lora"}), ("freezeasguard", {"rho": 0.3})])
+def test_a_tune_trial_hardens_in_its_own_process_with_the_train_jobs_result(method, extra, data, tmp_path,
+                                                                              ray_session):
+    """Tune trials of one-worker jobs skip the Ray Train group (worker.run_in_this_process): the release must be
+    the one a one-worker Ray Train job makes, tensor for tensor, mask for mask."""
+    from raystack.models.pipeline_io import load_pipeline
+
+    train = _spec(tmp_path, data, method=method, workers=1, out=tmp_path / "train", **extra)
+    direct = _spec(tmp_path, data, method=method, workers=1, out=tmp_path / "direct", **extra)
+    m_train, m_direct = run_harden(train), run_harden(direct, in_this_process=True)
+    assert m_direct["changed_tensors"] == m_train["changed_tensors"]
+    assert m_direct["world_size"] == m_train["world_size"] == 1
+    assert not (tmp_path / "direct.run").exists()
+    a, b = load_pipeline(train.out).unet.state_dict(), load_pipeline(direct.out).unet.state_dict()
+    assert all(torch_equal(a[k], b[k]) for k in a), [k for k in a if not torch_equal(a[k], b[k])][:3]
+    if method == "freezeasguard":
+        names = list(a)
+        assert load_freeze_mask(train.out / "freeze_mask.safetensors", names) == \
+            load_freeze_mask(direct.out / "freeze_mask.safetensors", names)
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.allclose(x, y, rtol=0, atol=1e-6))

@@ -172,16 +172,31 @@ DEFAULT_BUSY_WAIT_S = 600.0
 
 def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = None,
                fault_injection: dict | None = None, on_info: Callable[[str], None] | None = None,
-               validated: bool = False) -> dict:
+               validated: bool = False, in_this_process: bool = False) -> dict:
     """Submit the job, wait, assemble outputs; returns the manifest. Holds the lock on `--out` (and its run
     folder) from before Ray starts until the output is committed. `validated`: the caller has just run
-    `validate_inputs(spec)` (the CLI does, before its progress bar), so it is not run twice."""
+    `validate_inputs(spec)` (the CLI does, before its progress bar), so it is not run twice.
+    `in_this_process` (Tune trials of one-worker jobs): the worker's code runs here, no Ray Train group
+    (`worker.run_in_this_process`); same result, no checkpoints to resume from."""
     if not validated:
         validate_inputs(spec)
     with output_lock(spec.out, "--out", with_run_dir=True):
         if spec.out.exists() and not spec.overwrite and not spec.resume:  # made while we waited for Ray's import
             raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+        if in_this_process:
+            return _run_in_this_process(spec)
         return _run_harden_locked(spec, on_progress, fault_injection, on_info)
+
+
+def _run_in_this_process(spec: HardenSpec) -> dict:
+    import tempfile
+
+    from .worker import run_in_this_process
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="immunize-result-") as d:
+        run_in_this_process(spec, Path(d))
+        return assemble_outputs(spec, Path(d), time.time() - t0)
 
 
 def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) -> dict:

@@ -163,14 +163,67 @@ def train_loop(config: dict) -> None:
     # final report: the result itself
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
-            tensors = {f"theta/{k}": v for k, v in run.changed.items()}
-            for name, frozen in (run.mask or {}).items():
-                tensors[MASK_KEY_PREFIX + name] = torch.tensor([1 if frozen else 0], dtype=torch.uint8)
-            save_tensors(Path(d) / RESULT_FILE, tensors or {"empty": torch.zeros(1)},
-                         {"losses": run.losses, "wall_seconds": round(time.time() - t0, 2), "world_size": world,
-                          "final": True, "resumed_from": run.resumed_from})
+            write_result(Path(d), run, world, time.time() - t0)
         ray.train.report({"final": 1, **run.losses}, checkpoint=ray.train.Checkpoint.from_directory(d))
     mark("worker_done", rank=rank)
+
+
+def write_result(folder: Path, run: "MethodRun", world: int, seconds: float) -> None:
+    """The result file the driver assembles `--out` from: the changed tensors, the mask, the last losses."""
+    import torch
+
+    tensors = {f"theta/{k}": v for k, v in run.changed.items()}
+    for name, frozen in (run.mask or {}).items():
+        tensors[MASK_KEY_PREFIX + name] = torch.tensor([1 if frozen else 0], dtype=torch.uint8)
+    save_tensors(folder / RESULT_FILE, tensors or {"empty": torch.zeros(1)},
+                 {"losses": run.losses, "wall_seconds": round(seconds, 2), "world_size": world, "final": True,
+                  "resumed_from": run.resumed_from})
+
+
+def run_in_this_process(spec, folder: Path, on_step: Callable | None = None) -> None:
+    """A one-worker job's `train_loop` in the calling process, without a Ray Train group: for a Tune trial,
+    which already is a Ray worker holding its CPU (or GPU), a fresh Train controller and worker cost more than
+    a short hardening (bench/startup.py). The same code runs — the method's phases in a DeepSpeed engine on a
+    one-process gloo group, seeded as a worker seeds — and writes the same result file into `folder`."""
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from ..models.pipeline_io import load_pipeline
+    from ..runtime import configure_threads, seed_everything
+
+    if spec.workers != 1:
+        raise ValueError("run_in_this_process runs one-worker jobs only")
+    configure_threads(1)
+    # what a Ray Train worker's environment holds for DeepSpeed (a launcher's ranks; the CPU accelerator)
+    env = {**WORKER_ENV, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           **({} if spec.use_gpu else {"DS_ACCELERATOR": "cpu"})}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    if not dist.is_initialized():
+        # one process group for the process's life: DeepSpeed keeps a handle on the first one, so a later trial in
+        # a reused process must find the same group, not a destroyed and re-made one
+        with socket.socket() as sock:  # a free local port for the one-process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise RuntimeError("run_in_this_process: this process is already in a group of several ranks")
+    try:
+        device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
+        seed_everything(spec.seed)
+        pipe = load_pipeline(spec.model, device=device)
+        t0 = time.time()
+        run = run_method(spec, pipe, 0, 1, on_step=on_step)
+        write_result(folder, run, 1, time.time() - t0)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _report(phase, engine, meta: dict, carried: dict, rank: int) -> None:

@@ -4,6 +4,7 @@ collects the trials, the Pareto front and a harden spec that reruns the best one
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -149,7 +150,12 @@ def run_trial(config: dict) -> None:
               "cluster": None}
     spec = build_spec(HardenSpec, values, source="trial")
     t0 = time.time()
-    manifest = run_harden(spec)
+    # a one-worker hardening runs in this trial's own process (it holds the trial's CPU): no Ray Train group
+    # to start per trial (bench/trial_overhead.py measures what that saves; IMMUNIZE_TRIAL_TRAIN_GROUP=1 starts
+    # one anyway, for that comparison)
+    in_process = spec.workers == 1 and os.environ.get("IMMUNIZE_TRIAL_TRAIN_GROUP") != "1"
+    manifest = run_harden(spec, in_this_process=in_process)
+    harden_s = time.time() - t0
     judge = Judge()
     concept, _ = tiny_world_target(space.target_concept)
     mitigations, it = [], 0
@@ -192,6 +198,10 @@ def run_trial(config: dict) -> None:
                      "objective": scalarise(space, mitigation, utility),
                      "objective_running": scalarise(space, mitigation, utility),
                      "frozen_ratio": manifest.get("frozen_ratio"), "trial_seconds": round(time.time() - t0, 1),
+                     # the hardening's set-up and wrap-up around the method's own steps (Ray Train group or not)
+                     "harden_seconds": round(harden_s, 2),
+                     "harden_overhead_seconds": round(harden_s - (manifest.get("worker_seconds") or 0.0), 2),
+                     "harden_in_process": in_process,
                      "attack_accuracies": mitigations, "ruined": not attacks and space.utility_guard > 0,
                      "done_all": True})
 
@@ -268,7 +278,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
                "mitigation": m.get("mitigation", m.get("mitigation_running")),
                "utility": m.get("utility"), "objective": m.get("objective"),
-               "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds"),
+               "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds"), "harden_overhead_seconds": m.get("harden_overhead_seconds"),
                "attack_accuracies": m.get("attack_accuracies"), "ruined": m.get("ruined")}
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial"]))  # a stable order: ties go to the same trial after --resume
