@@ -130,18 +130,22 @@ def main() -> None:
                             "--target", str(d / STYLE / "protect"), "--legal", str(d / "legal"), "--seed", str(seed))
             models = {"original": original, "uce": erased["uce"], "ablation": erased["ablation"],
                       "ablation+imma": hardened}
+            # the original is scored unattacked only: it draws the style already (research/imma: 80-88% after
+            # the LoRA too), and 2 cores cannot afford every attack
             attacked = {m: once(s / f"lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
-                                str(d / STYLE / "attacker"), "--seed", "0") for m, p in models.items()}
+                                str(d / STYLE / "attacker"), "--seed", "0") for m, p in models.items()
+                        if m != "original"}
             ev = once(s / "eval-relearn", log, "evaluate",
                       *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
                       *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
                       "--target", STYLE, *evaluate_n, "--no-curves", "--seed", sample_seed)
             runs = report(ev)
             for m in models:
+                lora = runs.get(f"{m}.lora") or {}
                 rows["relearn"].append({"seed": seed, "model": m, "target_no_attack": runs[m]["target_accuracy"],
                                         "others_no_attack": runs[m]["other_accuracy_mean"],
-                                        "target_after_lora": runs[f"{m}.lora"]["target_accuracy"],
-                                        "others_after_lora": runs[f"{m}.lora"]["other_accuracy_mean"]})
+                                        "target_after_lora": lora.get("target_accuracy"),
+                                        "others_after_lora": lora.get("other_accuracy_mean")})
         if "three" in parts:
             targets = [a for st in THREE for a in ("--target", str(d / st / "protect"))]
             hardened = once(s / "three-uce+imma", log, "harden", "--erase", "uce", "--concept", ",".join(THREE),
@@ -150,7 +154,8 @@ def main() -> None:
                            ANCHOR, *targets, "--legal", str(d / "legal-three"), "--seed", str(seed))
             models = {"original": original, "uce": erased3, "uce+imma": hardened}
             attacked = {m: once(s / f"three-lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
-                                str(d / "attacker-three"), "--seed", "0") for m, p in models.items()}
+                                str(d / "attacker-three"), "--seed", "0") for m, p in models.items()
+                        if m != "original"}
             ev = once(s / "eval-three", log, "evaluate",
                       *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
                       *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
@@ -159,6 +164,8 @@ def main() -> None:
             runs = report(ev)
             for m in models:
                 for when, key in (("no attack", m), ("after LoRA", f"{m}.lora")):
+                    if key not in runs:
+                        continue
                     r = runs[key]
                     rows["three"].append({"seed": seed, "model": m, "when": when, **r["target_accuracy_by_concept"],
                                           "mean": r["target_accuracy"], "worst": r["target_accuracy_max"],
@@ -176,7 +183,9 @@ def write(args, rows: dict) -> None:
         seeds = {r["seed"] for r in new}
         merged[part] = sorted([r for r in old.get("rows", {}).get(part, []) if r["seed"] not in seeds] + new,
                               key=lambda r: r["seed"])
-    res = {"command": "python bench/erase.py " + " ".join(sys.argv[1:]), "samples": args.samples,
+    command = "python bench/erase.py " + " ".join(sys.argv[1:])
+    commands = [c for c in old.get("commands", []) if c != command] + [command]
+    res = {"command": "; ".join(commands), "commands": commands, "samples": args.samples,
            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "when": time.strftime("%Y-%m-%d %H:%M"),
            "erasers": ERASERS, "imma": IMMA, "rows": merged}
     pct = lambda v: "–" if v is None else f"{v:.1%}"  # noqa: E731
@@ -199,6 +208,8 @@ def write(args, rows: dict) -> None:
             ref = next(x for x in merged["relearn"] if x["seed"] == r["seed"] and x["model"] == "ablation")
             ratio = (f"{r['target_after_lora'] / ref['target_after_lora']:.2f}" if r["model"] == "ablation+imma"
                      and ref["target_after_lora"] else "–")
+            if r["model"] == "ablation+imma":
+                ratio += f" (others {r['others_no_attack'] / ref['others_no_attack']:.2f}× unattacked)"
             lines.append(f"| {r['seed']} | {r['model']} | {pct(r['target_no_attack'])} | {pct(r['others_no_attack'])} "
                          f"| {pct(r['target_after_lora'])} | {pct(r['others_after_lora'])} | {ratio} |")
     if merged["three"]:
