@@ -88,3 +88,22 @@ def test_loader_errors_are_one_clear_message(model_copy, case, damage, message):
 def test_uncached_hub_id_is_refused_without_download():
     with pytest.raises(UserError, match="not in the local hub cache"):
         load_pipeline("someone/not-a-cached-model")
+
+
+def test_a_folder_with_fp16_variant_weights_only_loads_in_fp32(model_copy, tiny_pipe):
+    """Hub repos often ship `*.fp16.safetensors` only: read as the fp16 variant, held in fp32 for training."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from raystack.models.pipeline_io import weights_variant
+
+    assert weights_variant(model_copy) is None
+    for comp in ("unet", "vae", "text_encoder"):
+        for f in (model_copy / comp).glob("*.safetensors"):
+            save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(f.with_suffix(".fp16.safetensors")))
+            f.unlink()
+    assert weights_variant(model_copy) == "fp16"
+    pipe = load_pipeline(model_copy)
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+    a, b = tiny_pipe.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=2e-3, rtol=2e-3) for k in a)

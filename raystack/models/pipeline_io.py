@@ -202,18 +202,37 @@ def _meta_shapes(cls, lib: str, folder: Path, flag: str) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def weights_variant(path: Path) -> str | None:
+    """"fp16" for a folder published with fp16-variant weights only (`*.fp16.safetensors`, as hub repos ship
+    them beside or instead of the full-precision files); None when plain weights are there (they win)."""
+    variants = set()
+    for comp in ("unet", "vae", "text_encoder"):
+        names = [f.name for f in (Path(path) / comp).glob("*.safetensors")]
+        plain = [n for n in names if n.count(".") == 1]
+        if plain:
+            return None
+        variants |= {n.split(".")[-2] for n in names if n.count(".") >= 2}
+    return "fp16" if variants == {"fp16"} else None
+
+
 def load_pipeline(model: str | os.PathLike | None = None, flag: str = "--model", device: str = "cpu",
                   dtype=None):
-    """A StableDiffusionPipeline with no safety checker, ready for training or sampling."""
+    """A StableDiffusionPipeline with no safety checker, ready for training or sampling. A folder with
+    fp16-variant weights only is read as such and, unless `dtype` says otherwise, held in fp32 for training."""
     from diffusers import StableDiffusionPipeline
 
     path = resolve_model_path(model, flag)
     check_pipeline_folder(path, flag)
+    variant = weights_variant(path)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+            use_safetensors=True, local_files_only=True, torch_dtype=dtype, variant=variant,
         )
+        if variant and dtype is None:
+            import torch
+
+            pipe = pipe.to(torch.float32)
     except UserError:
         raise
     except Exception as e:  # diffusers raises many types for a broken folder
