@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,13 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tune_once(space: Path, out: Path, train_group: bool, log: Path) -> list[dict]:
     env = {**os.environ, "IMMUNIZE_TRIAL_TRAIN_GROUP": "1" if train_group else "0"}
+    shutil.rmtree(out, ignore_errors=True)  # this bench's own work folder: a fresh sweep
     t0 = time.time()
     with log.open("a") as f:
         f.write(f"\n$ IMMUNIZE_TRIAL_TRAIN_GROUP={env['IMMUNIZE_TRIAL_TRAIN_GROUP']} immunize-cli tune --space {space} "
-                f"--out {out} --overwrite\n")
+                f"--out {out}\n")
         f.flush()
-        rc = subprocess.call([sys.executable, "-m", "cli.main", "tune", "--space", str(space), "--out", str(out),
-                              "--overwrite"], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        rc = subprocess.call([sys.executable, "-m", "cli.main", "tune", "--space", str(space), "--out", str(out)],
+                             stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc != 0:
         raise SystemExit(f"tune failed (rc {rc}); see {log}")
     rows = json.loads((out / "results.json").read_text())["trials"]
