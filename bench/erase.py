@@ -129,7 +129,7 @@ def main() -> None:
             hardened = once(s / "erased-ablation+imma", log, "harden", *IMMA, "--model", str(erased["ablation"]),
                             "--target", str(d / STYLE / "protect"), "--legal", str(d / "legal"), "--seed", str(seed))
             models = {"original": original, "uce": erased["uce"], "ablation": erased["ablation"],
-                      "ablation+imma": hardened}
+                      "ablation-imma": hardened}
             # the original is scored unattacked only: it draws the style already (research/imma: 80-88% after
             # the LoRA too), and 2 cores cannot afford every attack
             attacked = {m: once(s / f"lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
@@ -152,7 +152,7 @@ def main() -> None:
                             "--anchor", ANCHOR, *IMMA, *targets, "--legal", str(d / "legal-three"), "--seed", str(seed))
             erased3 = once(s / "three-uce", log, "erase", "--method", "uce", "--concept", ",".join(THREE), "--anchor",
                            ANCHOR, *targets, "--legal", str(d / "legal-three"), "--seed", str(seed))
-            models = {"original": original, "uce": erased3, "uce+imma": hardened}
+            models = {"original": original, "uce": erased3, "uce-imma": hardened}
             attacked = {m: once(s / f"three-lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
                                 str(d / "attacker-three"), "--seed", "0") for m, p in models.items()
                         if m != "original"}
@@ -206,9 +206,9 @@ def write(args, rows: dict) -> None:
                   "| after LoRA ÷ erase-only (ablation) |", "|---|---|---|---|---|---|---|"]
         for r in merged["relearn"]:
             ref = next(x for x in merged["relearn"] if x["seed"] == r["seed"] and x["model"] == "ablation")
-            ratio = (f"{r['target_after_lora'] / ref['target_after_lora']:.2f}" if r["model"] == "ablation+imma"
+            ratio = (f"{r['target_after_lora'] / ref['target_after_lora']:.2f}" if r["model"] == "ablation-imma"
                      and ref["target_after_lora"] else "–")
-            if r["model"] == "ablation+imma":
+            if r["model"] == "ablation-imma":
                 ratio += f" (others {r['others_no_attack'] / ref['others_no_attack']:.2f}× unattacked)"
             lines.append(f"| {r['seed']} | {r['model']} | {pct(r['target_no_attack'])} | {pct(r['others_no_attack'])} "
                          f"| {pct(r['target_after_lora'])} | {pct(r['others_after_lora'])} | {ratio} |")
