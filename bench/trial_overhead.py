@@ -29,8 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tune_once(space: Path, out: Path, train_group: bool, log: Path) -> list[dict]:
+def tune_once(space: Path, out: Path, train_group: bool, log: Path, reuse: bool) -> list[dict]:
     env = {**os.environ, "IMMUNIZE_TRIAL_TRAIN_GROUP": "1" if train_group else "0"}
+    if reuse and (out / "results.json").is_file():  # this run finished before (the bench was interrupted)
+        return _tune_rows(out)
     shutil.rmtree(out, ignore_errors=True)  # this bench's own work folder: a fresh sweep
     t0 = time.time()
     with log.open("a") as f:
@@ -41,8 +43,12 @@ def tune_once(space: Path, out: Path, train_group: bool, log: Path) -> list[dict
                              stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc != 0:
         raise SystemExit(f"tune failed (rc {rc}); see {log}")
-    rows = json.loads((out / "results.json").read_text())["trials"]
     print(f"  tune ({'Train group' if train_group else 'in process'}): {time.time() - t0:.0f} s", flush=True)
+    return _tune_rows(out)
+
+
+def _tune_rows(out: Path) -> list[dict]:
+    rows = json.loads((out / "results.json").read_text())["trials"]
     return [{"seconds": r["seconds"], "overhead": r["harden_overhead_seconds"]} for r in rows if r.get("seconds")]
 
 
@@ -52,7 +58,7 @@ def redteam_trials(folder: Path) -> list[dict]:
     for result in sorted(folder.glob("tune/*/*/result.json")):
         lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
         last = lines[-1] if lines else {}
-        if last.get("trial_seconds"):
+        if last.get("trial_seconds") and last.get("setup_s") is not None:  # runs before the timing: skipped
             out.append({"pid": last.get("pid"), "start": last.get("timestamp", 0) - last["trial_seconds"],
                         "setup": last["setup_s"], "seconds": last["trial_seconds"]})
     seen, rows = set(), []
@@ -72,6 +78,7 @@ def main() -> None:
     ap.add_argument("--space", type=Path, default=ROOT / "tune_spaces" / "tiny_rho_4.yaml")
     ap.add_argument("--rounds", type=int, default=1, help="alternating pairs of tune runs")
     ap.add_argument("--redteam", type=Path, nargs="*", default=[])
+    ap.add_argument("--reuse", action="store_true", help="take finished tune runs in --work as they are")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-trial-overhead")
     ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -81,7 +88,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     for i in range(args.rounds):
         for mode in ("train_group", "in_process") if i % 2 == 0 else ("in_process", "train_group"):
-            tune[mode] += tune_once(args.space, args.work / f"tune-{mode}-{i}", mode == "train_group", log)
+            tune[mode] += tune_once(args.space, args.work / f"tune-{mode}-{i}", mode == "train_group", log,
+                                    args.reuse)
     red = {str(f): redteam_trials(f) for f in args.redteam}
     res = {"command": "python bench/trial_overhead.py " + " ".join(sys.argv[1:]),
            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "when": time.strftime("%Y-%m-%d %H:%M"),

@@ -267,7 +267,8 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
             tune_config=tune.TuneConfig(metric="objective_running", mode="max", scheduler=scheduler,
                                         search_alg=search_alg, num_samples=samples or space.samples,
                                         max_concurrent_trials=max_concurrent,
-                                        trial_dirname_creator=trial_dirname),
+                                        trial_dirname_creator=trial_dirname,
+                                        reuse_actors=True),  # warm trial processes: imports, the process group
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
     grid = tuner.fit()
     rows = []
