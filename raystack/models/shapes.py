@@ -1,0 +1,57 @@
+"""Random-weight pipelines shaped like published checkpoints — their architectures and configurations at reduced
+width and image size — so that tests and benchmarks take every code path a real SD-1.5 or SD-2.1 folder takes
+(v-prediction, linear attention projections, attention upcasting, the VAE's four levels) in seconds on a CPU.
+No weights are downloaded: every tensor is randomly initialised from a seed.
+
+    from raystack.models.shapes import build_pipeline_folder
+    build_pipeline_folder("sd21", out)      # a diffusers folder `load_pipeline` and `from_pretrained` read
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: per architecture: what distinguishes it in the published configurations (SD-1.5: runwayml/CompVis v1-5;
+#: SD-2.1: stabilityai 768-v), widths given as multiples of `width` (SD's own: width 320)
+ARCHITECTURES = {
+    "sd15": {"unet": {"attention_head_dim": 8, "use_linear_projection": False, "upcast_attention": False},
+             "text_act": "quick_gelu", "scheduler": "PNDMScheduler", "prediction_type": "epsilon"},
+    "sd21": {"unet": {"attention_head_dim": [1, 2, 4, 4], "use_linear_projection": True, "upcast_attention": True},
+             "text_act": "gelu", "scheduler": "DDIMScheduler", "prediction_type": "v_prediction"},
+}
+
+
+def build_pipeline_folder(arch: str, out: Path, width: int = 32, image_size: int = 64, text_width: int = 64,
+                          seed: int = 0) -> Path:
+    """Write a random `arch`-shaped StableDiffusionPipeline folder (safetensors) to `out`; returns it. The
+    tokenizer is the tiny world's (a CLIP BPE tokenizer; published ones cannot be downloaded here)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .pipeline_io import assemble_pipeline, default_model_path, save_pipeline
+
+    a = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(default_model_path() / "tokenizer"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, hidden_act=a["text_act"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                        block_out_channels=[width, width, 2 * width, 2 * width],
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        norm_num_groups=min(32, width), sample_size=image_size, scaling_factor=0.18215)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=[width, 2 * width, 4 * width, 4 * width], cross_attention_dim=text_width,
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=min(32, width), **a["unet"])
+    common = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+              "prediction_type": a["prediction_type"], "set_alpha_to_one": False, "steps_offset": 1}
+    scheduler = (PNDMScheduler(skip_prk_steps=True, **common) if a["scheduler"] == "PNDMScheduler"
+                 else DDIMScheduler(clip_sample=False, **common))
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+    return save_pipeline(pipe, Path(out), overwrite=True, extra_info={"shape": {"architecture": arch, "width": width,
+                                                                                "image_size": image_size}})
