@@ -177,6 +177,8 @@ def write(args, rows: dict) -> None:
     """Merge these rows into bench/results/erase.json (by part and seed) and rewrite the markdown."""
     path = args.dest / "erase.json"
     old = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(old.get("rows"), dict):  # the earlier, one-process bench's file: replaced
+        old = {}
     merged = {}
     for part in ("erase", "relearn", "three"):
         new = rows[part]
