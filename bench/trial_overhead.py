@@ -27,11 +27,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+REUSED: dict[str, str] = {}  # tune runs taken from an earlier invocation (--reuse): their finishing time
 
 
 def tune_once(space: Path, out: Path, train_group: bool, log: Path, reuse: bool) -> list[dict]:
     env = {**os.environ, "IMMUNIZE_TRIAL_TRAIN_GROUP": "1" if train_group else "0"}
     if reuse and (out / "results.json").is_file():  # this run finished before (the bench was interrupted)
+        REUSED[out.name] = time.strftime("%H:%M", time.localtime((out / "results.json").stat().st_mtime))
         return _tune_rows(out)
     shutil.rmtree(out, ignore_errors=True)  # this bench's own work folder: a fresh sweep
     t0 = time.time()
@@ -96,8 +98,11 @@ def main() -> None:
            "load_average_at_start": round(load, 2), "tune": tune, "redteam": red}
     lines = [f"Made by `{res['command']}` on {res['machine']} ({res['when']}), load average {load:.2f} at start.", "",
              f"**tune** (`{args.space.relative_to(ROOT) if args.space.is_relative_to(ROOT) else args.space}`, "
-             f"{args.rounds} alternating pair(s) of runs): per trial, the hardening's overhead (its wall time minus the "
-             "method's own time in the worker) and the whole trial (hardening, attacks, scoring).", "",
+             f"{args.rounds} alternating pair(s) of runs"
+             + (f"; taken from an earlier invocation: {', '.join(f'{k} (finished {v})' for k, v in REUSED.items())}"
+                if REUSED else "")
+             + "): per trial, the hardening's overhead (its wall time minus the method's own time in the worker) and "
+             "the whole trial (hardening, attacks, scoring).", "",
              "| trials run as | trials | median overhead (s) | median trial (s) | overhead ÷ trial time |",
              "|---|---|---|---|---|"]
     for mode, label in (("train_group", "before: a Ray Train group per trial"),
