@@ -64,6 +64,8 @@ def dir_size(p: Path) -> int:
 
 
 def main() -> None:
+    from _results import write_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attack", type=Path, nargs="*", default=[])
     ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
@@ -131,10 +133,7 @@ def main() -> None:
              "| kind | method | one checkpoint (tiny world) | ÷ UNet | one checkpoint, SD-1.5 (GB) |", "|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['what']} | {r['bytes'] / 1e6:.2f} MB | {r['unet_ratio']} | {r['sd15_gb']} |"
               for r in rows]
-    args.dest.mkdir(parents=True, exist_ok=True)
-    (args.dest / "checkpoint_size.json").write_text(json.dumps(res, indent=2))
-    (args.dest / "checkpoint_size.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.dest, "checkpoint_size", res, lines)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ def measure(n: int, size: int, batch: int | None) -> dict:
 
 
 def main() -> None:
+    from _results import write_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--counts", default="4,64")
@@ -87,10 +89,7 @@ def main() -> None:
     if len(chunked) >= 2:
         lo, hi = min(chunked), max(chunked)
         lines += ["", f"Encoding {hi} images peaks {chunked[hi] - chunked[lo]} MiB above encoding {lo}."]
-    args.dest.mkdir(parents=True, exist_ok=True)
-    (args.dest / "memory.json").write_text(json.dumps(res, indent=2))
-    (args.dest / "memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.dest, "memory", res, lines)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ def share(rows: list[dict], key: str) -> float | None:
 
 
 def main() -> None:
+    from _results import write_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--space", type=Path, default=ROOT / "tune_spaces" / "tiny_rho_4.yaml")
     ap.add_argument("--rounds", type=int, default=1, help="alternating pairs of tune runs")
@@ -121,10 +123,7 @@ def main() -> None:
             warm = [r["setup"] for r in rows if not r["cold"]]
             lines.append(f"| `{Path(f).name}` | {len(rows)} | {statistics.median(cold) if cold else '–'} | "
                          f"{statistics.median(warm) if warm else '–'} | {share(rows, 'setup'):.0%} |")
-    args.dest.mkdir(parents=True, exist_ok=True)
-    (args.dest / "trial_overhead.json").write_text(json.dumps(res, indent=2))
-    (args.dest / "trial_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.dest, "trial_overhead", res, lines)
 
 
 if __name__ == "__main__":
