@@ -124,9 +124,8 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     import numpy as np
 
     configure_threads()
-    concepts = [tiny_world_target(t, token) for t in target]
-    concept, ref = concepts[0] if len(concepts) == 1 else ([c for c, _ in concepts],
-                                                           np.concatenate([r for _, r in concepts]))
+    concepts = [tiny_world_target(t, token) for t in target]  # several: scored one by one, references pooled
+    concept, ref = [c for c, _ in concepts], np.concatenate([r for _, r in concepts])
     if reference is not None:
         ref = read_image_folder(reference, flag="--reference", require_captions=False).images
     judge = Judge(classifier)
@@ -135,8 +134,8 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
         embedders.append(HFImageEmbedder("clip", clip))
     if dino:
         embedders.append(HFImageEmbedder("dino", dino))
-    settings = EvalSettings(samples=samples, other_samples=other_samples, curve_samples=curve_samples, steps=steps, guidance=guidance, seed=seed,
-                            curves=curves)
+    settings = EvalSettings(samples=samples, other_samples=other_samples, curve_samples=curve_samples, steps=steps,
+                            guidance=guidance, seed=seed, curves=curves)
     with console.status("evaluating") as status:
         report, images = run_eval(runs, concept, ref, tiny_world_others(exclude=target), judge, embedders, settings,
                                   baseline, on_progress=lambda s: status.update(s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -15,15 +16,23 @@ class Shard:
     groups: list[int] | None = None
     """The image folder (concept) of each item when there are several: draws are then balanced per concept."""
 
+    @cached_property
+    def _members(self) -> list:
+        """Each concept's item indices (computed once: `draw` runs every step)."""
+        import torch
+
+        groups = self.groups or []
+        return [torch.tensor([i for i, g in enumerate(groups) if g == k]) for k in sorted(set(groups))]
+
     def draw(self, n: int, generator):
         """n item indices. One folder: uniform over the items. Several folders (a multi-concept hardening): each
         draw picks a concept uniformly, then one of its items — a small concept is not drowned by a large one
         (a concept protected "on average" can still be fully re-learnt)."""
         import torch
 
-        if not self.groups or len(set(self.groups)) < 2:
+        members = self._members
+        if len(members) < 2:
             return torch.randint(0, len(self.bank), (n,), generator=generator)
-        members = [torch.tensor([i for i, g in enumerate(self.groups) if g == k]) for k in sorted(set(self.groups))]
         which = torch.randint(0, len(members), (n,), generator=generator).tolist()
         pos = torch.rand(n, generator=generator).tolist()
         return torch.stack([members[k][int(u * len(members[k]))] for k, u in zip(which, pos)])

@@ -117,10 +117,7 @@ def train_loop(config: dict) -> None:
 
     configure_threads(1)
     import ray.train
-    import torch
 
-    from ..models.pipeline_io import load_pipeline
-    from ..runtime import seed_everything
     from ..specs import build_spec
     from .comm import rank as get_rank
     from .spec import HardenSpec
@@ -132,7 +129,6 @@ def train_loop(config: dict) -> None:
     mark("worker_imported", rank=rank)
     if rank == 0 and progress is not None:  # the driver's sign that the workers were placed
         progress.update.remote("loading", 0, spec.steps, {})
-    device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
     fault = config.get("fault_injection") or {}
 
     resume_tensors, resume_meta = {}, {}
@@ -154,8 +150,7 @@ def train_loop(config: dict) -> None:
             time.sleep(float(fault.get("delay", 0)))  # let the controller take the last report first
             os._exit(1)  # fault injection: this worker dies once
 
-    seed_everything(spec.seed)
-    pipe = load_pipeline(spec.model, device=device)
+    pipe = seeded_pipeline(spec)
     mark("pipeline_loaded", rank=rank)
     t0 = time.time()
     run = run_method(spec, pipe, rank, world, (resume_tensors, resume_meta), on_step=on_step,
@@ -166,6 +161,18 @@ def train_loop(config: dict) -> None:
             write_result(Path(d), run, world, time.time() - t0)
         ray.train.report({"final": 1, **run.losses}, checkpoint=ray.train.Checkpoint.from_directory(d))
     mark("worker_done", rank=rank)
+
+
+def seeded_pipeline(spec):
+    """The job's pipeline as every worker starts it: every RNG seeded from --seed, then loaded on the worker's
+    device (a GPU when asked for and present)."""
+    import torch
+
+    from ..models.pipeline_io import load_pipeline
+    from ..runtime import seed_everything
+
+    seed_everything(spec.seed)
+    return load_pipeline(spec.model, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
 
 
 def write_result(folder: Path, run: "MethodRun", world: int, seconds: float) -> None:
@@ -187,11 +194,9 @@ def run_in_this_process(spec, folder: Path, on_step: Callable | None = None) -> 
     one-process gloo group, seeded as a worker seeds — and writes the same result file into `folder`."""
     import socket
 
-    import torch
     import torch.distributed as dist
 
-    from ..models.pipeline_io import load_pipeline
-    from ..runtime import configure_threads, seed_everything
+    from ..runtime import configure_threads
 
     if spec.workers != 1:
         raise ValueError("run_in_this_process runs one-worker jobs only")
@@ -212,9 +217,7 @@ def run_in_this_process(spec, folder: Path, on_step: Callable | None = None) -> 
     elif dist.get_world_size() != 1:
         raise RuntimeError("run_in_this_process: this process is already in a group of several ranks")
     try:
-        device = "cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu"
-        seed_everything(spec.seed)
-        pipe = load_pipeline(spec.model, device=device)
+        pipe = seeded_pipeline(spec)
         t0 = time.time()
         run = run_method(spec, pipe, 0, 1, on_step=on_step)
         write_result(folder, run, 1, time.time() - t0)
