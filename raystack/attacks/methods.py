@@ -282,5 +282,10 @@ REGISTRY: dict[str, type[Adaptation]] = {
 }
 
 
-def make_adaptation(spec: AttackSpec, pipe, freeze_mask=None) -> Adaptation:
-    return REGISTRY[spec.method](spec, pipe, freeze_mask)
+def make_adaptation(spec: AttackSpec, pipe, freeze_mask=None, text_cache: FrozenTextCache | None = None) -> Adaptation:
+    """The method's adaptation attached to `pipe`. `text_cache`: a shared cache of frozen text encodings (IMMA's
+    attacker pool builds a new adaptation whenever the attacker changes and keeps one cache for all)."""
+    ad = REGISTRY[spec.method](spec, pipe, freeze_mask)
+    if text_cache is not None:
+        ad._frozen_text = text_cache
+    return ad

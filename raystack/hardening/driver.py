@@ -351,7 +351,13 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
 
         simulated = any(p.simulates_attacker for p in spec.phases())
         erased = erase_record(spec)
-        info = {"hardening": {"method": spec.method, "against": spec.against if simulated else None,
+        against = spec.against if simulated else None
+        if simulated and spec.attacker_space is not None:  # robust hardening: the drawn pool, as simulated
+            from .attacker_pool import describe, draw_pool
+
+            against = {"attacker_space": relative_to_out(spec.attacker_space, spec.out),
+                       "restart": spec.attacker_restart, "pool": [describe(a) for a in draw_pool(spec)]}
+        info = {"hardening": {"method": spec.method, "against": against,
                               "rho": spec.rho if mask else None, "frozen_ratio": ratio,
                               **({"erase": erased} if erased else {})}}
         (tmp / EXTRA_INFO).write_text(json.dumps(info, indent=2))
@@ -435,5 +441,7 @@ def recorded_spec(spec: HardenSpec) -> dict:
     d["model"] = relative_to_out(resolve_model_path(spec.model), spec.out)
     d["target"] = [relative_to_out(t, spec.out) for t in spec.target]
     d["legal"] = relative_to_out(spec.legal, spec.out) if spec.legal is not None else None
+    if spec.attacker_space is not None:
+        d["attacker_space"] = relative_to_out(spec.attacker_space, spec.out)
     return d
 

@@ -45,30 +45,10 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
     φ, is given: then it is that optimizer's step after clipping the gradient norm to `inner_clip`, and its
     moments carry over between iterations like φ does. `outer_loss()` gives the attacker's loss at φ^i, or
     a pair (that loss, the retain loss on legal data) when the retain term is wanted."""
-    import torch
 
     adaptation.load_warm_state(phi_prev or {})  # line 5
     phi = adaptation.parameters()
-    for p in phi:
-        p.requires_grad_(True)
-    inner_val = 0.0
-    for _ in range(inner_steps):  # the attacker's step(s) on x_A
-        loss_a = inner_loss()
-        grads = list(torch.autograd.grad(loss_a, phi))
-        all_reduce_mean(grads)  # every rank takes the same attacker step
-        if inner_opt is None:
-            with torch.no_grad():
-                for p, g in zip(phi, grads):
-                    p.sub_(inner_lr * g)
-        else:
-            for p, g in zip(phi, grads):
-                p.grad = g
-            if inner_clip is not None:
-                torch.nn.utils.clip_grad_norm_(phi, inner_clip)
-            inner_opt.step()
-            inner_opt.zero_grad(set_to_none=True)
-        adaptation.after_step()
-        inner_val = float(loss_a.detach())
+    inner_val = attacker_steps(adaptation, phi, inner_loss, inner_lr, inner_steps, inner_opt, inner_clip)
     # line 7: overlapping φ are θ's own tensors and already hold φ^i; an engine may need to hear of it
     if after_inner is not None:
         after_inner()
@@ -86,6 +66,35 @@ def imma_iteration(adaptation, phi_prev: dict | None, inner_loss: Callable[[], "
     outer.backward(total)
     outer.step()
     return phi_next, {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val}
+
+
+def attacker_steps(adaptation, phi: list, inner_loss: Callable, inner_lr: float, steps: int, inner_opt=None,
+                   inner_clip: float | None = None) -> float:
+    """THE INNER STEP: the simulated attacker's `steps` step(s) on x_A (φ − β∇, or its optimizer's step after
+    clipping); every rank takes the same step. Returns the last attacker loss."""
+    import torch
+
+    for p in phi:
+        p.requires_grad_(True)
+    inner_val = 0.0
+    for _ in range(steps):
+        loss_a = inner_loss()
+        grads = list(torch.autograd.grad(loss_a, phi))
+        all_reduce_mean(grads)  # every rank takes the same attacker step
+        if inner_opt is None:
+            with torch.no_grad():
+                for p, g in zip(phi, grads):
+                    p.sub_(inner_lr * g)
+        else:
+            for p, g in zip(phi, grads):
+                p.grad = g
+            if inner_clip is not None:
+                torch.nn.utils.clip_grad_norm_(phi, inner_clip)
+            inner_opt.step()
+            inner_opt.zero_grad(set_to_none=True)
+        adaptation.after_step()
+        inner_val = float(loss_a.detach())
+    return inner_val
 
 
 def _pair(out) -> tuple:
@@ -141,12 +150,24 @@ class IMMARecipe(HardeningPhase):
             import copy
 
             self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()  # before φ is attached
-        attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
-                              batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
-        self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
-        self.ad = make_adaptation(attacker, pipe)
-        self.inner_opt = attacker_optimizer(self.ad, attacker.lr) if spec.inner_optimizer == "adamw" else None
-        self.target = load_shard(spec.target, pipe, rank, world, caption_fn=self._attacker_caption, jpeg_mix=spec.jpeg_mix,
+        self.pool = None
+        if spec.attacker_space is not None:  # robust hardening: attackers drawn from a space, set up per turn
+            from ..diffusion import FrozenTextCache
+            from .attacker_pool import AttackerPool, draw_pool
+
+            self.pool = AttackerPool(draw_pool(spec), spec.attacker_restart, spec.seed)
+            self.ad, self.attacker, self.inner_opt, self.active = None, None, None, None
+            self._text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+            self.iteration = 0
+            caption_fn = None  # every pool method trains on the captions as given
+        else:
+            attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
+                                  batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
+            self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
+            self.ad = make_adaptation(attacker, pipe)
+            self.inner_opt = attacker_optimizer(self.ad, attacker.lr) if spec.inner_optimizer == "adamw" else None
+            caption_fn = self._attacker_caption
+        self.target = load_shard(spec.target, pipe, rank, world, caption_fn=caption_fn, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed, resolution=spec.resolution)
         self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
                       if spec.legal is not None and spec.retain_weight > 0 else None)
@@ -155,7 +176,7 @@ class IMMARecipe(HardeningPhase):
         self.S = select_outer_params(pipe.unet, spec.param_patterns)
         for p in self.S.values():
             p.requires_grad_(True)
-        self.overlaps_s = bool(set(self.ad.overlap()) & set(self.S))
+        self.overlaps_s = self.pool is None and bool(set(self.ad.overlap()) & set(self.S))
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.phi_prev: dict | None = None
@@ -210,6 +231,8 @@ class IMMARecipe(HardeningPhase):
     def step(self) -> dict:
         from ..attacks.recipe import GRAD_CLIP
 
+        if self.pool is not None:
+            return self.robust_step()
         objective = (lambda: self.outer_objective(self)) if self.outer_objective else self.outer_losses
         self.phi_prev, stats = imma_iteration(
             self.ad, self.phi_prev, lambda: self._loss(self.target), objective, self.engine,
@@ -217,12 +240,96 @@ class IMMARecipe(HardeningPhase):
             self.after_inner, self.inner_opt, GRAD_CLIP)
         return stats
 
+    # robust hardening: the attacker pool (--attacker-space) ------------------------------------------------
+    def robust_step(self) -> dict:
+        """One outer iteration against the pool member drawn for it (`attacker_pool.py`): its warm-started
+        attacker takes --inner-steps steps, the outer step ascends L_A at that adapted point, then descends the
+        retain term at θ alone. A dense member's displacement is taken off θ before the outer step, so the
+        ascent's gradient (taken at θ + Δ) is applied to the release, first order."""
+        import torch
+
+        from ..attacks.recipe import GRAD_CLIP
+
+        k, restart = self.pool.choose(self.iteration)
+        member = self._activate(k, restart)
+        phi_named = self.ad.named_parameters()
+        phi = list(phi_named.values())
+        theta_here = None
+        if member.dense:  # the member's displacement onto θ
+            theta_here = {n: p.detach().clone() for n, p in phi_named.items()}
+            with torch.no_grad():
+                for n, d in member.phi.items():
+                    phi_named[n].add_(d)
+        inner_val = attacker_steps(self.ad, phi, lambda: self._loss(self.target), member.attack.lr,
+                                   self.spec.inner_steps, self.inner_opt, GRAD_CLIP)
+        member.steps_taken += self.spec.inner_steps
+        for p in phi:
+            p.requires_grad_(False)
+        S = self.engine_params()
+        for p in S:
+            p.requires_grad_(True)
+        loss_i = self._loss(self.target, self.spec.outer_timestep_range)  # L_A at the adapted point
+        grads = torch.autograd.grad(loss_i, S)
+        if member.dense:  # Δ kept apart: θ back to the release before the outer step
+            with torch.no_grad():
+                member.phi = {n: p.detach() - theta_here[n] for n, p in phi_named.items()}
+                for n, p in phi_named.items():
+                    p.copy_(theta_here[n])
+        # a surrogate whose gradient in S is −∇_S L_A(adapted) (+ the retain term's, taken at θ alone)
+        total = -sum((g.detach() * p).sum() for g, p in zip(grads, S))
+        retain_val = None
+        if self.legal is not None and self.spec.retain_weight > 0:
+            r = self.retain_loss()
+            total = total + self.spec.retain_weight * r
+            retain_val = float(r.detach())
+        self.engine.backward(total)
+        self.engine.step()
+        self.iteration += 1
+        return {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val,
+                "attacker": k, "attacker_steps": member.steps_taken}
+
+    def _activate(self, k: int, restart: bool):
+        """Pool member k on the pipeline: its adapter (LoRA) or nothing yet (dense: Δ goes on in the step), its
+        warm state and optimizer moments; a restart starts it from the release with a fresh initialisation."""
+        from ..attacks.methods import make_adaptation
+        from ..attacks.recipe import attacker_optimizer, seeded_init
+
+        member = self.pool.members[k]
+        if self.active == k and not restart:
+            return member
+        self._stash()
+        if restart:
+            member.reset()
+        if self.ad is not None and hasattr(self.ad, "remove"):
+            self.ad.remove()
+        with seeded_init(member.attack.seed * 131 + member.restarts):
+            self.ad = make_adaptation(member.attack, self.pipe, text_cache=self._text)
+        self.attacker = member.attack
+        if member.phi and not member.dense:
+            self.ad.load_warm_state(member.phi)
+        self.inner_opt = attacker_optimizer(self.ad, member.attack.lr, member.attack.optimizer)
+        if member.opt is not None:
+            self.inner_opt.load_state_dict(member.opt)
+        self.active = k
+        return member
+
+    def _stash(self) -> None:
+        """The active member's φ (adapter) and moments back into the pool (before a switch or a checkpoint)."""
+        if self.active is None:
+            return
+        member = self.pool.members[self.active]
+        if not member.dense:
+            member.phi = self.ad.warm_state()
+        member.opt = self.inner_opt.state_dict()
+
     # checkpoints ----------------------------------------------------------------------------
     def changed_tensors(self) -> dict:
-        """What IMMA changed in the release, by released name: S, plus all of φ's overlap (line 7)."""
-        names = set(self.S) | set(self.ad.overlap())
-        params = dict(self.pipe.unet.named_parameters())
-        return {released_name(n): params[n].detach().cpu().clone() for n in sorted(names)}
+        """What IMMA changed in the release, by released name: S, plus all of φ's overlap (line 7; the pool
+        keeps dense attackers apart, so there only S)."""
+        overlap = set(self.ad.overlap()) if self.pool is None else set()
+        names = {released_name(n) for n in set(self.S) | overlap}
+        params = {released_name(n): p for n, p in self.pipe.unet.named_parameters()}  # whatever adapter is on
+        return {n: params[n].detach().cpu().clone() for n in sorted(names)}
 
     def result(self) -> PhaseResult:
         return PhaseResult(changed=self.changed_tensors())
@@ -232,9 +339,15 @@ class IMMARecipe(HardeningPhase):
 
         out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
         out.update({f"phi/{k}": v.detach().cpu() for k, v in (self.phi_prev or {}).items()})
-        if self.inner_opt is not None:  # the simulated attacker's moments, warm-started like φ
+        if self.inner_opt is not None and self.pool is None:  # the simulated attacker's moments, warm-started like φ
             flatten_optimizer("inner_opt", self.inner_opt.state_dict(), out, {})
         out["rng/generator"] = self.generator.get_state()
+        if self.pool is not None:
+            import torch
+
+            self._stash()
+            out.update(self.pool.state())
+            out["pool/iteration"] = torch.tensor([self.iteration])
         return out
 
     def load_state(self, tensors: dict) -> None:
@@ -242,6 +355,11 @@ class IMMARecipe(HardeningPhase):
 
         load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")},
                        released_names=True)
+        if self.pool is not None:
+            self.pool.load_state(tensors)
+            self.iteration = int(tensors["pool/iteration"].item())
+            self.generator.set_state(tensors["rng/generator"])
+            return
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
         if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):
@@ -251,5 +369,5 @@ class IMMARecipe(HardeningPhase):
 
     def finish(self) -> None:
         """Take the simulated attacker's adapter off (the release holds θ alone)."""
-        if hasattr(self.ad, "remove"):
+        if self.ad is not None and hasattr(self.ad, "remove"):
             self.ad.remove()

@@ -89,6 +89,15 @@ class HardenSpec:
     attacker's loss (paper)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
+    attacker_space: Path | None = None
+    """IMMA, robust: simulate attackers drawn from this attack space (attack_spaces/*.yaml, the red team's format)
+    instead of the one --against attacker: a pool of persistent attackers, each warm-started between its turns."""
+    attacker_pool: int = 4
+    """IMMA with --attacker-space: attackers drawn from the space (each outer iteration one of them takes its
+    --inner-steps); dense ones (full, DreamBooth) keep about three UNet copies each."""
+    attacker_restart: float = 0.0
+    """IMMA with --attacker-space: chance per turn that the drawn attacker starts over from the release (it also
+    does after its drawn number of steps)."""
     # FreezeAsGuard ----------------------------------------------------------------------------------
     rho: float = 0.3
     """Freezing ratio ρ: share of UNet tensors frozen."""
@@ -201,9 +210,31 @@ class HardenSpec:
                 raise UserError(f"{flag} {v}: must not be negative (it weights a loss term)")
         if any(p.needs_target for p in phases) and not self.target:
             raise UserError("--target: at least one image folder of the concept to protect is needed")
+        self._check_attacker_space(phases)
         needs_legal = [p.name for p in phases if p.needs_legal]
         if needs_legal and self.legal is None:
             raise UserError(f"--legal: {needs_legal[0]} needs an image folder of legal data")
+
+    def _check_attacker_space(self, phases) -> None:
+        if self.attacker_pool <= 0:
+            raise UserError(f"--attacker-pool {self.attacker_pool}: must be a positive integer")
+        if not 0.0 <= self.attacker_restart <= 1.0:
+            raise UserError(f"--attacker-restart {self.attacker_restart}: must be within [0, 1]")
+        if self.attacker_space is None:
+            return
+        self.attacker_space = Path(self.attacker_space)
+        if not any(getattr(p, "simulates_attacker", False) for p in phases):
+            raise UserError(f"--attacker-space: --method {self.method} simulates no attacker (IMMA does: imma, "
+                            "imma+freeze)")
+        if not self.attacker_space.is_file():
+            raise UserError(f"--attacker-space {shown(self.attacker_space)}: no such file")
+        if self.inner_lr is not None or self.inner_optimizer != "adamw":
+            raise UserError("--attacker-space: each drawn attacker brings its own learning rate and optimizer; "
+                            "leave --inner-lr and --inner-optimizer unset")
+        self.attacker_space = self.attacker_space.resolve()
+        from .attacker_pool import draw_pool
+
+        draw_pool(self)  # refuses a space the pool cannot simulate, on the driver
 
     def phases(self) -> tuple:
         """The phases this job runs: the --erase phase (if any), then --method's."""

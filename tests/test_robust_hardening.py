@@ -1,0 +1,128 @@
+"""Robust hardening (--attacker-space): IMMA's simulated attacker drawn from an attack space, a pool of
+persistent attackers; seeded, resumable, dense attackers kept apart from the release."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SPACE = """name: inner
+budget: 6
+search:
+  method: {choice: [lora, full]}
+  lr: {loguniform: [1.0e-3, 1.0e-2]}
+  steps: {choice: [2, 3]}
+  rank: {choice: [2, 4]}
+  optimizer: {choice: [adamw, adafactor]}
+fixed: {cross_attention_only: true}
+"""
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from raystack.tinyworld.folder import write_concept_folder
+
+    d = tmp_path_factory.mktemp("robust")
+    write_concept_folder(d / "t", ["circle"], ["red"], ["sunset"], 2, 1, None, False)
+    write_concept_folder(d / "l", ["square"], ["blue"], ["striped", "plain"], 1, 2, None, False)
+    (d / "space.yaml").write_text(SPACE)
+    (d / "ti.yaml").write_text(SPACE.replace("[lora, full]", "[lora, textual-inversion]"))
+    return d
+
+
+def _spec(world, **kw):
+    from raystack.hardening.spec import HardenSpec
+
+    base = dict(method="imma", target=[world / "t"], legal=world / "l", out=world / "o", batch_size=2,
+                retain_weight=1.0, attacker_space=world / "space.yaml", attacker_pool=3, steps=6,
+                checkpoint_every=2, seed=3)
+    return HardenSpec(**{**base, **kw})
+
+
+def test_pool_is_drawn_with_the_seed_and_turns_depend_on_seed_and_iteration_only(world):
+    from raystack.hardening.attacker_pool import AttackerPool, describe, draw_pool
+
+    a, b, c = draw_pool(_spec(world)), draw_pool(_spec(world)), draw_pool(_spec(world, seed=4))
+    assert [describe(x) for x in a] == [describe(x) for x in b]
+    assert [describe(x) for x in a] != [describe(x) for x in c]
+    assert {x.method for x in a} <= {"lora", "full"} and all(x.cross_attention_only for x in a)
+    p, q = AttackerPool(a, 0.0, 3), AttackerPool(b, 0.0, 3)
+    assert [p.choose(i) for i in range(20)] == [q.choose(i) for i in range(20)]
+    assert len({p.choose(i)[0] for i in range(20)}) == 3  # every member gets turns
+    q.members[0].steps_taken = q.members[0].attack.steps  # a member at its horizon restarts on its next turn
+    turn = next(i for i in range(50) if q.choose(i)[0] == 0)
+    assert q.choose(turn) == (0, True)
+    always = AttackerPool(a, 1.0, 3)
+    always.members[1].steps_taken = 1
+    assert always.choose(next(i for i in range(50) if always.choose(i)[0] == 1))[1]
+
+
+def test_dense_attacker_is_kept_apart_from_the_release(world):
+    """A full fine-tune member's steps never stay in θ: after its turn only S (attn2) moved, by the outer step,
+    and its displacement is kept for its next turn."""
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.method import LocalEngine
+    from raystack.models.pipeline_io import load_pipeline
+
+    r = IMMARecipe(_spec(world), load_pipeline(None))
+    r.bind(LocalEngine(r))
+    full = next(i for i, m in enumerate(r.pool.members) if m.attack.method == "full")
+    before = {n: p.detach().clone() for n, p in r.pipe.unet.named_parameters()}
+    r.iteration = next(i for i in range(100) if r.pool.choose(i)[0] == full)
+    stats = r.step()
+    assert stats["attacker"] == full
+    after = dict(r.pipe.unet.named_parameters())
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and moved <= set(r.S)  # the attacker trained attn2 (cross_attention_only) too, yet only S moved
+    delta = r.pool.members[full].phi
+    assert sum(float(d.abs().sum()) for d in delta.values()) > 0
+
+
+def _run(spec, resume=({}, {})):
+    from raystack.hardening.worker import run_method
+    from raystack.models.pipeline_io import load_pipeline
+
+    checkpoints = []
+
+    def keep(phase, engine, meta, carried):
+        t = {f"state/{k}": v.clone() for k, v in phase.state().items()}
+        t.update(engine.optimizer_state())
+        checkpoints.append((t, meta))
+
+    run = run_method(spec, load_pipeline(None), local=True, resume=resume, on_checkpoint=keep)
+    return run, checkpoints
+
+
+def test_resumed_run_equals_the_uninterrupted_one(world):
+    spec = _spec(world, attacker_restart=0.3)
+    run, checkpoints = _run(spec)
+    assert [m["step"] for _, m in checkpoints] == [2, 4]
+    again, _ = _run(spec, resume=checkpoints[0])
+    assert again.resumed_from == {"phase": "imma", "step": 2}
+    assert set(again.changed) == set(run.changed) and run.changed
+    assert all(k.split(".")[-2] != "lora_A" for k in run.changed)
+    worst = max(float((again.changed[k] - run.changed[k]).abs().max()) for k in run.changed)
+    assert worst <= 1e-6
+    other, _ = _run(_spec(world, attacker_restart=0.3, seed=4))
+    assert max(float((other.changed[k] - run.changed[k]).abs().max()) for k in run.changed) > 1e-4
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(attacker_space="nope.yaml"), "--attacker-space nope.yaml: no such file"),
+    (dict(method="freezeasguard"), "simulates no attacker"),
+    (dict(inner_lr=1e-3), "leave --inner-lr"),
+    (dict(attacker_pool=0), "--attacker-pool 0"),
+    (dict(attacker_restart=1.5), "--attacker-restart 1.5"),
+])
+def test_bad_attacker_space_settings_are_refused(world, kw, says):
+    from raystack.errors import UserError
+
+    with pytest.raises(UserError, match=says.replace("+", r"\+")):
+        _spec(world, **kw)
+
+
+def test_a_space_with_an_attack_the_pool_cannot_simulate_is_refused(world):
+    from raystack.errors import UserError
+
+    with pytest.raises(UserError, match="method textual-inversion cannot be simulated"):
+        _spec(world, attacker_space=world / "ti.yaml")
