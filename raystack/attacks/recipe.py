@@ -80,16 +80,21 @@ GRAD_CLIP = 1.0  # gradient-norm clip of every attacker step (IMMA's simulated a
 
 
 def attacker_optimizer(ad: Adaptation, lr: float, name: str = "adamw"):
-    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same): AdamW, or Adafactor as
-    kohya/OneTrainer users run it (transformers' implementation, fixed learning rate, no relative step)."""
+    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same)."""
+    return optimizer_named(name, ad.parameters(), lr, ad.weight_decay())
+
+
+def optimizer_named(name: str, params: list, lr: float, weight_decay: float):
+    """AdamW, or Adafactor as kohya/OneTrainer users run it (transformers' implementation, fixed learning rate,
+    no relative step)."""
     import torch
 
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(ad.parameters(), lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=ad.weight_decay())
-    return torch.optim.AdamW(ad.parameters(), lr=lr, weight_decay=ad.weight_decay())
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 class AttackState:

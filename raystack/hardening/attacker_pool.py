@@ -57,6 +57,24 @@ def draw_pool(spec) -> list:
     return out
 
 
+def trained_tensors(attack, names: list[str]) -> list[bool]:
+    """Which UNet tensors a drawn attacker trains, as FreezeAsGuard's pool simulates it: a full fine-tune or
+    DreamBooth all of them (attn2 with cross_attention_only), a LoRA the attention projections it adapts
+    (dreambooth-lora: attn2's), simulated densely on those tensors (a compliant user's adapter skips frozen
+    ones, as the relaxation's (1 − m) does)."""
+    from ..attacks.methods import LORA_ALL_ATTENTION, is_cross_attention
+
+    out = []
+    for n in names:
+        if attack.method in ("lora", "dreambooth-lora"):
+            ok = any(n.endswith(f".{t}.weight") for t in LORA_ALL_ATTENTION)
+            ok = ok and (attack.method == "lora" or is_cross_attention(n))
+        else:
+            ok = not attack.cross_attention_only or is_cross_attention(n)
+        out.append(ok)
+    return out
+
+
 def describe(attack) -> dict:
     """A member's settings as the manifest records them."""
     keys = ("method", "lr", "steps", "rank", "optimizer", "snr_gamma", "noise_offset", "cross_attention_only")
@@ -87,6 +105,22 @@ class AttackerPool:
     def __init__(self, attacks: list, restart: float, seed: int):
         self.members = [PoolMember(a) for a in attacks]
         self.restart, self.seed = restart, seed
+
+    def choose_many(self, iteration: int, n: int) -> list[tuple[int, bool]]:
+        """`n` distinct members for outer step `iteration` (FreezeAsGuard averages their mask gradients), each
+        with its restart flag; a function of (seed, iteration) and the members' progress, as `choose`."""
+        import numpy as np
+
+        if n == 1:
+            return [self.choose(iteration)]
+        rng = np.random.default_rng([self.seed, iteration, 11])
+        ks = [int(k) for k in rng.choice(len(self.members), size=n, replace=False)]
+        coins = rng.random(n)
+        out = []
+        for k, coin in zip(ks, coins):
+            m = self.members[k]
+            out.append((k, m.steps_taken > 0 and (m.steps_taken >= m.attack.steps or float(coin) < self.restart)))
+        return out
 
     def choose(self, iteration: int) -> tuple[int, bool]:
         """(member, whether it restarts) for outer iteration `iteration`: a function of (seed, iteration) and

@@ -352,7 +352,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
         simulated = any(p.simulates_attacker for p in spec.phases())
         erased = erase_record(spec)
         against = spec.against if simulated else None
-        if simulated and spec.attacker_space is not None:  # robust hardening: the drawn pool, as simulated
+        if spec.attacker_space is not None:  # robust hardening: the drawn pool, as simulated
             from .attacker_pool import describe, draw_pool
 
             against = {"attacker_space": relative_to_out(spec.attacker_space, spec.out),

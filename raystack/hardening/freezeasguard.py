@@ -117,6 +117,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
 
     name = "freezeasguard"
     needs_legal = True
+    draws_attackers = True
 
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         import torch
@@ -141,6 +142,16 @@ class FreezeAsGuardRecipe(HardeningPhase):
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.theta_d: list | None = None
         self._encode = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+        self.pool = None
+        if spec.attacker_space is not None:  # robust: simulated users drawn from an attack space
+            from .attacker_pool import AttackerPool, draw_pool, trained_tensors
+
+            self.pool = AttackerPool(draw_pool(spec), spec.attacker_restart, spec.seed)
+            self.trains = [trained_tensors(m.attack, self.names) for m in self.pool.members]
+            self.user_opts: dict = {}
+            self.iteration = 0
+            self.theta_pre: list | None = None
+            self.theta_ft0: list | None = None
 
     def engine_module(self):
         return self.mask_module
@@ -153,16 +164,17 @@ class FreezeAsGuardRecipe(HardeningPhase):
 
         return torch.optim.SGD(self.engine_params(), lr=self.spec.mask_lr)
 
-    def _losses(self):
-        """(L(illegal), L(legal)) from one mixed batch of --batch-size images, half of each."""
+    def _losses(self, **loss_kw):
+        """(L(illegal), L(legal)) from one mixed batch of --batch-size images, half of each (`loss_kw`: a drawn
+        user's loss weighting and offset noise)."""
         from .data import mixed_losses
 
         b = self.spec.batch_size
         parts = [(self.illegal, max(1, (b + 1) // 2)), (self.legal, max(1, b // 2))]
-        return tuple(mixed_losses(self.pipe.unet, self.noise, self._encode, parts, self.generator))
+        return tuple(mixed_losses(self.pipe.unet, self.noise, self._encode, parts, self.generator, **loss_kw))
 
-    def _low(self):
-        ill, leg = self._losses()
+    def _low(self, **loss_kw):
+        ill, leg = self._losses(**loss_kw)
         return ill + leg
 
     def mask(self):
@@ -187,6 +199,9 @@ class FreezeAsGuardRecipe(HardeningPhase):
             last = float(loss.detach())
         del opt
         m = self.mask()
+        if self.pool is not None:  # each drawn user starts from θ_ft and keeps its own copy of it
+            self.theta_pre, self.theta_ft0 = pre, [p.detach().clone() for p in self.params]
+            return {"finetune_loss": last}
         with torch.no_grad():
             self.theta_d = [p0 - p.detach() for p0, p in zip(pre, self.params)]
             for i, (p, d) in enumerate(zip(self.params, self.theta_d)):
@@ -197,6 +212,8 @@ class FreezeAsGuardRecipe(HardeningPhase):
     def step(self) -> dict:
         from .comm import all_reduce_mean
 
+        if self.pool is not None:
+            return self.robust_step()
         m_old = self.mask()
         low = user_steps(self.params, self.theta_d, m_old, self._low, self.spec.user_lr, self.spec.user_steps,
                          all_reduce=all_reduce_mean)
@@ -210,6 +227,79 @@ class FreezeAsGuardRecipe(HardeningPhase):
         follow_mask(self.params, self.theta_d, m_old, m_new)
         return {"lower_loss": low, "illegal_loss": float(ill.detach()), "legal_loss": float(leg.detach()),
                 "soft_ratio": float(m_new.mean())}
+
+    # robust hardening: simulated users drawn from --attacker-space ---------------------------------------
+    def robust_step(self) -> dict:
+        """One mask step against --attackers-per-step users drawn from the pool: each continues its own
+        fine-tune for L steps, and the mask update uses the couplings averaged over them (Eq. 8 is linear in
+        them, so this is the average of the single-user mask gradients)."""
+        import torch
+
+        m = self.mask()
+        cs, stats = [], []
+        for k, restart in self.pool.choose_many(self.iteration, self.spec.attackers_per_step):
+            c, st = self.member_couplings(k, restart, m)
+            cs.append(c)
+            stats.append(st)
+        self.engine.backward(self.engine.forward(torch.stack(cs).mean(0), self.spec.rho, self.spec.temperature))
+        self.engine.step()
+        self.iteration += 1
+        mean = {key: sum(st[key] for st in stats) / len(stats) for key in stats[0]}
+        return {**mean, "soft_ratio": float(self.mask().mean())}
+
+    def member_couplings(self, k: int, restart: bool, m) -> tuple:
+        """Pool member k's turn: its θ_ft moves by L steps of its own optimizer, lr and loss weighting; θ(m) =
+        m θ_pre + (1 − m) θ_ft, so a user step on θ_ft gets the gradient (1 − m) ∂L/∂θ(m) (with plain SGD this is
+        Eq. 9/10); returns c = <∂L_up/∂θ(m), θ_d> with θ_d = θ_pre − θ_ft, and the turn's losses."""
+        import torch
+
+        from ..attacks.recipe import GRAD_CLIP, optimizer_named
+        from .comm import all_reduce_mean
+
+        member, trains = self.pool.members[k], self.trains[k]
+        if restart:
+            member.reset()
+            self.user_opts.pop(k, None)
+        if not member.phi:
+            member.phi = {n: t.clone() for n, t in zip(self.names, self.theta_ft0)}
+        ft = [member.phi[n] for n in self.names]
+        opt = self.user_opts.get(k)
+        if opt is None:
+            opt = optimizer_named(member.attack.optimizer, [t for t, on in zip(ft, trains) if on],
+                                  member.attack.lr, 1e-2)
+            if member.opt is not None:
+                opt.load_state_dict(member.opt)
+            self.user_opts[k] = opt
+        kw = {"snr_gamma": member.attack.snr_gamma, "noise_offset": member.attack.noise_offset}
+        self._set_relaxed(ft, m)
+        low = 0.0
+        for _ in range(self.spec.user_steps):
+            loss = self._low(**kw)
+            grads = list(torch.autograd.grad(loss, self.params))
+            all_reduce_mean(grads)
+            for i, (t, g) in enumerate(zip(ft, grads)):
+                t.grad = (g * (1.0 - float(m[i]))).to(t.dtype) if trains[i] else None
+            torch.nn.utils.clip_grad_norm_([t for t, on in zip(ft, trains) if on], GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._set_relaxed(ft, m)
+            low = float(loss.detach())
+        member.steps_taken += self.spec.user_steps
+        ill, leg = self._losses(**kw)
+        up = -self.lambda1 * ill + self.lambda2 * leg
+        with torch.no_grad():
+            theta_d = [p0 - t for p0, t in zip(self.theta_pre, ft)]
+        c = couplings(self.params, theta_d, up)
+        return c, {"lower_loss": low, "illegal_loss": float(ill.detach()), "legal_loss": float(leg.detach())}
+
+    def _set_relaxed(self, ft: list, m) -> None:
+        """The UNet's tensors to θ(m) = m θ_pre + (1 − m) θ_ft for one user's θ_ft."""
+        import torch
+
+        with torch.no_grad():
+            for i, (p, p0, t) in enumerate(zip(self.params, self.theta_pre, ft)):
+                mi = float(m[i])
+                p.copy_(p0 * mi + t * (1.0 - mi))
 
     def result(self) -> PhaseResult:
         return PhaseResult(mask=self.final_mask())
@@ -231,16 +321,42 @@ class FreezeAsGuardRecipe(HardeningPhase):
             return self.mask_module.w.detach().float().clone()
 
     def state(self) -> dict:
+        if self.pool is not None:
+            return self._pool_state()
         out = {f"theta_m/{n}": p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
         out.update({f"theta_d/{n}": d.detach().cpu().clone() for n, d in zip(self.names, self.theta_d)})
         out["mask/logits"] = self._logits()
         out["rng/generator"] = self.generator.get_state()
         return out
 
-    def load_state(self, tensors: dict) -> None:
-        """θ(m), θ_d, the RNG and the mask logits w (the engine's parameter, whatever the ZeRO stage)."""
+    def _pool_state(self) -> dict:
         import torch
 
+        for k, opt in self.user_opts.items():
+            self.pool.members[k].opt = opt.state_dict()
+        out = {f"theta_pre/{n}": t.detach().cpu().clone() for n, t in zip(self.names, self.theta_pre)}
+        out.update({f"theta_ft0/{n}": t.detach().cpu().clone() for n, t in zip(self.names, self.theta_ft0)})
+        out.update(self.pool.state())
+        out["pool/iteration"] = torch.tensor([self.iteration])
+        out["mask/logits"] = self._logits()
+        out["rng/generator"] = self.generator.get_state()
+        return out
+
+    def load_state(self, tensors: dict) -> None:
+        """θ(m), θ_d, the RNG and the mask logits w (the engine's parameter, whatever the ZeRO stage); with the
+        attacker pool, θ_pre, θ_ft and every drawn user's θ_ft and moments instead of θ(m), θ_d."""
+        import torch
+
+        if self.pool is not None:
+            self.theta_pre = [tensors[f"theta_pre/{n}"].clone() for n in self.names]
+            self.theta_ft0 = [tensors[f"theta_ft0/{n}"].clone() for n in self.names]
+            self.pool.load_state(tensors)
+            self.user_opts = {}
+            self.iteration = int(tensors["pool/iteration"].item())
+            self.generator.set_state(tensors["rng/generator"])
+            with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
+                self.mask_module.w.copy_(tensors["mask/logits"])
+            return
         load_into_unet(self.pipe.unet, {n: tensors[f"theta_m/{n}"] for n in self.names})
         self.theta_d = [tensors[f"theta_d/{n}"].clone() for n in self.names]
         self.generator.set_state(tensors["rng/generator"])

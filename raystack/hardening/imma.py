@@ -124,6 +124,7 @@ class IMMARecipe(HardeningPhase):
 
     name = "imma"
     simulates_attacker = True
+    draws_attackers = True
     supports_zero3 = False  # the attacker's adapter is updated by hand inside the UNet ZeRO-3 would partition
 
     def _attacker_caption(self, text: str) -> str:

@@ -47,6 +47,8 @@ class HardeningPhase:
     """The phase cannot run without --legal."""
     simulates_attacker = False
     """The phase simulates the --against attack inside (the manifest records it)."""
+    draws_attackers = False
+    """The phase can simulate attackers drawn from --attacker-space instead (robust hardening)."""
     supports_zero3 = True
     zero3_reason = "updates parameters by hand inside the UNet (the simulated attacker's adapter)"
     """Why a phase with supports_zero3 = False cannot run under ZeRO-3 (said in the refusal)."""

@@ -90,14 +90,18 @@ class HardenSpec:
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
     attacker_space: Path | None = None
-    """IMMA, robust: simulate attackers drawn from this attack space (attack_spaces/*.yaml, the red team's format)
-    instead of the one --against attacker: a pool of persistent attackers, each warm-started between its turns."""
+    """Robust hardening: simulate attackers drawn from this attack space (attack_spaces/*.yaml, the red team's
+    format) instead of the one --against attacker (IMMA) or the one fine-tuning user (FreezeAsGuard): a pool of
+    persistent attackers, each warm-started between its turns."""
     attacker_pool: int = 4
-    """IMMA with --attacker-space: attackers drawn from the space (each outer iteration one of them takes its
-    --inner-steps); dense ones (full, DreamBooth) keep about three UNet copies each."""
+    """With --attacker-space: attackers drawn from the space (IMMA: one takes --inner-steps per outer iteration;
+    FreezeAsGuard: --attackers-per-step take --user-steps per mask step); dense ones keep about three UNet
+    copies each."""
     attacker_restart: float = 0.0
-    """IMMA with --attacker-space: chance per turn that the drawn attacker starts over from the release (it also
-    does after its drawn number of steps)."""
+    """With --attacker-space: chance per turn that the drawn attacker starts over (IMMA: from the release;
+    FreezeAsGuard: from θ_ft); it also does after its drawn number of steps."""
+    attackers_per_step: int = 1
+    """FreezeAsGuard with --attacker-space: simulated users per mask step (their mask gradients are averaged)."""
     # FreezeAsGuard ----------------------------------------------------------------------------------
     rho: float = 0.3
     """Freezing ratio ρ: share of UNet tensors frozen."""
@@ -216,16 +220,20 @@ class HardenSpec:
             raise UserError(f"--legal: {needs_legal[0]} needs an image folder of legal data")
 
     def _check_attacker_space(self, phases) -> None:
-        if self.attacker_pool <= 0:
-            raise UserError(f"--attacker-pool {self.attacker_pool}: must be a positive integer")
+        for flag, v in (("--attacker-pool", self.attacker_pool), ("--attackers-per-step", self.attackers_per_step)):
+            if v <= 0:
+                raise UserError(f"{flag} {v}: must be a positive integer")
         if not 0.0 <= self.attacker_restart <= 1.0:
             raise UserError(f"--attacker-restart {self.attacker_restart}: must be within [0, 1]")
         if self.attacker_space is None:
             return
         self.attacker_space = Path(self.attacker_space)
-        if not any(getattr(p, "simulates_attacker", False) for p in phases):
-            raise UserError(f"--attacker-space: --method {self.method} simulates no attacker (IMMA does: imma, "
-                            "imma+freeze)")
+        if not any(p.draws_attackers for p in phases):
+            raise UserError(f"--attacker-space: --method {self.method} simulates no attacker (imma, freezeasguard "
+                            "and imma+freeze do)")
+        if self.attackers_per_step > self.attacker_pool:
+            raise UserError(f"--attackers-per-step {self.attackers_per_step}: more than the --attacker-pool of "
+                            f"{self.attacker_pool}")
         if not self.attacker_space.is_file():
             raise UserError(f"--attacker-space {shown(self.attacker_space)}: no such file")
         if self.inner_lr is not None or self.inner_optimizer != "adamw":
