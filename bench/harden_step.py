@@ -79,9 +79,15 @@ def bench_loop(config: dict) -> None:
     if config["mode"] == "time":
         # IMMA as the paper runs it, IMMA with the retain term on legal data (one more UNet pass, at θ alone),
         # FreezeAsGuard
+        # and both with the attacker pool of robust hardening (--attacker-space attack_spaces/default.yaml: the
+        # median over iterations whose drawn attackers are LoRAs and full fine-tunes, switches included)
+        space = {"attacker_space": str(ROOT / "attack_spaces" / "default.yaml"), "attacker_pool": 4}
         for key, method, against, extra in (("imma", "imma", "lora", {}),
                                             ("imma + retain", "imma", "lora", {"retain_weight": 10.0}),
-                                            ("freezeasguard", "freezeasguard", "full", {})):
+                                            ("imma, attacker pool", "imma", "lora", space),
+                                            ("freezeasguard", "freezeasguard", "full", {}),
+                                            ("freezeasguard, attacker pool, 2 users/step", "freezeasguard", "full",
+                                             {**space, "attackers_per_step": 2})):
             # the attacker's own step: same method, model and batch
             a = attack_setup(AttackSpec(method=against, data=spec.target[0], batch_size=spec.batch_size,
                                         out=Path(tempfile.mkdtemp())), load_pipeline(spec.model))

@@ -188,3 +188,19 @@ def test_freezeasguard_pool_resumes_exactly(world):
         r3.step()
     assert float((r3.state()["mask/logits"] - logits).abs().max()) <= 1e-6
     assert float((logits - saved["mask/logits"]).abs().max()) > 1e-6  # the mask moved, so the check can fail
+
+
+def test_tune_searches_the_hardening_attacker_space_as_absolute_paths():
+    """The attacker distribution's width is a tune setting; trials run in their own folders, so the files are
+    resolved when the space is read, and a trial's label names the space, not its path."""
+    from pathlib import Path
+
+    from raystack.tuning.space import load_space
+    from raystack.tuning.sweep import setting_label
+
+    root = Path(__file__).resolve().parents[1]
+    space = load_space(root / "tune_spaces" / "imma_robust_worst_case.yaml")
+    values = space.search["attacker_space"]["grid"]
+    assert values[0] is None and all(Path(v).is_absolute() and Path(v).is_file() for v in values[1:])
+    assert setting_label({"attacker_space": values[2], "outer_lr": 1e-3}) == "attacker_space=default, outer_lr=0.001"
+    assert setting_label({"attacker_space": None}) == "attacker_space=none"

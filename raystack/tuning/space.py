@@ -130,6 +130,17 @@ class TuneSpace:
     """Skip attacking a setting that already ruined the model (TamperBench): a hardened model keeping less than
     utility_guard x the unhardened model's utility counts as fully broken (mitigation 1.0) without an attack."""
 
+    def _resolve_attacker_spaces(self) -> None:
+        """harden's attacker space (robust hardening), fixed or searched (e.g. {grid: [null, a.yaml, b.yaml]}: the
+        attacker distribution's width as a setting), as absolute paths: trials run in their own folders."""
+        self.harden = {**self.harden, **({"attacker_space": _resolved_if_file(self.harden["attacker_space"])}
+                                         if "attacker_space" in self.harden else {})}
+        dist = self.search.get("attacker_space")
+        if isinstance(dist, dict) and len(dist) == 1 and next(iter(dist)) in ("grid", "choice"):
+            kind, vals = next(iter(dist.items()))
+            if isinstance(vals, list):
+                self.search = {**self.search, "attacker_space": {kind: [_resolved_if_file(v) for v in vals]}}
+
     @property
     def workers(self) -> int:
         """Ray Train workers of every trial's harden run."""
@@ -157,6 +168,7 @@ class TuneSpace:
         from ..hardening.spec import HardenSpec
         from ..specs import build_spec
 
+        self._resolve_attacker_spaces()
         base = {**self.harden}
         base.setdefault("target", ["."])
         base.setdefault("legal", ".")
@@ -220,6 +232,12 @@ def drawn_attacks(space: TuneSpace) -> list[dict]:
     for i, a in enumerate(drawn):
         build_spec(AttackSpec, {"data": ".", **a}, source=f"attacker_space draw {i}")
     return drawn
+
+
+def _resolved_if_file(value):
+    from pathlib import Path
+
+    return str(Path(value).resolve()) if isinstance(value, str) and Path(value).is_file() else value
 
 
 def check_distribution(key: str, dist) -> None:

@@ -319,8 +319,12 @@ def harden_values(space: TuneSpace, setting: dict, data: dict) -> dict:
 
 def setting_label(setting: dict) -> str:
     """Short point label: values of strings (a method), name=value for numbers."""
-    return ", ".join(v if isinstance(v, str) else f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in setting.items())
+    def one(k, v):
+        if k == "attacker_space":  # a robust-hardening setting: the space's file name, or the one attacker
+            return f"{k}={Path(v).stem}" if isinstance(v, str) else f"{k}=none"
+        return v if isinstance(v, str) else f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+
+    return ", ".join(one(k, v) for k, v in setting.items())
 
 
 def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict], best: dict, data: dict) -> None:
