@@ -95,12 +95,12 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         target = noise
     if teacher is not None:
         with torch.no_grad():
-            target = teacher(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample.float()
+            target = unet_predict(teacher, noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).float()
     # Contiguous, not channels-last: with conv_in frozen (a FreezeAsGuard mask may freeze it) the first
     # GroupNorm gets an input that needs no gradient, and torch 2.13's CPU GroupNorm backward segfaults on
     # a channels-last one (tests/test_attacks.py::test_frozen_input_layer_trains).
     noisy = noisy.contiguous()
-    pred = unet(noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype)).sample
+    pred = unet_predict(unet, noisy.to(dev, dtype), t.to(dev), encoder_hidden_states.to(dev, dtype))
     err = (pred.float() - target.to(dev).float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
     if snr_gamma:
         snr = noise_scheduler.alphas_cumprod[t] / (1 - noise_scheduler.alphas_cumprod[t])
@@ -116,11 +116,58 @@ def encode_text(text_encoder, tokenizer, captions: list[str]):
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-class FrozenTextCache:
-    """Text encodings of a frozen text encoder, computed once per distinct caption."""
+# SDXL ---------------------------------------------------------------------------------------------------------
+# SDXL conditions its UNet on two text encoders' penultimate hidden states (concatenated), the second encoder's
+# pooled projection and the "time ids" (original size, crop corner, target size). To keep one conditioning
+# tensor flowing through every loss, cache and batch here, `encode_prompts` packs the pooled embedding as one
+# more row after the token states (zero-padded to their width), and `unet_predict` unpacks it.
 
-    def __init__(self, text_encoder, tokenizer):
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+def is_sdxl(unet) -> bool:
+    """The UNet takes SDXL's added conditioning (pooled text embedding and time ids)."""
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def encode_prompts(pipe, captions: list[str]):
+    """The UNet's text conditioning for `captions`: SD's text encoder states, or SDXL's packed conditioning (as
+    the diffusers SDXL training examples build it: hidden_states[-2] of both encoders, the second's pooled
+    projection)."""
+    import torch
+
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return encode_text(pipe.text_encoder, pipe.tokenizer, captions)
+    states, pooled = [], None
+    for tok, te in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(te.device)
+        out = te(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's pooled, projected embedding (text_embeds)
+    hidden = torch.cat(states, dim=-1)
+    row = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-1])
+    row[:, 0, : pooled.shape[-1]] = pooled
+    return torch.cat([hidden, row], dim=1)
+
+
+def unet_predict(unet, x, t, cond):
+    """The UNet's prediction (`.sample`) for conditioning from `encode_prompts`. SDXL: the pooled row is
+    unpacked, and the time ids say the image was made at this size, uncropped (how a fine-tune at one
+    resolution trains)."""
+    if not is_sdxl(unet):
+        return unet(x, t, cond).sample
+    import torch
+
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    h, w = x.shape[-2] * 8, x.shape[-1] * 8  # SDXL's VAE factor
+    time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+    return unet(x, t, encoder_hidden_states=cond[:, :-1], added_cond_kwargs={
+        "text_embeds": cond[:, -1, :pooled_dim], "time_ids": time_ids}).sample
+
+
+class FrozenTextCache:
+    """Text conditioning from frozen text encoder(s), computed once per distinct caption."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
         self._cache: dict = {}
 
     def __call__(self, captions: list[str]):
@@ -129,7 +176,7 @@ class FrozenTextCache:
         missing = [c for c in dict.fromkeys(captions) if c not in self._cache]
         if missing:
             with torch.no_grad():
-                enc = encode_text(self.text_encoder, self.tokenizer, missing)
+                enc = encode_prompts(self.pipe, missing)
             self._cache.update(zip(missing, enc))
         return torch.stack([self._cache[c] for c in captions])
 

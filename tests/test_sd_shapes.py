@@ -1,6 +1,7 @@
-"""SD-1.5- and SD-2.1-shaped pipelines (published architectures and configurations, random weights, reduced width
-and image size: raystack/models/shapes.py): every attack and hardening method runs on them, the outputs load
-with plain diffusers, and v-prediction trains on the v target."""
+"""SD-1.5-, SD-2.1- and SDXL-shaped pipelines (published architectures and configurations, random weights, reduced
+width and image size: raystack/models/shapes.py): every attack and hardening method runs on them (textual
+inversion on SDXL is refused with its reason), the outputs load with plain diffusers, and v-prediction trains on
+the v target."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ import torch
 from raystack.models.shapes import ARCHITECTURES, build_pipeline_folder
 
 ARCHS = sorted(ARCHITECTURES)
+
+
+def plain_pipeline(arch: str, path):
+    """The release loaded by plain diffusers, with the pipeline class its architecture publishes."""
+    import diffusers
+
+    cls = getattr(diffusers, ARCHITECTURES[arch].get("pipeline", "StableDiffusionPipeline"))
+    extra = {"add_watermarker": False} if arch == "sdxl" else {"safety_checker": None}
+    return cls.from_pretrained(str(path), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +41,11 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shaped_pipeline_loads_with_plain_diffusers_and_samples(arch, shaped):
-    from diffusers import StableDiffusionPipeline
-
     from raystack.diffusion import resolution_of
     from raystack.models.pipeline_io import load_pipeline
     from raystack.sampling import generate
 
-    plain = StableDiffusionPipeline.from_pretrained(str(shaped[arch]), safety_checker=None)
+    plain = plain_pipeline(arch, shaped[arch])
     assert plain.scheduler.config.prediction_type == ARCHITECTURES[arch]["prediction_type"]
     assert plain.unet.config.use_linear_projection == ARCHITECTURES[arch]["unet"]["use_linear_projection"]
     pipe = load_pipeline(shaped[arch])
@@ -91,6 +99,13 @@ def test_every_attack_runs_and_its_output_loads(arch, method, shaped, data, tmp_
         extra = {"prompt": "a photo of zxq circle"}
     spec = AttackSpec(method=method, model=str(shaped[arch]), data=data / "t", out=tmp_path / "a", steps=2,
                       checkpoint_every=1, batch_size=2, **extra)
+    if arch == "sdxl" and method == "textual-inversion":
+        from raystack.errors import UserError
+
+        with pytest.raises(UserError, match="textual-inversion: not built for SDXL"):
+            run_attack(spec)
+        assert not (tmp_path / "a").exists()
+        return
     info = run_attack(spec)
     assert np.isfinite(info["final_loss"])
     pipe, _ = load_attacked_pipeline(tmp_path / "a")
@@ -108,8 +123,6 @@ def test_every_attack_runs_and_its_output_loads(arch, method, shaped, data, tmp_
 def test_every_hardening_method_runs_and_its_release_loads(arch, method, extra, shaped, data, tmp_path):
     """Through `run_harden`'s in-process path (a Tune trial's: the worker's code and the driver's output
     assembly, no Ray Train group), so the release is written and checked as `harden` writes it."""
-    from diffusers import StableDiffusionPipeline
-
     from raystack.hardening.driver import run_harden
     from raystack.hardening.spec import HardenSpec
 
@@ -118,6 +131,40 @@ def test_every_hardening_method_runs_and_its_release_loads(arch, method, extra, 
                       finetune_steps=2, workers=1, **extra)
     manifest = run_harden(spec, in_this_process=True)
     assert manifest["method"] == method
-    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "h"), safety_checker=None)
+    pipe = plain_pipeline(arch, tmp_path / "h")
     img = pipe("a red circle in plain style", num_inference_steps=2, output_type="np").images
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_sdxl_conditioning_unpacks(shaped):
+    """SDXL's packed conditioning: the token states of both encoders, then the pooled projection as one more row;
+    the UNet sees the same prediction as when called with diffusers' added conditioning directly."""
+    from raystack.diffusion import encode_prompts, unet_predict
+    from raystack.models.pipeline_io import load_pipeline
+
+    pipe = load_pipeline(shaped["sdxl"])
+    with torch.no_grad():
+        cond = encode_prompts(pipe, ["a red circle in sunset style"])
+        ids = [tok(["a red circle in sunset style"], padding="max_length", max_length=tok.model_max_length,
+                   truncation=True, return_tensors="pt").input_ids for tok in (pipe.tokenizer, pipe.tokenizer_2)]
+        out1 = pipe.text_encoder(ids[0], output_hidden_states=True)
+        out2 = pipe.text_encoder_2(ids[1], output_hidden_states=True)
+        hidden = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+        assert torch.equal(cond[:, :-1], hidden)
+        x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([400])
+        direct = pipe.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs={
+            "text_embeds": out2.text_embeds, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+        assert torch.allclose(unet_predict(pipe.unet, x, t, cond), direct, atol=1e-6)
+        other = unet_predict(pipe.unet, x, t, encode_prompts(pipe, ["a blue cross in plain style"]))
+        assert not torch.allclose(other, direct, atol=1e-4)  # the prompt matters, so the check above can fail
+
+
+def test_sdxl_textual_inversion_is_refused_before_the_job(shaped, data, tmp_path):
+    from raystack.errors import UserError
+    from raystack.hardening.driver import validate_inputs
+    from raystack.hardening.spec import HardenSpec
+
+    spec = HardenSpec(method="imma", against="textual-inversion", model=str(shaped["sdxl"]), target=[data / "t"],
+                      out=tmp_path / "h")
+    with pytest.raises(UserError, match="textual-inversion: not built for SDXL"):
+        validate_inputs(spec)

@@ -32,7 +32,7 @@ class Adaptation:
 
     def __init__(self, spec: AttackSpec, pipe, freeze_mask: dict[str, bool] | None = None):
         self.spec, self.pipe, self.mask = spec, pipe, freeze_mask or {}
-        self._frozen_text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+        self._frozen_text = FrozenTextCache(pipe)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         pipe.unet.requires_grad_(False)
@@ -127,13 +127,12 @@ class LoRA(Adaptation):
         return {n: p for n, p in self.pipe.unet.named_parameters() if ".lora_" in n}
 
     def export(self, dest: Path) -> list[Path]:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet, adapter_name="attack"))
         dest.mkdir(parents=True, exist_ok=True)
-        StableDiffusionPipeline.save_lora_weights(
+        type(self.pipe).save_lora_weights(  # SD's or SDXL's LoRA file layout, as each pipeline loads it
             str(dest), unet_lora_layers=layers, safe_serialization=True,
             unet_lora_adapter_metadata={"r": self.spec.rank, "lora_alpha": self.spec.alpha,
                                         "target_modules": self._target_modules()})
@@ -212,6 +211,9 @@ class TextualInversion(Adaptation):
         super().__init__(spec, pipe, freeze_mask)
         import torch
 
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            raise UserError("--method textual-inversion: not built for SDXL (its new token needs an embedding in "
+                            "both text encoders); use lora, dreambooth-lora, dreambooth or full")
         tok, te = pipe.tokenizer, pipe.text_encoder
         self.placeholder = f"<{spec.token}>"
         self.tokens = [self.placeholder] + [f"{self.placeholder}_{i}" for i in range(1, spec.num_vectors)]

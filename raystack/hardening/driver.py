@@ -44,6 +44,12 @@ def validate_inputs(spec: HardenSpec) -> None:
     check_replaceable(spec.out)
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
+    from ..models.pipeline_io import is_sdxl_folder
+
+    if (is_sdxl_folder(model) and spec.against == "textual-inversion" and spec.attacker_space is None
+            and any(p.simulates_attacker for p in spec.phases())):
+        raise UserError("--against textual-inversion: not built for SDXL (the new token needs an embedding in both "
+                        "text encoders); simulate lora, dreambooth-lora, dreambooth or full")
     if spec.resolution is not None:
         check_resolution_for_model(model, spec.resolution)
     if spec.outer_timestep_range:
@@ -406,13 +412,13 @@ def check_release_forward(pipe) -> None:
     unet = pipe.unet
     side = min(16, int(unet.config.sample_size))
     g = torch.Generator().manual_seed(0)
+    from ..diffusion import encode_prompts, unet_predict
+
     with torch.no_grad():
-        ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        cond = pipe.text_encoder(ids)[0]
+        cond = encode_prompts(pipe, [""])
         x = torch.randn(1, unet.config.in_channels, side, side, generator=g)
         t = torch.tensor([pipe.scheduler.config.num_train_timesteps // 2])
-        pred = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+        pred = unet_predict(unet, x.to(unet.dtype), t, cond.to(unet.dtype))
     if not bool(torch.isfinite(pred).all()):
         raise RunFailed("the hardened UNet predicts NaN or inf (the run diverged: its weights reach "
                         f"{max(float(p.detach().abs().max()) for p in unet.parameters()):.3g}); nothing was written to "

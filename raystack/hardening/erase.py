@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 
+from ..diffusion import unet_predict
 from .method import HardeningPhase, PhaseResult, load_into_unet
 
 #: UCE's ridge λ: keeps W' near W where the edit says nothing
@@ -96,7 +97,7 @@ class _TrainedErasure(HardeningPhase):
         if spec.legal is not None and spec.erase_retain_weight > 0:
             self.legal = load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
             self.legal_uncond = Shard(self.legal.bank, [""] * len(self.legal.captions), self.legal.total)
-        self.text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+        self.text = FrozenTextCache(pipe)
         self.S = {n: p for n, p in pipe.unet.named_parameters() if ".attn2." in n}
         for p in self.S.values():
             p.requires_grad_(True)
@@ -134,7 +135,7 @@ class _TrainedErasure(HardeningPhase):
         noisy = self.noise.add_noise(latents, torch.randn(latents.shape, generator=gen), t).contiguous()
         with torch.no_grad():
             goal = self.goal(noisy, t, captions, anchors)
-        loss_e = (self.pipe.unet(noisy, t, self.text(captions)).sample - goal).pow(2).mean()
+        loss_e = (unet_predict(self.pipe.unet, noisy, t, self.text(captions)) - goal).pow(2).mean()
         loss, out = loss_e, {"erase_loss": float(loss_e.detach())}
         if self.legal is not None:
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.text, [(self.legal, b), (self.legal_uncond, b)],
@@ -170,7 +171,7 @@ class AblationPhase(_TrainedErasure):
     name = "ablation"
 
     def goal(self, noisy, t, captions, anchors):
-        return self.teacher(noisy, t, self.text(anchors)).sample
+        return unet_predict(self.teacher, noisy, t, self.text(anchors))
 
 
 class ESDxPhase(_TrainedErasure):
@@ -179,8 +180,8 @@ class ESDxPhase(_TrainedErasure):
     name = "esd-x"
 
     def goal(self, noisy, t, captions, anchors):
-        uncond = self.teacher(noisy, t, self.text([""] * len(captions))).sample
-        cond = self.teacher(noisy, t, self.text(captions)).sample
+        uncond = unet_predict(self.teacher, noisy, t, self.text([""] * len(captions)))
+        cond = unet_predict(self.teacher, noisy, t, self.text(captions))
         return uncond - self.spec.esd_guidance * (cond - uncond)
 
 
@@ -229,11 +230,13 @@ class UCEPhase(HardeningPhase):
     def _embeddings(self, captions: list[str]):
         import torch
 
-        from ..diffusion import encode_text
+        from ..diffusion import encode_prompts, is_sdxl
 
         with torch.no_grad():
-            return encode_text(self.pipe.text_encoder, self.pipe.tokenizer, captions).double() \
-                .reshape(-1, self.pipe.text_encoder.config.hidden_size)
+            enc = encode_prompts(self.pipe, captions).double()
+        if is_sdxl(self.pipe.unet):
+            enc = enc[:, :-1]  # the token states the keys and values see, without SDXL's pooled row
+        return enc.reshape(-1, enc.shape[-1])
 
     def step(self) -> dict:
         import torch

@@ -141,7 +141,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.theta_d: list | None = None
-        self._encode = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+        self._encode = FrozenTextCache(pipe)
         self.pool = None
         if spec.attacker_space is not None:  # robust: simulated users drawn from an attack space
             from .attacker_pool import AttackerPool, draw_pool, trained_tensors

@@ -158,7 +158,7 @@ class IMMARecipe(HardeningPhase):
 
             self.pool = AttackerPool(draw_pool(spec), spec.attacker_restart, spec.seed)
             self.ad, self.attacker, self.inner_opt, self.active = None, None, None, None
-            self._text = FrozenTextCache(pipe.text_encoder, pipe.tokenizer)
+            self._text = FrozenTextCache(pipe)
             self.iteration = 0
             caption_fn = None  # every pool method trains on the captions as given
         else:

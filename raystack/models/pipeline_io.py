@@ -14,6 +14,21 @@ from ..atomic import atomic_dir
 from ..errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
+"""SDXL's second text encoder and tokenizer (`StableDiffusionXLPipeline`), besides COMPONENTS."""
+
+
+def is_sdxl_folder(path: Path) -> bool:
+    """model_index.json names an SDXL pipeline (two text encoders, added conditioning)."""
+    try:
+        return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name") == "StableDiffusionXLPipeline"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def weight_components(path: Path) -> tuple[str, ...]:
+    """The components whose weights a folder must have (safetensors): SD's three, SDXL's four."""
+    return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if is_sdxl_folder(path) else ())
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 EXTRA_INFO = "immunize_info.json"
 
@@ -51,10 +66,10 @@ def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
         json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{flag} {index}: corrupt model_index.json") from None
-    for comp in COMPONENTS:
+    for comp in COMPONENTS + (SDXL_COMPONENTS if is_sdxl_folder(path) else ()):
         if not (path / comp).is_dir():
             raise UserError(f"{flag} {path}: missing the {comp}/ component of a Stable Diffusion pipeline")
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in weight_components(path):
         files = list((path / comp).iterdir())
         st = [f for f in files if f.name.endswith(".safetensors")]
         pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
@@ -162,7 +177,7 @@ def check_component_shapes(path: Path, flag: str = "--model") -> None:
     import importlib
 
     index = json.loads((path / "model_index.json").read_text())
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in weight_components(path):
         entry = index.get(comp)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in _COMPONENT_LIBRARIES
                 and isinstance(entry[1], str) and entry[1].isidentifier()):
@@ -206,7 +221,7 @@ def weights_variant(path: Path) -> str | None:
     """"fp16" for a folder published with fp16-variant weights only (`*.fp16.safetensors`, as hub repos ship
     them beside or instead of the full-precision files); None when plain weights are there (they win)."""
     variants = set()
-    for comp in ("unet", "vae", "text_encoder"):
+    for comp in weight_components(path):
         names = [f.name for f in (Path(path) / comp).glob("*.safetensors")]
         plain = [n for n in names if n.count(".") == 1]
         if plain:
@@ -217,18 +232,27 @@ def weights_variant(path: Path) -> str | None:
 
 def load_pipeline(model: str | os.PathLike | None = None, flag: str = "--model", device: str = "cpu",
                   dtype=None):
-    """A StableDiffusionPipeline with no safety checker, ready for training or sampling. A folder with
-    fp16-variant weights only is read as such and, unless `dtype` says otherwise, held in fp32 for training."""
-    from diffusers import StableDiffusionPipeline
-
+    """A StableDiffusionPipeline with no safety checker (or a StableDiffusionXLPipeline, no watermarker), ready
+    for training or sampling. A folder with fp16-variant weights only is read as such and, unless `dtype` says
+    otherwise, held in fp32 for training."""
     path = resolve_model_path(model, flag)
     check_pipeline_folder(path, flag)
     variant = weights_variant(path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            use_safetensors=True, local_files_only=True, torch_dtype=dtype, variant=variant,
-        )
+        if is_sdxl_folder(path):
+            from diffusers import StableDiffusionXLPipeline
+
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                str(path), add_watermarker=False, use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+                variant=variant)
+            pipe.text_encoder_2.requires_grad_(False)
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                use_safetensors=True, local_files_only=True, torch_dtype=dtype, variant=variant,
+            )
         if variant and dtype is None:
             import torch
 
