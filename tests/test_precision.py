@@ -80,3 +80,30 @@ def test_bf16_harden_through_ray_and_deepspeed(folders, tmp_path, ray_session):
                                      batch_size=2, workers=1, precision="bf16"))
     assert manifest["spec"]["precision"] == "bf16" and manifest["changed_tensors"]
     assert all(math.isfinite(v) for v in manifest["final_losses"].values() if isinstance(v, float))
+
+
+def test_gradient_checkpointing_trains_the_same_weights(folders, tmp_path):
+    """--gradient-checkpointing recomputes activations in the backward pass: it is on in the UNet, and an attack
+    and an IMMA run (the worker's pipeline load, through the in-process harden path) end where they end
+    without it."""
+    from raystack.attacks.recipe import run_attack
+    from raystack.attacks.spec import AttackSpec
+    from raystack.hardening.driver import run_harden
+    from raystack.hardening.spec import HardenSpec
+    from raystack.models.pipeline_io import load_pipeline
+    from safetensors.torch import load_file
+
+    losses, pipes = {}, {}
+    for on in (False, True):
+        pipes[on] = load_pipeline(None)
+        losses[on] = run_attack(AttackSpec(method="full", data=folders / "t", out=tmp_path / f"a{on}", steps=3,
+                                           gradient_checkpointing=on), pipe=pipes[on])["final_loss"]
+    assert pipes[True].unet.is_gradient_checkpointing and not pipes[False].unet.is_gradient_checkpointing
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    weights = {}
+    for on in (False, True):
+        run_harden(HardenSpec(method="imma", target=[folders / "t"], out=tmp_path / f"h{on}", steps=2, batch_size=2,
+                              workers=1, gradient_checkpointing=on), in_this_process=True)
+        weights[on] = load_file(str(tmp_path / f"h{on}" / "unet" / "diffusion_pytorch_model.safetensors"))
+    worst = max(float((weights[True][k] - weights[False][k]).abs().max()) for k in weights[False])
+    assert worst <= 1e-5

@@ -62,6 +62,8 @@ def setup(spec: AttackSpec, pipe=None):
     device = pick_device(spec.device)
     if pipe is None:
         pipe = load_pipeline(spec.model, device=device)
+    if spec.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     mask = None
     if spec.freeze_mask is not None:
         mask = load_freeze_mask(spec.freeze_mask, [n for n, _ in pipe.unet.named_parameters()])

@@ -44,6 +44,9 @@ class HardenSpec:
     """Images per batch and worker."""
     precision: str = "fp32"
     """fp32, or bf16 compute (torch autocast: weights and optimizer state stay fp32)."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass instead of keeping them (diffusers' gradient
+    checkpointing): less activation memory at real sizes, roughly a third more time per step."""
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""

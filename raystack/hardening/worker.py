@@ -172,7 +172,10 @@ def seeded_pipeline(spec):
     from ..runtime import seed_everything
 
     seed_everything(spec.seed)
-    return load_pipeline(spec.model, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(spec.model, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")
+    if spec.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return pipe
 
 
 def write_result(folder: Path, run: "MethodRun", world: int, seconds: float) -> None:
