@@ -58,13 +58,37 @@ def evaluate(
     redteam: Optional[Path] = typer.Option(None, "--redteam", help="A finished `redteam --out`: the report gains "
                                            "its worst-case section (table, budget curves) and the winning attacks "
                                            "are evaluated as runs worst-<model>."),
+    versus: list[str] = typer.Option([], "--versus", help="Any model: score by CLIP zero-shot (needs --clip). "
+                                     "--target is then a prompt of the protected concept and each --versus a "
+                                     "prompt of an alternative; an image counts for the concept whose prompt "
+                                     "CLIP finds closest. The alternatives are the other concepts (legal use)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: where the runs are sampled."),
 ):
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
     from raystack.outputs import check_disjoint, check_replaceable, output_lock, shown
     from raystack.tinyworld.classifier import default_classifier_path
 
+    from raystack.runtime import pick_device
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {shown(device)}: expected auto, cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no GPU is visible here (use --device cpu or auto)")
+    device = pick_device(device)
     runs = _parse_runs(run)
+    if versus:
+        if clip is None:
+            raise UserError("--versus: CLIP zero-shot scoring needs a local CLIP folder (--clip DIR)")
+        if redteam is not None:
+            raise UserError("--versus: the red team scores tiny-world concepts; evaluate it without --versus")
+        if set(versus) & set(target):
+            raise UserError(f"--versus {shown(sorted(set(versus) & set(target))[0])}: is also a --target")
+        if len(set(versus)) != len(versus):
+            raise UserError("--versus: an alternative is given twice")
     if len(set(target)) != len(target):
         raise UserError(f"--target: {', '.join(sorted({t for t in target if target.count(t) > 1}))} given twice")
     if len(target) > 1 and reference is not None:
@@ -82,7 +106,7 @@ def evaluate(
         runs.update(winners)
     if not runs and redteam_report is None:
         raise UserError("--run or --redteam: nothing to evaluate")
-    if classifier is None:  # the tiny world's own classifier: the tiny world's models only
+    if classifier is None and not versus:  # the tiny world's own classifier: the tiny world's models only
         import json
 
         from raystack.models.pipeline_io import check_tiny_world_judge
@@ -106,11 +130,12 @@ def evaluate(
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):
         _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                         curves, clip, dino, classifier, overwrite, redteam_report, other_samples)
+                         curves, clip, dino, classifier, overwrite, redteam_report, other_samples, versus, device)
 
 
 def _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                     curves, clip, dino, classifier, overwrite, redteam_report=None, other_samples=None):
+                     curves, clip, dino, classifier, overwrite, redteam_report=None, other_samples=None, versus=(),
+                     device="cpu"):
     quiet_libraries()
     from rich.table import Table
 
@@ -124,35 +149,46 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     import numpy as np
 
     configure_threads()
-    concepts = [tiny_world_target(t, token) for t in target]  # several: scored one by one, references pooled
-    concept, ref = [c for c, _ in concepts], np.concatenate([r for _, r in concepts])
+    if versus:  # any model: CLIP zero-shot over the target prompt(s) and the alternatives
+        from raystack.evaluation import prompt_concepts
+        from raystack.metrics import ClipZeroShot
+
+        concept, others = prompt_concepts(list(target), list(versus))
+        ref = None
+        judge = ClipZeroShot(clip, [*target, *versus])
+        embedders = [judge.images]
+    else:
+        concepts = [tiny_world_target(t, token) for t in target]  # several: scored one by one, references pooled
+        concept, ref = [c for c, _ in concepts], np.concatenate([r for _, r in concepts])
+        others = tiny_world_others(exclude=target)
+        judge = Judge(classifier)
+        embedders = [ClassifierEmbedder(judge)]
+        if clip:
+            embedders.append(HFImageEmbedder("clip", clip))
     if reference is not None:
         ref = read_image_folder(reference, flag="--reference", require_captions=False).images
-    judge = Judge(classifier)
-    embedders = [ClassifierEmbedder(judge)]
-    if clip:
-        embedders.append(HFImageEmbedder("clip", clip))
     if dino:
         embedders.append(HFImageEmbedder("dino", dino))
     settings = EvalSettings(samples=samples, other_samples=other_samples, curve_samples=curve_samples, steps=steps,
-                            guidance=guidance, seed=seed, curves=curves)
+                            guidance=guidance, seed=seed, curves=curves, device=device)
     with console.status("evaluating") as status:
-        report, images = run_eval(runs, concept, ref, tiny_world_others(exclude=target), judge, embedders, settings,
+        report, images = run_eval(runs, concept, ref, others, judge, embedders, settings,
                                   baseline, on_progress=lambda s: status.update(s))
     if redteam_report is not None:
         report["redteam"] = redteam_report
     write_report(out, report, images, ref, overwrite=overwrite)
     several = len(target) > 1
     table = Table(title=f"target {report['target']}")
+    sim = report["embedders"][0] if report["embedders"] else None  # the similarity shown: the classifier's, or CLIP's
     for col in ("run", "attack", *(f"{t} acc" for t in target if several), "target acc" + (" (mean)" if several else ""),
-                *(["worst target"] if several else []), "others acc", "M(ref) classifier", "SGR", "RSGR"):
+                *(["worst target"] if several else []), "others acc", f"M(ref) {sim or '–'}", "SGR", "RSGR"):
         table.add_column(col, justify="left" if col in ("run", "attack") else "right")
     for name, r in report["runs"].items():
-        gap = (report.get("gaps") or {}).get(name, {}).get("classifier", {})
+        gap = (report.get("gaps") or {}).get(name, {}).get(sim, {})
         fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
         per = [fmt(r["target_accuracy_by_concept"][t]) for t in target] if several else []
         table.add_row(name, r["attack"] or "none", *per, fmt(r["target_accuracy"]),
                       *([fmt(r["target_accuracy_max"])] if several else []), fmt(r["other_accuracy_mean"]),
-                      fmt(r["similarity_to_reference"]["classifier"]), fmt(gap.get("SGR")), fmt(gap.get("RSGR")))
+                      fmt(r["similarity_to_reference"].get(sim)), fmt(gap.get("SGR")), fmt(gap.get("RSGR")))
     console.print(table)
     console.print(f"report: {out / 'report.html'}")

@@ -58,6 +58,12 @@ def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.nda
                     "colour-style-shape object such as yellow-dotted-triangle)")
 
 
+def prompt_concepts(targets: list[str], versus: list[str]) -> tuple[list[Concept], list[Concept]]:
+    """Any model, scored by CLIP zero-shot: each target and each alternative is a concept of one prompt whose
+    label is that prompt (the alternatives are the other concepts whose quality must survive)."""
+    return ([Concept(t, [t], {"label": t}) for t in targets], [Concept(v, [v], {"label": v}) for v in versus])
+
+
 def tiny_world_others(exclude: str | list[str] | None = None) -> list[Concept]:
     """Legal concepts whose quality must survive: every trained style and trained shape (but the target(s))."""
     from .tinyworld.concepts import COLOURS, TRAINED_SHAPES, TRAINED_STYLES, caption
@@ -77,6 +83,8 @@ def tiny_world_others(exclude: str | list[str] | None = None) -> list[Concept]:
 
 @dataclass
 class EvalSettings:
+    device: str = "cpu"
+    """Where the runs are sampled (cpu or cuda)."""
     samples: int = 24
     """Images per target concept (prompts are cycled)."""
     other_samples: int | None = None
@@ -132,15 +140,15 @@ def attacked_hardening(info: dict) -> dict | None:
         return {"method": "freeze mask"}
 
 
-def _load_run(path: Path, weights: Path | None = None):
+def _load_run(path: Path, weights: Path | None = None, device: str = "cpu"):
     from .attacks.loading import attacked_prompt, load_attacked_pipeline
     from .models.pipeline_io import load_pipeline, read_extra_info
 
     if (path / "attack.json").is_file():
         pipe, info = load_attacked_pipeline(path, weights)
-        return pipe, (lambda p: attacked_prompt(info, p)), {"attack": info["method"], "steps": info["steps"],
-                                                            "hardening": attacked_hardening(info)}
-    pipe = load_pipeline(path, flag="--run")
+        return pipe.to(device), (lambda p: attacked_prompt(info, p)), {
+            "attack": info["method"], "steps": info["steps"], "hardening": attacked_hardening(info)}
+    pipe = load_pipeline(path, flag="--run", device=device)
     return pipe, (lambda p: p), {"attack": None, "steps": 0, "hardening": read_extra_info(path).get("hardening")}
 
 
@@ -160,7 +168,8 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     targets = [target] if isinstance(target, Concept) else list(target)
     several = len(targets) > 1
     say = on_progress or (lambda s: None)
-    ref_feats = {e.name: e(reference) for e in embedders}
+    ref_feats = {e.name: e(reference) for e in embedders} if reference is not None else {}
+    embedders = embedders if reference is not None else []  # similarity needs reference images
     report: dict = {"target": " + ".join(t.name for t in targets), "criterion": targets[0].criterion,
                     "settings": settings.__dict__, "embedders": [e.name for e in embedders], "baseline": baseline,
                     "runs": {}}
@@ -170,7 +179,11 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     feats: dict[str, dict] = {}
 
     def score(imgs, concept):
-        return concept_accuracy(judge(imgs), **concept.criterion) if concept.criterion and judge else None
+        if not concept.criterion or not judge:
+            return None
+        if "label" in concept.criterion:  # CLIP zero-shot: the concept's own prompt among the labels
+            return judge.accuracy(imgs, concept.criterion["label"])
+        return concept_accuracy(judge(imgs), **concept.criterion)
 
     def sample_targets(pipe, to_prompt, n):
         """Each target's n images, and their accuracies: (pooled images, {name: accuracy})."""
@@ -189,7 +202,7 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
 
     for name, path in runs.items():
         say(f"{name}: sampling")
-        pipe, to_prompt, meta = _load_run(Path(path))
+        pipe, to_prompt, meta = _load_run(Path(path), device=settings.device)
         t_imgs, t_accs = sample_targets(pipe, to_prompt, settings.samples)
         n_other = settings.other_samples or settings.samples
         o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, n_other)], settings.steps,
@@ -206,7 +219,7 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
             curve = []
             for step, w in attack_checkpoints(Path(path)):
                 say(f"{name}: curve at step {step}")
-                cp, cprompt, _ = _load_run(Path(path), w)
+                cp, cprompt, _ = _load_run(Path(path), w, device=settings.device)
                 imgs, accs_at = sample_targets(cp, cprompt, settings.curve_samples)
                 curve.append({"step": step, **summary(accs_at),
                               **{f"similarity_{e.name}": set_similarity(e(imgs), ref_feats[e.name])

@@ -39,6 +39,37 @@ class ClassifierEmbedder:
         return self.judge(images)["features"]
 
 
+class ClipZeroShot:
+    """Concept accuracy for any model, with a local CLIP folder: each image is assigned the label (a concept's
+    prompt: the target, or one of the `--versus` alternatives) whose text embedding is most similar to it,
+    and a concept's accuracy is the share of its images assigned to its own label."""
+
+    def __init__(self, path: Path, labels: list[str]):
+        import torch
+        from transformers import AutoTokenizer
+
+        self.images = HFImageEmbedder("clip", path)
+        if not hasattr(self.images.model, "get_text_features"):
+            raise UserError(f"--clip {path}: not a CLIP model with a text tower (zero-shot scoring needs both)")
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--clip {path}: no tokenizer to read the labels with ({type(e).__name__})") from None
+        self.labels = list(labels)
+        ids = tok(self.labels, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            t = self.images.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
+            t = t if isinstance(t, torch.Tensor) else t.pooler_output
+        self.text = torch.nn.functional.normalize(t, dim=-1).numpy()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The index of the most similar label, per image."""
+        return np.argmax(self.images(images) @ self.text.T, axis=1)
+
+    def accuracy(self, images: np.ndarray, label: str) -> float:
+        return float(np.mean(self.predict(images) == self.labels.index(label))) if len(images) else 0.0
+
+
 class HFImageEmbedder:
     """CLIP (vision tower + projection) or DINO (CLS token) from a local transformers folder."""
 

@@ -141,7 +141,7 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
     return "\n".join(parts)
 
 
-def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray]], reference: np.ndarray,
+def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray]], reference: np.ndarray | None,
                  overwrite: bool = False, scale: int = 3) -> Path:
     def grid_bytes(imgs, cols=12):
         g = image_grid(imgs[: cols * 2], cols=cols)
@@ -163,8 +163,9 @@ def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray
                      if f"worst-{m}" in images}
             parts.append(_redteam_section(report["redteam"], put, grids))
         parts.append("<h2>Target concept</h2><div class='grids'>")
-        parts.append(f"<figure><img src='{put('reference.png', grid_bytes(reference))}' alt='reference'>"
-                     "<figcaption>reference images</figcaption></figure>")
+        if reference is not None and len(reference):
+            parts.append(f"<figure><img src='{put('reference.png', grid_bytes(reference))}' alt='reference'>"
+                         "<figcaption>reference images</figcaption></figure>")
         for name, imgs in images.items():
             src = put(f"{_safe(name)}_target.png", grid_bytes(imgs["target"]))
             parts.append(f"<figure><img src='{src}' alt='{html.escape(name)} target'>"

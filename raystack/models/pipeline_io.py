@@ -108,8 +108,8 @@ def check_tiny_world_judge(path: Path, flag: str) -> None:
     size = config_resolution(path)
     if size is not None and size != IMAGE_SIZE:
         raise UserError(f"{flag}: the model makes {size}-px images; concepts are scored with the tiny world's "
-                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (scoring for real models is not "
-                        "built yet)")
+                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (evaluate scores any model by CLIP zero-shot: "
+                        "--clip DIR --versus PROMPT)")
 
 
 def weights_digest(path: Path) -> str:
