@@ -17,6 +17,7 @@ from .erase import erase
 from .evaluate import evaluate
 from .harden import harden
 from .mask import mask_app
+from .plan import plan
 from .redteam import redteam
 from .tune import tune
 from .verify import verify
@@ -56,6 +57,7 @@ app = typer.Typer(
 app.command(name="harden")(harden)
 app.command(name="attack")(attack)
 app.command(name="erase")(erase)
+app.command(name="plan")(plan)
 app.command(name="evaluate")(evaluate)
 app.command(name="tune")(tune)
 app.command(name="redteam")(redteam)

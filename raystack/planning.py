@@ -1,0 +1,204 @@
+"""`immunize-cli plan`: the memory one rank of a `harden` run will hold, before it runs, so that a publisher picks
+workers and the ZeRO stage knowingly.
+
+Nothing is loaded: parameter counts come from the safetensors headers, and the activations a training step
+keeps for its backward pass are *counted*, not guessed: the UNet is built from its config on PyTorch's meta
+device (no memory) and run forward once at the run's batch size and resolution while a saved-tensors hook adds
+up every activation autograd keeps (parameters excluded), with the same parameters requiring gradients as the
+method trains. What the count cannot see: allocator fragmentation, the frameworks' own footprint (about
+`RUNTIME_BYTES`), transient buffers inside a kernel, and on a GPU the CUDA context and memory-efficient attention
+(which keeps far less than the CPU's attention maps counted here).
+
+Accounting per rank, fp32 (bf16 is compute only: weights, gradients and optimizer state stay fp32):
+- the pipeline's weights, on every rank;
+- the defender's parameters in the DeepSpeed engine: gradients (stage 2-3: partitioned), an fp32 master copy
+  (stages 1-3, partitioned), Adam's two moments (stage 0: whole; 1-3: partitioned);
+- the method's own copies: IMMA's simulated attacker (LoRA: its adapter, gradient and AdamW moments; full or
+  DreamBooth: gradient and moments over what it trains), the retain teacher (`--retain-target original`: a UNet),
+  the attacker pool's stored attackers; FreezeAsGuard's θ_d and UNet gradients, and its preparation fine-tune's
+  Adam (the peak of that phase); erasure's teacher and its cross-attention Adam.
+Phases run one after another: the peak is the largest phase on top of the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+F32 = 4
+RUNTIME_BYTES = 460 * 2**20
+"""Python, torch, diffusers and transformers loaded, before any model (measured on this CPU machine by
+bench/scale.py); a GPU adds its CUDA context."""
+
+
+@dataclass
+class Line:
+    what: str
+    bytes: int
+    note: str = ""
+
+
+def header_shapes(folder: Path) -> dict[str, list[int]]:
+    from .models.pipeline_io import _safetensors_header
+
+    out: dict = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update({k: v["shape"] for k, v in _safetensors_header(f, "--model").items() if k != "__metadata__"})
+    return out
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def lora_params(unet_shapes: dict, rank: int, cross_only: bool) -> int:
+    """A LoRA of `rank` on the attention projections (attn2 only for DreamBooth-LoRA): r x (in + out) each."""
+    from .attacks.methods import LORA_ALL_ATTENTION, is_cross_attention
+
+    total = 0
+    for n, shape in unet_shapes.items():
+        if len(shape) == 2 and any(n.endswith(f".{t}.weight") for t in LORA_ALL_ATTENTION):
+            if cross_only and not is_cross_attention(n):
+                continue
+            total += rank * (shape[0] + shape[1])
+    return total
+
+
+def trained_numel(unet_shapes: dict, method: str, cross_only: bool) -> int:
+    """UNet parameters a dense attacker (full, DreamBooth) trains."""
+    from .attacks.methods import is_cross_attention
+
+    return sum(numel(s) for n, s in unet_shapes.items() if not cross_only or is_cross_attention(n))
+
+
+def activation_bytes(model: Path, batch: int, resolution: int, trains: str) -> int:
+    """Bytes of activations one training forward keeps for backward, counted on the meta device. `trains`: all
+    (every UNet parameter needs a gradient), attention (the attention projections: LoRA and IMMA's S) or
+    attn2."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cfg = UNet2DConditionModel.load_config(str(Path(model) / "unet"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    for n, p in unet.named_parameters():
+        p.requires_grad_(trains == "all" or (trains == "attention" and ".attn" in n) or (trains == "attn2" and ".attn2." in n))
+    params = {id(p) for p in unet.parameters()}
+    tok = json.loads((Path(model) / "tokenizer" / "tokenizer_config.json").read_text())
+    length = int(tok.get("model_max_length", 77))
+    if length > 100_000:  # an unset max length
+        length = 77
+    seen: set = set()
+    total = [0]
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params and id(t) not in seen:
+            seen.add(id(t))
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    side = resolution // 8
+    x = torch.zeros(batch, cfg["in_channels"], side, side, device="meta")
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    hidden = torch.zeros(batch, length, cfg["cross_attention_dim"], device="meta")
+    kw = {}
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, pooled, device="meta"),
+                                   "time_ids": torch.zeros(batch, 6, device="meta")}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, t, hidden, **kw)
+    return total[0]
+
+
+def engine_lines(n: int, what: str, stage: int, world: int) -> list[Line]:
+    """DeepSpeed's state for `n` defender parameters on one rank."""
+    part = world if stage >= 1 else 1
+    lines = [Line(f"{what}: gradients", F32 * n // (world if stage >= 2 else 1),
+                  "partitioned (ZeRO-2/3)" if stage >= 2 else "whole on every rank")]
+    if stage >= 1:
+        lines.append(Line(f"{what}: fp32 master copy", F32 * n // part, f"1/{part} per rank"))
+    lines.append(Line(f"{what}: Adam moments", 2 * F32 * n // part, f"1/{part} per rank" if part > 1 else "whole"))
+    return lines
+
+
+def plan_harden(spec) -> dict:
+    """{"weights": [...], "phases": {name: [...]}, "activations": bytes, "peak": bytes} for one rank of `spec`."""
+    from .attacks.spec import AttackSpec
+    from .models.pipeline_io import config_resolution, resolve_model_path, weight_components
+
+    model = resolve_model_path(spec.model)
+    comps = {c: header_shapes(model / c) for c in weight_components(model)}
+    unet = comps["unet"]
+    P = sum(numel(s) for s in unet.values())
+    weights = [Line(f"weights: {c}", F32 * sum(numel(s) for s in shapes.values()), "fp32, every rank")
+               for c, shapes in comps.items()]
+    world, stage = spec.workers, spec.zero_stage
+    res = spec.resolution or config_resolution(model) or 512
+    phases: dict = {}
+    trains = "attention"
+    for phase in spec.phases():
+        lines: list[Line] = []
+        if phase.name == "imma":
+            n_s = sum(numel(s) for n, s in unet.items() if any(pt in n for pt in spec.param_patterns))
+            lines += engine_lines(n_s, "IMMA's S", stage, world)
+            if spec.attacker_space is not None:
+                from .hardening.attacker_pool import draw_pool
+
+                for i, a in enumerate(draw_pool(spec)):
+                    lines.append(_attacker_line(a, unet, P, f"pool attacker {i}", stored=True))
+                lines.append(Line("outer gradient at the adapted point", F32 * n_s))
+            else:
+                a = AttackSpec(method=spec.against, data=".", rank=spec.rank)
+                lines.append(_attacker_line(a, unet, P, f"simulated attacker ({spec.against})", stored=False))
+                if spec.against in ("full", "dreambooth"):
+                    trains = "all"
+            if spec.retain_target == "original" and spec.retain_weight > 0 and spec.legal is not None:
+                lines.append(Line("retain teacher (a UNet copy)", F32 * P))
+        elif phase.name == "freezeasguard":
+            trains = "all"
+            if spec.attacker_space is not None:
+                from .hardening.attacker_pool import draw_pool, trained_tensors
+
+                names = list(unet)
+                lines += [Line("θ_pre and θ_ft (two UNet copies)", 2 * F32 * P), Line("UNet gradients", F32 * P)]
+                for i, a in enumerate(draw_pool(spec)):
+                    n_t = sum(numel(unet[n]) for n, on in zip(names, trained_tensors(a, names)) if on)
+                    moments = 2 if a.optimizer == "adamw" else 1
+                    lines.append(Line(f"pool user {i} ({a.method}): its θ_ft and moments", F32 * P + moments * F32 * n_t))
+            else:
+                lines += [Line("θ_d (a UNet copy)", F32 * P), Line("UNet gradients", F32 * P)]
+            lines.append(Line("preparation fine-tune's Adam moments (during preparation only)", 2 * F32 * P,
+                              "freed before the mask steps; counted, as it sets the peak"))
+        elif phase.name in ("esd-x", "ablation"):
+            n2 = sum(numel(s) for n, s in unet.items() if ".attn2." in n)
+            lines += [Line("erasure teacher (a UNet copy)", F32 * P), Line("attn2 gradients and Adam", 3 * F32 * n2)]
+            trains = "attn2" if trains == "attention" else trains
+        phases[phase.name] = lines
+    # images in one backward: IMMA's ascent batch plus the retain term's captioned and unconditioned halves
+    retain = any(p.name == "imma" for p in spec.phases()) and spec.retain_weight > 0 and spec.legal is not None
+    act = activation_bytes(model, spec.batch_size * (3 if retain else 1), res, trains)
+    base = sum(x.bytes for x in weights) + RUNTIME_BYTES
+    peak = base + act + max((sum(x.bytes for x in v) for v in phases.values()), default=0)
+    return {"model": str(model), "resolution": res, "weights": weights, "phases": phases, "activations": act,
+            "activations_trains": trains, "runtime": RUNTIME_BYTES, "peak": peak}
+
+
+def _attacker_line(a, unet: dict, P: int, label: str, stored: bool) -> Line:
+    """A simulated attacker's memory: LoRA's adapter (+ gradient, moments, warm copy), or a dense attacker's
+    gradient and moments over what it trains (+ its displacement, kept apart, in the pool)."""
+    moments = 2 if a.optimizer == "adamw" else 1
+    if a.method in ("lora", "dreambooth-lora"):
+        phi = lora_params(unet, a.rank, a.method == "dreambooth-lora")
+        return Line(f"{label}: LoRA rank {a.rank}", F32 * phi * (3 + moments))
+    if a.method in ("full", "dreambooth"):
+        n = trained_numel(unet, a.method, a.cross_attention_only)
+        copies = (1 + moments) + (2 if stored else 0)  # gradient + moments (+ Δ and the snapshot, pool)
+        return Line(f"{label}: {a.method}{' attn2' if a.cross_attention_only else ''}", F32 * n * copies)
+    return Line(f"{label}: {a.method}", 0, "a few token embeddings")

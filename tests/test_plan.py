@@ -1,0 +1,63 @@
+"""`immunize-cli plan`: per-rank memory counted from the headers and a meta-device forward, before a run."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+
+
+def _spec(**kw):
+    from pathlib import Path
+
+    from raystack.hardening.spec import HardenSpec
+
+    return HardenSpec(**{"method": "imma", "target": [Path(".")], **kw})
+
+
+def test_plan_counts_the_parameters_the_run_trains(tiny_model_path):
+    from raystack.attacks.methods import make_adaptation
+    from raystack.attacks.spec import AttackSpec
+    from raystack.hardening.imma import select_outer_params
+    from raystack.models.pipeline_io import load_pipeline
+    from raystack.planning import header_shapes, lora_params, plan_harden
+
+    p = plan_harden(_spec(zero_stage=0))
+    lines = {x.what: x.bytes for x in p["phases"]["imma"]}
+    pipe = load_pipeline(None)
+    n_s = sum(t.numel() for t in select_outer_params(pipe.unet, ["attn2"]).values())
+    assert lines["IMMA's S: gradients"] == 4 * n_s and lines["IMMA's S: Adam moments"] == 8 * n_s
+    assert sum(x.bytes for x in p["weights"]) == 4 * sum(t.numel() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+                                                        for t in m.state_dict().values() if t.is_floating_point())
+    ad = make_adaptation(AttackSpec(method="lora", data=".", rank=8), pipe)
+    phi = sum(t.numel() for t in ad.parameters())
+    assert lora_params(header_shapes(tiny_model_path / "unet"), 8, False) == phi
+
+
+def test_zero_stage_and_workers_partition_the_optimizer_state():
+    from raystack.planning import plan_harden
+
+    def moments(**kw):
+        return next(x.bytes for x in plan_harden(_spec(**kw))["phases"]["imma"] if x.what == "IMMA's S: Adam moments")
+
+    assert moments(zero_stage=2, workers=2) * 2 == moments(zero_stage=0, workers=2) == moments(zero_stage=2, workers=1)
+
+
+def test_activations_are_counted_and_grow_with_batch_and_what_trains(tiny_model_path):
+    from raystack.planning import activation_bytes
+
+    one = activation_bytes(tiny_model_path, 1, 32, "attention")
+    four = activation_bytes(tiny_model_path, 4, 32, "attention")
+    assert one > 0 and four == pytest.approx(4 * one, rel=0.05)
+    assert activation_bytes(tiny_model_path, 1, 32, "all") > one > activation_bytes(tiny_model_path, 1, 32, "attn2") > 0
+
+
+def test_plan_command_prints_the_peak(tmp_path):
+    from raystack.models.shapes import build_pipeline_folder
+
+    res = CliRunner().invoke(app, ["plan", "--method", "freezeasguard", "--legal", str(tmp_path), "--workers", "2"])
+    assert res.exit_code == 0 and "peak per rank" in res.stdout, res.stdout + res.stderr
+    sdxl = build_pipeline_folder("sdxl", tmp_path / "sdxl")
+    res = CliRunner().invoke(app, ["plan", "--method", "imma", "--model", str(sdxl), "--against", "full"])
+    assert res.exit_code == 0 and "text_encoder_2" in res.stdout, res.stdout + res.stderr
