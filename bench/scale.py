@@ -6,7 +6,7 @@ for the same run (its formula: raystack/planning.py).
 Builds an SD-1.5-shaped pipeline (raystack/models/shapes.py: the published architecture, random weights) at
 `--width` (320 = SD-1.5's own), then per method and precision runs one process that loads it and takes 2 outer
 steps of the method with its own torch optimizer (one rank; the plan is asked for 1 worker, ZeRO-0, whose
-accounting that matches), recording the process's peak resident memory (ru_maxrss) and the seconds per step.
+accounting that matches), recording the process's peak resident memory (VmHWM) and the seconds per step.
 Writes bench/results/scale.{json,md}.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,15 @@ METHODS = {
 }
 
 
+def _status_bytes(key: str) -> int:
+    """VmHWM (peak resident memory) or VmRSS of this process from /proc: unlike ru_maxrss, the peak starts afresh
+    at exec, so a parent's memory does not leak into a child's measurement."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def one_run(config: dict) -> dict:
     """In a fresh process: peak RSS and seconds per step of `config`'s method, 2 steps."""
     import torch
@@ -44,7 +52,7 @@ def one_run(config: dict) -> dict:
 
     configure_threads(1)
     torch.set_num_threads(2)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = _status_bytes("VmRSS")
     spec = HardenSpec(**config["spec"])
     pipe = load_pipeline(spec.model)
     times: list = []
@@ -56,7 +64,7 @@ def one_run(config: dict) -> dict:
         t[0] = now
 
     run_method(spec, pipe, local=True, on_step=on_step)
-    return {"runtime_rss": rss0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"runtime_rss": rss0, "peak_rss": _status_bytes("VmHWM"),
             "step_seconds": times[-1] if times else None, "first_step_seconds": times[0] if times else None}
 
 
