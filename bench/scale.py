@@ -54,7 +54,10 @@ def one_run(config: dict) -> dict:
     torch.set_num_threads(2)
     rss0 = _status_bytes("VmRSS")
     spec = HardenSpec(**config["spec"])
-    pipe = load_pipeline(spec.model)
+    device = config.get("device", "cpu")
+    pipe = load_pipeline(spec.model, device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times: list = []
     t = [time.perf_counter()]
 
@@ -64,6 +67,10 @@ def one_run(config: dict) -> dict:
         t[0] = now
 
     run_method(spec, pipe, local=True, on_step=on_step)
+    if device == "cuda":  # the GPU's peak (what `plan` sizes there; the runtime is the CUDA context's)
+        return {"runtime_rss": torch.cuda.memory_reserved() - torch.cuda.memory_allocated(),
+                "peak_rss": torch.cuda.max_memory_allocated(), "step_seconds": times[-1] if times else None,
+                "first_step_seconds": times[0] if times else None, "device": torch.cuda.get_device_name()}
     return {"runtime_rss": rss0, "peak_rss": _status_bytes("VmHWM"),
             "step_seconds": times[-1] if times else None, "first_step_seconds": times[0] if times else None}
 
@@ -77,6 +84,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--name", default="scale", help="results file name (scale_gpu for the GPU check)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu_check.sh)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -104,7 +113,8 @@ def main() -> None:
             plan = plan_harden(HardenSpec(**{**values, "target": [work / "t"], "legal": work / "l",
                                              "out": work / "o"}))
             env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
-            res = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"spec": values})],
+            res = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"spec": values,
+                                                                                   "device": args.device})],
                                  capture_output=True, text=True, env=env)
             line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
@@ -121,9 +131,11 @@ def main() -> None:
            "text_width": args.text_width, "resolution": args.resolution, "batch": args.batch,
            "build_seconds": round(build_s, 1), "load_at_start": os.getloadavg()[0], "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "scale.json", json.dumps(res, indent=2))
+    res["device"] = next((r["device"] for r in rows if r.get("device")), "cpu")
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps(res, indent=2))
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    lines = [f"Made by `{res['command']}` on {res['machine']} (1-minute load {res['load_at_start']:.1f} at the end). "
+    where = res["machine"] if res["device"] == "cpu" else f"{res['device']} (peak = torch's peak GPU allocation)"
+    lines = [f"Made by `{res['command']}` on {where} (1-minute load {res['load_at_start']:.1f} at the end). "
              f"SD-1.5-shaped pipeline (published architecture, random weights) at UNet width {args.width} "
              f"(SD-1.5: 320), text width {args.text_width}, trained at {args.resolution} px, batch {args.batch}; one "
              "process per row, 2 outer steps with the method's own torch optimizer (one rank). Peak = the process's "
@@ -137,7 +149,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['precision']} | {r['step_seconds']:.1f} | {gib(r['peak_rss'])} | "
                      f"{gib(r['plan_weights'])} | {gib(r['plan_method_state'])} | {gib(r['plan_activations'])} | "
                      f"{gib(r['runtime_rss'])} (measured) | {gib(r['plan_peak'])} | {r['plan_over_measured']:.2f} |")
-    atomic_write_text(args.out / "scale.md", "\n".join(lines) + "\n")
+    atomic_write_text(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
