@@ -52,6 +52,9 @@ def one_run(config: dict) -> dict:
 
     configure_threads(1)
     torch.set_num_threads(2)
+    from diffusers import StableDiffusionPipeline  # noqa: F401 - the libraries a run loads, before any model
+    from transformers import CLIPTextModel  # noqa: F401
+
     rss0 = _status_bytes("VmRSS")
     spec = HardenSpec(**config["spec"])
     device = config.get("device", "cpu")
@@ -121,10 +124,12 @@ def main() -> None:
                 rows.append({"method": name, "precision": precision, "error": res.stderr.strip().splitlines()[-1:]})
                 continue
             m = json.loads(line[7:])
-            phase_bytes = max(sum(x.bytes for x in v) for v in plan["phases"].values())
+            top = plan["peak_phase"]
             rows.append({"method": name, "precision": precision, **m, "plan_peak": plan["peak"],
-                         "plan_weights": sum(x.bytes for x in plan["weights"]), "plan_method_state": phase_bytes,
-                         "plan_activations": plan["activations"], "plan_over_measured": plan["peak"] / m["peak_rss"]})
+                         "plan_weights": sum(x.bytes for x in plan["weights"]),
+                         "plan_method_state": sum(x.bytes for x in plan["phases"][top]),
+                         "plan_activations": plan["activations"][top][0],
+                         "plan_over_measured": plan["peak"] / m["peak_rss"]})
             print(rows[-1], flush=True)
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
            "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "width": args.width,

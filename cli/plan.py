@@ -41,8 +41,9 @@ def plan(
     for name, lines in p["phases"].items():
         for line in lines:
             table.add_row(f"{name}: {line.what}", gib(line.bytes), line.note)
-    table.add_row("activations kept for backward", gib(p["activations"]),
-                  f"counted on the meta device ({p['activations_trains']} trainable)")
+        size, how = p["activations"][name]
+        table.add_row(f"{name}: activations kept for backward", gib(size), f"counted on the meta device ({how})")
     table.add_row("python, torch and libraries", gib(p["runtime"]), "measured on CPU; a GPU adds its CUDA context")
-    table.add_row("[bold]peak per rank[/bold]", f"[bold]{gib(p['peak'])}[/bold]", "the largest phase on top of the rest")
+    table.add_row("[bold]peak per rank[/bold]", f"[bold]{gib(p['peak'])}[/bold]",
+                  f"weights, runtime and the largest phase ({p['peak_phase']})")
     console.print(table)

@@ -5,9 +5,9 @@ Nothing is loaded: parameter counts come from the safetensors headers, and the a
 keeps for its backward pass are *counted*, not guessed: the UNet is built from its config on PyTorch's meta
 device (no memory) and run forward once at the run's batch size and resolution while a saved-tensors hook adds
 up every activation autograd keeps (parameters excluded), with the same parameters requiring gradients as the
-method trains. What the count cannot see: allocator fragmentation, the frameworks' own footprint (about
-`RUNTIME_BYTES`), transient buffers inside a kernel, and on a GPU the CUDA context and memory-efficient attention
-(which keeps far less than the CPU's attention maps counted here).
+method trains, and attention counted as the fused kernels (flash, memory-efficient) keep it. What the count
+cannot see: allocator fragmentation, the frameworks' own footprint (about `RUNTIME_BYTES`), transient buffers
+inside a kernel, autocast's low-precision weight copies (bf16), and on a GPU the CUDA context.
 
 Accounting per rank, fp32 (bf16 is compute only: weights, gradients and optimizer state stay fp32):
 - the pipeline's weights, on every rank;
@@ -112,9 +112,37 @@ def activation_bytes(model: Path, batch: int, resolution: int, trains: str) -> i
         pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
         kw["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch, pooled, device="meta"),
                                    "time_ids": torch.zeros(batch, 6, device="meta")}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, t, hidden, **kw)
+    import torch.nn.functional as F
+
+    plain_sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_attention_keeps  # what a fused kernel keeps, not the math path's maps
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(x, t, hidden, **kw)
+    finally:
+        F.scaled_dot_product_attention = plain_sdpa
     return total[0]
+
+
+def _fused_attention_keeps(q, k, v, *args, **kwargs):
+    """scaled_dot_product_attention as the fused kernels PyTorch runs on CPU and GPU (flash, memory-efficient)
+    keep it for backward: q, k, v, the output and one log-sum-exp per query, never the L x L attention map that
+    the meta device's decomposition would save."""
+    import torch
+
+    class FusedAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = q.new_empty(*q.shape[:-1], v.shape[-1])
+            ctx.save_for_backward(q, k, v, out, q.new_empty(*q.shape[:-1]))
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # pragma: no cover - the count never runs backward
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    return FusedAttention.apply(q, k, v)
 
 
 def engine_lines(n: int, what: str, stage: int, world: int) -> list[Line]:
@@ -142,7 +170,12 @@ def plan_harden(spec) -> dict:
     world, stage = spec.workers, spec.zero_stage
     res = spec.resolution or config_resolution(model) or 512
     phases: dict = {}
-    trains = "attention"
+    acts: dict = {}
+    b = spec.batch_size
+
+    def act(batch: int, trains: str) -> tuple[int, str]:
+        return activation_bytes(model, batch, res, trains), f"{batch} images, {trains} trainable"
+
     for phase in spec.phases():
         lines: list[Line] = []
         if phase.name == "imma":
@@ -151,18 +184,21 @@ def plan_harden(spec) -> dict:
             if spec.attacker_space is not None:
                 from .hardening.attacker_pool import draw_pool
 
-                for i, a in enumerate(draw_pool(spec)):
+                attackers = draw_pool(spec)
+                for i, a in enumerate(attackers):
                     lines.append(_attacker_line(a, unet, P, f"pool attacker {i}", stored=True))
                 lines.append(Line("outer gradient at the adapted point", F32 * n_s))
             else:
-                a = AttackSpec(method=spec.against, data=".", rank=spec.rank)
-                lines.append(_attacker_line(a, unet, P, f"simulated attacker ({spec.against})", stored=False))
-                if spec.against in ("full", "dreambooth"):
-                    trains = "all"
+                attackers = [AttackSpec(method=spec.against, data=".", rank=spec.rank)]
+                lines.append(_attacker_line(attackers[0], unet, P, f"simulated attacker ({spec.against})", stored=False))
             if spec.retain_target == "original" and spec.retain_weight > 0 and spec.legal is not None:
                 lines.append(Line("retain teacher (a UNet copy)", F32 * P))
+            # the attacker's step and the outer step are separate backward passes: the larger one counts
+            inner = max(act(b, _inner_trains(a)) for a in attackers)
+            retain = spec.retain_weight > 0 and spec.legal is not None
+            outer = act(b * (3 if retain else 1), "attn2" if spec.param_patterns == ["attn2"] else "all")
+            acts[phase.name] = max(inner, outer)
         elif phase.name == "freezeasguard":
-            trains = "all"
             if spec.attacker_space is not None:
                 from .hardening.attacker_pool import draw_pool, trained_tensors
 
@@ -176,18 +212,28 @@ def plan_harden(spec) -> dict:
                 lines += [Line("θ_d (a UNet copy)", F32 * P), Line("UNet gradients", F32 * P)]
             lines.append(Line("preparation fine-tune's Adam moments (during preparation only)", 2 * F32 * P,
                               "freed before the mask steps; counted, as it sets the peak"))
+            acts[phase.name] = act(b, "all")  # one mixed illegal + legal batch
         elif phase.name in ("esd-x", "ablation"):
             n2 = sum(numel(s) for n, s in unet.items() if ".attn2." in n)
             lines += [Line("erasure teacher (a UNet copy)", F32 * P), Line("attn2 gradients and Adam", 3 * F32 * n2)]
-            trains = "attn2" if trains == "attention" else trains
+            acts[phase.name] = act(b * (3 if spec.legal is not None else 1), "attn2")
+        else:
+            acts[phase.name] = (0, "nothing trained")
         phases[phase.name] = lines
-    # images in one backward: IMMA's ascent batch plus the retain term's captioned and unconditioned halves
-    retain = any(p.name == "imma" for p in spec.phases()) and spec.retain_weight > 0 and spec.legal is not None
-    act = activation_bytes(model, spec.batch_size * (3 if retain else 1), res, trains)
     base = sum(x.bytes for x in weights) + RUNTIME_BYTES
-    peak = base + act + max((sum(x.bytes for x in v) for v in phases.values()), default=0)
-    return {"model": str(model), "resolution": res, "weights": weights, "phases": phases, "activations": act,
-            "activations_trains": trains, "runtime": RUNTIME_BYTES, "peak": peak}
+    totals = {name: sum(x.bytes for x in lines) + acts[name][0] for name, lines in phases.items()}
+    top = max(totals, key=totals.get) if totals else None
+    return {"model": str(model), "resolution": res, "weights": weights, "phases": phases, "activations": acts,
+            "runtime": RUNTIME_BYTES, "peak_phase": top, "peak": base + (totals[top] if top else 0)}
+
+
+def _inner_trains(a) -> str:
+    """What a simulated attacker's backward needs gradients for (LoRA: the attention projections it adapts)."""
+    if a.method == "lora":
+        return "attention"
+    if a.method == "dreambooth-lora" or getattr(a, "cross_attention_only", False):
+        return "attn2"
+    return "all" if a.method in ("full", "dreambooth") else "attention"
 
 
 def _attacker_line(a, unet: dict, P: int, label: str, stored: bool) -> Line:

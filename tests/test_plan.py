@@ -58,6 +58,7 @@ def test_plan_command_prints_the_peak(tmp_path):
 
     res = CliRunner().invoke(app, ["plan", "--method", "freezeasguard", "--legal", str(tmp_path), "--workers", "2"])
     assert res.exit_code == 0 and "peak per rank" in res.stdout, res.stdout + res.stderr
+    assert "activations kept" in res.stdout
     sdxl = build_pipeline_folder("sdxl", tmp_path / "sdxl")
     res = CliRunner().invoke(app, ["plan", "--method", "imma", "--model", str(sdxl), "--against", "full"])
     assert res.exit_code == 0 and "text_encoder_2" in res.stdout, res.stdout + res.stderr
