@@ -7,7 +7,8 @@ device (no memory) and run forward once at the run's batch size and resolution w
 up every activation autograd keeps (parameters excluded), with the same parameters requiring gradients as the
 method trains, and attention counted as the fused kernels (flash, memory-efficient) keep it. What the count
 cannot see: allocator fragmentation, the frameworks' own footprint (about `RUNTIME_BYTES`), transient buffers
-inside a kernel, autocast's low-precision weight copies (bf16), and on a GPU the CUDA context.
+inside a kernel, and on a GPU the CUDA context. With `--precision bf16`, autocast's bf16 copies of the weights
+are added as one bf16 UNet (what bench/scale.py measured).
 
 Accounting per rank, fp32 (bf16 is compute only: weights, gradients and optimizer state stay fp32):
 - the pipeline's weights, on every rank;
@@ -220,6 +221,8 @@ def plan_harden(spec) -> dict:
         else:
             acts[phase.name] = (0, "nothing trained")
         phases[phase.name] = lines
+    if spec.precision == "bf16":  # autocast keeps a bf16 cast of the weights it runs (measured: about the UNet's)
+        weights.append(Line("autocast's bf16 weight copies", 2 * P, "--precision bf16: about one bf16 UNet"))
     base = sum(x.bytes for x in weights) + RUNTIME_BYTES
     totals = {name: sum(x.bytes for x in lines) + acts[name][0] for name, lines in phases.items()}
     top = max(totals, key=totals.get) if totals else None
