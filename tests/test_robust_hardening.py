@@ -204,3 +204,34 @@ def test_tune_searches_the_hardening_attacker_space_as_absolute_paths():
     assert values[0] is None and all(Path(v).is_absolute() and Path(v).is_file() for v in values[1:])
     assert setting_label({"attacker_space": values[2], "outer_lr": 1e-3}) == "attacker_space=default, outer_lr=0.001"
     assert setting_label({"attacker_space": None}) == "attacker_space=none"
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_tune_sweeps_the_hardening_attacker_space(tmp_path):
+    """Two trials through the real `tune`: IMMA against its one LoRA attacker, and against a pool drawn from an
+    attack space; both harden, get attacked and scored, and the pool's trial records its space."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    space = yaml.safe_load((root / "tune_spaces" / "tiny_rho_4.yaml").read_text())
+    space.update({"name": "robust-2", "harden": {"method": "imma", "steps": 2, "batch_size": 2, "workers": 1},
+                  "search": {"attacker_space": {"grid": [None, str(root / "attack_spaces" / "tiny_4.yaml")]}},
+                  "attacks": [{"method": "lora", "steps": 20, "checkpoint_every": 20, "batch_size": 2}]})
+    space.pop("legal_finetune")
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    cli = str(Path(sys.executable).parent / "immunize-cli")
+    res = subprocess.run([cli, "tune", "--space", str(tmp_path / "space.yaml"), "--out", str(tmp_path / "o")],
+                         cwd=root, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = json.loads((tmp_path / "o" / "results.json").read_text())["trials"]
+    assert sorted(str(t["setting"]["attacker_space"]) for t in trials) == sorted(
+        ["None", str((root / "attack_spaces" / "tiny_4.yaml").resolve())])
+    assert all(t["status"] == "done" and t["mitigation"] is not None for t in trials)
