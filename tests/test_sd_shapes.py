@@ -115,7 +115,9 @@ def test_every_attack_runs_and_its_output_loads(arch, method, shaped, data, tmp_
 @pytest.mark.e2e
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method, extra", [
-    ("imma", {"against": "lora"}), ("imma", {"against": "full"}), ("freezeasguard", {"rho": 0.3}),
+    ("imma", {"against": "lora"}), ("imma", {"against": "full"}), ("imma", {"against": "textual-inversion"}),
+    ("imma", {"against": "lora", "precision": "bf16"}), ("freezeasguard", {"rho": 0.3}),
+    ("freezeasguard", {"rho": 0.3, "precision": "bf16"}),
     ("random-freeze", {"rho": 0.3}), ("imma+freeze", {"rho": 0.3}),
     ("uce", {"concept": "sunset", "anchor": "plain"}), ("ablation", {"concept": "sunset", "anchor": "plain"}),
     ("esd-x", {"concept": "sunset", "anchor": "plain"}),
@@ -129,6 +131,13 @@ def test_every_hardening_method_runs_and_its_release_loads(arch, method, extra, 
     spec = HardenSpec(method=method, model=str(shaped[arch]), target=[data / "t"], legal=data / "l",
                       out=tmp_path / "h", steps=2, erase_steps=2, checkpoint_every=1, batch_size=2, user_steps=1,
                       finetune_steps=2, workers=1, **extra)
+    if arch == "sdxl" and extra.get("against") == "textual-inversion":
+        from raystack.errors import UserError
+        from raystack.hardening.driver import validate_inputs
+
+        with pytest.raises(UserError, match="textual-inversion: not built for SDXL"):
+            validate_inputs(spec)
+        return
     manifest = run_harden(spec, in_this_process=True)
     assert manifest["method"] == method
     pipe = plain_pipeline(arch, tmp_path / "h")
