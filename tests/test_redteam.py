@@ -146,10 +146,13 @@ def test_models_with_the_same_weights_and_mask_share_one_sweep(tmp_path, tiny_mo
     weights[name].view(-1)[0] += 1e-6  # one number of one tensor
     save_file(weights, str(f))
     save_freeze_mask(tmp_path / "m.safetensors", {n: i % 3 == 0 for i, n in enumerate(sorted(weights))})
+    from raystack.models.pipeline_io import load_pipeline, save_pipeline
+
+    saved = save_pipeline(load_pipeline(None), tmp_path / "saved")  # a release: new load path, library versions
     t = same_attacks(parse_models(["orig=tiny", f"copy={copy}", f"changed={changed}",
-                                   f"hard={copy}:{tmp_path / 'm.safetensors'}"]))
+                                   f"hard={copy}:{tmp_path / 'm.safetensors'}", f"saved={saved}"]))
     assert {x.name: x.same_as for x in t} == {"orig": None, "copy": "orig", "changed": None,
-                                               "hard.compliant": None, "hard.noncompliant": "orig"}
+                                               "hard.compliant": None, "hard.noncompliant": "orig", "saved": "orig"}
     assert not torch.equal(load_file(str(f))[name], load_file(str(copy / "unet" / f.name))[name])
 
 

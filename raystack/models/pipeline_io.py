@@ -124,7 +124,7 @@ def weights_digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted([*Path(path).glob("*/*.json"), *Path(path).glob("*/*.txt"), Path(path) / "model_index.json"]):
         if f.is_file():  # configs, scheduler and tokenizer: the same weights under another schedule differ
-            h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+            h.update(str(f.relative_to(path)).encode() + _without_provenance(f))
     for f in sorted(Path(path).glob("*/*.safetensors")):
         h.update(f"{f.parent.name}/{f.name}".encode())
         with safe_open(str(f), framework="pt") as st:
@@ -133,6 +133,32 @@ def weights_digest(path: Path) -> str:
                 h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+#: config keys that say where a folder was loaded from or which library version wrote it, not what the model is
+PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
+#: what a saved tokenizer_config.json records of the tokenizer's call defaults (the same tokenizer either way)
+TOKENIZER_CALL_DEFAULTS = {"padding_side": "right", "truncation_side": "right", "stride": 0,
+                           "truncation_strategy": "longest_first", "pad_token_type_id": 0}
+
+
+def _without_provenance(f: Path) -> bytes:
+    """A config file's bytes for the digest: JSON without PROVENANCE_KEYS (a release saved from the same weights
+    records another load path and library version, and is still the same model), anything else as it is."""
+    data = f.read_bytes()
+    if f.suffix != ".json":
+        return data
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return data
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k not in PROVENANCE_KEYS}
+        if f.name == "tokenizer_config.json":  # a tokenizer used once saves its call settings: the defaults
+            obj = {k: v for k, v in obj.items()
+                   if k not in ("local_files_only", "max_length") and v is not None
+                   and TOKENIZER_CALL_DEFAULTS.get(k, object()) != v}
+    return json.dumps(obj, sort_keys=True).encode()
 
 
 def _safetensors_header(f: Path, flag: str) -> dict:
