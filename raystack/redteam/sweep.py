@@ -398,6 +398,9 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
     for rec in (before, now):  # what runs after the sweeps (guard, re-scoring, reference attacks) may change
         if isinstance(rec.get("space"), dict):
             rec["space"] = {k: v for k, v in rec["space"].items() if k in SWEEP_KEYS}
+        if isinstance(rec.get("models"), list):  # same_as is derived from the weights, not given: not compared
+            rec["models"] = [{k: v for k, v in m.items() if k != "same_as"} if isinstance(m, dict) else m
+                             for m in rec["models"]]
     for key in ("space", "models", "data", "concept"):
         if before.get(key) != now[key]:
             raise UserError(f"--resume: the {key} differs from the run in {shown(str(out))}; resume with the same inputs")
