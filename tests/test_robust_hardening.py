@@ -68,7 +68,7 @@ def test_dense_attacker_is_kept_apart_from_the_release(world):
     r.bind(LocalEngine(r))
     full = next(i for i, m in enumerate(r.pool.members) if m.attack.method == "full")
     before = {n: p.detach().clone() for n, p in r.pipe.unet.named_parameters()}
-    r.iteration = next(i for i in range(100) if r.pool.choose(i)[0] == full)
+    r.pool.iteration = next(i for i in range(100) if r.pool.choose(i)[0] == full)
     stats = r.step()
     assert stats["attacker"] == full
     after = dict(r.pipe.unet.named_parameters())

@@ -105,6 +105,13 @@ class AttackerPool:
     def __init__(self, attacks: list, restart: float, seed: int):
         self.members = [PoolMember(a) for a in attacks]
         self.restart, self.seed = restart, seed
+        self.iteration = 0
+        """Outer steps taken: which members the next one draws (checkpointed with the members)."""
+
+    def _turn(self, k: int, coin: float) -> tuple[int, bool]:
+        """Member k's turn and whether it restarts: at its drawn length, or when the coin falls under the rate."""
+        m = self.members[k]
+        return k, m.steps_taken > 0 and (m.steps_taken >= m.attack.steps or coin < self.restart)
 
     def choose_many(self, iteration: int, n: int) -> list[tuple[int, bool]]:
         """`n` distinct members for outer step `iteration` (FreezeAsGuard averages their mask gradients), each
@@ -115,12 +122,7 @@ class AttackerPool:
             return [self.choose(iteration)]
         rng = np.random.default_rng([self.seed, iteration, 11])
         ks = [int(k) for k in rng.choice(len(self.members), size=n, replace=False)]
-        coins = rng.random(n)
-        out = []
-        for k, coin in zip(ks, coins):
-            m = self.members[k]
-            out.append((k, m.steps_taken > 0 and (m.steps_taken >= m.attack.steps or float(coin) < self.restart)))
-        return out
+        return [self._turn(k, float(coin)) for k, coin in zip(ks, rng.random(n))]
 
     def choose(self, iteration: int) -> tuple[int, bool]:
         """(member, whether it restarts) for outer iteration `iteration`: a function of (seed, iteration) and
@@ -129,9 +131,7 @@ class AttackerPool:
 
         rng = np.random.default_rng([self.seed, iteration, 7])
         k = int(rng.integers(len(self.members)))
-        coin = float(rng.random())
-        m = self.members[k]
-        return k, m.steps_taken > 0 and (m.steps_taken >= m.attack.steps or coin < self.restart)
+        return self._turn(k, float(rng.random()))
 
     # checkpoints: every tensor under pool/, the rest as JSON bytes in one uint8 tensor --------------------
     def state(self) -> dict:
@@ -140,7 +140,7 @@ class AttackerPool:
         from ..checkpoint import flatten_optimizer
 
         out: dict = {}
-        meta: dict = {"members": []}
+        meta: dict = {"iteration": self.iteration, "members": []}
         for k, m in enumerate(self.members):
             for n, v in m.phi.items():
                 out[f"pool/{k}/phi/{n}"] = v.detach().cpu().clone()
@@ -156,6 +156,7 @@ class AttackerPool:
         from ..checkpoint import unflatten_optimizer
 
         meta = json.loads(bytes(tensors["pool/meta"].tolist()).decode())
+        self.iteration = meta["iteration"]
         for k, (m, mm) in enumerate(zip(self.members, meta["members"])):
             m.steps_taken, m.restarts = mm["steps_taken"], mm["restarts"]
             prefix = f"pool/{k}/phi/"

@@ -149,7 +149,6 @@ class FreezeAsGuardRecipe(HardeningPhase):
             self.pool = AttackerPool(draw_pool(spec), spec.attacker_restart, spec.seed)
             self.trains = [trained_tensors(m.attack, self.names) for m in self.pool.members]
             self.user_opts: dict = {}
-            self.iteration = 0
             self.theta_pre: list | None = None
             self.theta_ft0: list | None = None
 
@@ -237,13 +236,13 @@ class FreezeAsGuardRecipe(HardeningPhase):
 
         m = self.mask()
         cs, stats = [], []
-        for k, restart in self.pool.choose_many(self.iteration, self.spec.attackers_per_step):
+        for k, restart in self.pool.choose_many(self.pool.iteration, self.spec.attackers_per_step):
             c, st = self.member_couplings(k, restart, m)
             cs.append(c)
             stats.append(st)
         self.engine.backward(self.engine.forward(torch.stack(cs).mean(0), self.spec.rho, self.spec.temperature))
         self.engine.step()
-        self.iteration += 1
+        self.pool.iteration += 1
         mean = {key: sum(st[key] for st in stats) / len(stats) for key in stats[0]}
         return {**mean, "soft_ratio": float(self.mask().mean())}
 
@@ -330,14 +329,11 @@ class FreezeAsGuardRecipe(HardeningPhase):
         return out
 
     def _pool_state(self) -> dict:
-        import torch
-
         for k, opt in self.user_opts.items():
             self.pool.members[k].opt = opt.state_dict()
         out = {f"theta_pre/{n}": t.detach().cpu().clone() for n, t in zip(self.names, self.theta_pre)}
         out.update({f"theta_ft0/{n}": t.detach().cpu().clone() for n, t in zip(self.names, self.theta_ft0)})
         out.update(self.pool.state())
-        out["pool/iteration"] = torch.tensor([self.iteration])
         out["mask/logits"] = self._logits()
         out["rng/generator"] = self.generator.get_state()
         return out
@@ -352,7 +348,6 @@ class FreezeAsGuardRecipe(HardeningPhase):
             self.theta_ft0 = [tensors[f"theta_ft0/{n}"].clone() for n in self.names]
             self.pool.load_state(tensors)
             self.user_opts = {}
-            self.iteration = int(tensors["pool/iteration"].item())
             self.generator.set_state(tensors["rng/generator"])
             with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
                 self.mask_module.w.copy_(tensors["mask/logits"])

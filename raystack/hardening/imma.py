@@ -159,7 +159,6 @@ class IMMARecipe(HardeningPhase):
             self.pool = AttackerPool(draw_pool(spec), spec.attacker_restart, spec.seed)
             self.ad, self.attacker, self.inner_opt, self.active = None, None, None, None
             self._text = FrozenTextCache(pipe)
-            self.iteration = 0
             caption_fn = None  # every pool method trains on the captions as given
         else:
             attacker = AttackSpec(method=spec.against, data=spec.target[0], token=spec.token, rank=spec.rank,
@@ -251,7 +250,7 @@ class IMMARecipe(HardeningPhase):
 
         from ..attacks.recipe import GRAD_CLIP
 
-        k, restart = self.pool.choose(self.iteration)
+        k, restart = self.pool.choose(self.pool.iteration)
         member = self._activate(k, restart)
         phi_named = self.ad.named_parameters()
         phi = list(phi_named.values())
@@ -285,7 +284,7 @@ class IMMARecipe(HardeningPhase):
             retain_val = float(r.detach())
         self.engine.backward(total)
         self.engine.step()
-        self.iteration += 1
+        self.pool.iteration += 1
         return {"inner_loss": inner_val, "outer_loss": float(loss_i.detach()), "retain_loss": retain_val,
                 "attacker": k, "attacker_steps": member.steps_taken}
 
@@ -344,11 +343,8 @@ class IMMARecipe(HardeningPhase):
             flatten_optimizer("inner_opt", self.inner_opt.state_dict(), out, {})
         out["rng/generator"] = self.generator.get_state()
         if self.pool is not None:
-            import torch
-
             self._stash()
             out.update(self.pool.state())
-            out["pool/iteration"] = torch.tensor([self.iteration])
         return out
 
     def load_state(self, tensors: dict) -> None:
@@ -358,7 +354,6 @@ class IMMARecipe(HardeningPhase):
                        released_names=True)
         if self.pool is not None:
             self.pool.load_state(tensors)
-            self.iteration = int(tensors["pool/iteration"].item())
             self.generator.set_state(tensors["rng/generator"])
             return
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
