@@ -55,24 +55,18 @@ def numel(shape) -> int:
     return n
 
 
-def lora_params(unet_shapes: dict, rank: int, cross_only: bool) -> int:
-    """A LoRA of `rank` on the attention projections (attn2 only for DreamBooth-LoRA): r x (in + out) each."""
-    from .attacks.methods import LORA_ALL_ATTENTION, is_cross_attention
+def trained_shapes(unet_shapes: dict, attack) -> list:
+    """Shapes of the UNet tensors `attack` trains (or, for a LoRA, adapts): `attacker_pool.trained_tensors`, the
+    one definition the attacker pool trains by."""
+    from .hardening.attacker_pool import trained_tensors
 
-    total = 0
-    for n, shape in unet_shapes.items():
-        if len(shape) == 2 and any(n.endswith(f".{t}.weight") for t in LORA_ALL_ATTENTION):
-            if cross_only and not is_cross_attention(n):
-                continue
-            total += rank * (shape[0] + shape[1])
-    return total
+    names = list(unet_shapes)
+    return [unet_shapes[n] for n, on in zip(names, trained_tensors(attack, names)) if on]
 
 
-def trained_numel(unet_shapes: dict, method: str, cross_only: bool) -> int:
-    """UNet parameters a dense attacker (full, DreamBooth) trains."""
-    from .attacks.methods import is_cross_attention
-
-    return sum(numel(s) for n, s in unet_shapes.items() if not cross_only or is_cross_attention(n))
+def lora_params(unet_shapes: dict, attack) -> int:
+    """A LoRA of `attack.rank` on the projections it adapts: r x (in + out) each."""
+    return sum(attack.rank * (s[0] + s[1]) for s in trained_shapes(unet_shapes, attack) if len(s) == 2)
 
 
 def activation_bytes(model: Path, batch: int, resolution: int, trains: str) -> int:
@@ -201,12 +195,11 @@ def plan_harden(spec) -> dict:
             acts[phase.name] = max(inner, outer)
         elif phase.name == "freezeasguard":
             if spec.attacker_space is not None:
-                from .hardening.attacker_pool import draw_pool, trained_tensors
+                from .hardening.attacker_pool import draw_pool
 
-                names = list(unet)
                 lines += [Line("θ_pre and θ_ft (two UNet copies)", 2 * F32 * P), Line("UNet gradients", F32 * P)]
                 for i, a in enumerate(draw_pool(spec)):
-                    n_t = sum(numel(unet[n]) for n, on in zip(names, trained_tensors(a, names)) if on)
+                    n_t = sum(numel(x) for x in trained_shapes(unet, a))
                     moments = 2 if a.optimizer == "adamw" else 1
                     lines.append(Line(f"pool user {i} ({a.method}): its θ_ft and moments", F32 * P + moments * F32 * n_t))
             else:
@@ -244,10 +237,9 @@ def _attacker_line(a, unet: dict, P: int, label: str, stored: bool) -> Line:
     gradient and moments over what it trains (+ its displacement, kept apart, in the pool)."""
     moments = 2 if a.optimizer == "adamw" else 1
     if a.method in ("lora", "dreambooth-lora"):
-        phi = lora_params(unet, a.rank, a.method == "dreambooth-lora")
-        return Line(f"{label}: LoRA rank {a.rank}", F32 * phi * (3 + moments))
+        return Line(f"{label}: LoRA rank {a.rank}", F32 * lora_params(unet, a) * (3 + moments))
     if a.method in ("full", "dreambooth"):
-        n = trained_numel(unet, a.method, a.cross_attention_only)
+        n = sum(numel(x) for x in trained_shapes(unet, a))
         copies = (1 + moments) + (2 if stored else 0)  # gradient + moments (+ Δ and the snapshot, pool)
         return Line(f"{label}: {a.method}{' attn2' if a.cross_attention_only else ''}", F32 * n * copies)
     return Line(f"{label}: {a.method}", 0, "a few token embeddings")

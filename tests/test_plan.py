@@ -32,7 +32,7 @@ def test_plan_counts_the_parameters_the_run_trains(tiny_model_path):
                                                         for t in m.state_dict().values() if t.is_floating_point())
     ad = make_adaptation(AttackSpec(method="lora", data=".", rank=8), pipe)
     phi = sum(t.numel() for t in ad.parameters())
-    assert lora_params(header_shapes(tiny_model_path / "unet"), 8, False) == phi
+    assert lora_params(header_shapes(tiny_model_path / "unet"), AttackSpec(method="lora", data=".", rank=8)) == phi
 
 
 def test_zero_stage_and_workers_partition_the_optimizer_state():
