@@ -93,7 +93,7 @@ def _verdict(group: str, seed: int, d: dict, single: list[dict]) -> str:
 
 
 def main() -> None:
-    from raystack.atomic import atomic_write_text
+    from _results import write_results
 
     rs = rows()
     lines = ["# Robust hardening: worst-case mitigation against utility", "",
@@ -118,9 +118,7 @@ def main() -> None:
                      f"| {pct(r['others_unattacked'])} | {ratio(r['others_ratio'])} | {pct(r['default_full'])} "
                      f"| {pct(r['default_lora'])} | {r['winner'] or '—'} |")
     lines += ["", *verdicts(rs)]
-    atomic_write_text(RESULTS / "robust_frontier.json", json.dumps(rs, indent=2))
-    atomic_write_text(RESULTS / "robust_frontier.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS, "robust_frontier", rs, lines)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def main() -> None:
         print("RESULT " + json.dumps(one_run(json.loads(args.worker))))
         return
 
-    from raystack.atomic import atomic_write_text
+    from _results import write_results
+
     from raystack.hardening.spec import HardenSpec
     from raystack.models.shapes import build_pipeline_folder
     from raystack.planning import plan_harden
@@ -135,9 +136,7 @@ def main() -> None:
            "command": "python bench/scale.py " + " ".join(sys.argv[1:]), "width": args.width,
            "text_width": args.text_width, "resolution": args.resolution, "batch": args.batch,
            "build_seconds": round(build_s, 1), "load_at_start": os.getloadavg()[0], "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     res["device"] = next((r["device"] for r in rows if r.get("device")), "cpu")
-    atomic_write_text(args.out / f"{args.name}.json", json.dumps(res, indent=2))
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
     where = res["machine"] if res["device"] == "cpu" else f"{res['device']} (peak = torch's peak GPU allocation)"
     lines = [f"Made by `{res['command']}` on {where} (1-minute load {res['load_at_start']:.1f} at the end). "
@@ -154,8 +153,7 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['precision']} | {r['step_seconds']:.1f} | {gib(r['peak_rss'])} | "
                      f"{gib(r['plan_weights'])} | {gib(r['plan_method_state'])} | {gib(r['plan_activations'])} | "
                      f"{gib(r['runtime_rss'])} | {gib(r['plan_peak'])} | {r['plan_over_measured']:.2f} |")
-    atomic_write_text(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, args.name, res, lines)
 
 
 if __name__ == "__main__":
