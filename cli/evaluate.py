@@ -69,10 +69,10 @@ def evaluate(
     from raystack.outputs import check_disjoint, check_replaceable, output_lock, shown
     from raystack.tinyworld.classifier import default_classifier_path
 
+    from raystack.attacks.spec import check_device_flag
     from raystack.runtime import pick_device
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {shown(device)}: expected auto, cpu or cuda")
+    check_device_flag(device)
     if device == "cuda":
         import torch
 

@@ -25,6 +25,12 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 
 
+def check_device_flag(device) -> None:
+    """--device (attack, evaluate): auto, cpu or cuda."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {shown(device)}: expected auto, cpu or cuda")
+
+
 def check_precision_flag(precision, gpu: bool) -> None:
     from ..runtime import PRECISIONS
 
@@ -138,8 +144,7 @@ class AttackSpec:
             raise UserError("--prior-preservation needs --class-prompt")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {shown(self.optimizer)}: expected one of {', '.join(OPTIMIZERS)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {shown(self.device)}: expected auto, cpu or cuda")
+        check_device_flag(self.device)
         self.data = Path(self.data)
         self.out = Path(self.out) if self.out is not None else None
         self.freeze_mask = Path(self.freeze_mask) if self.freeze_mask else None
