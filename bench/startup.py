@@ -7,7 +7,9 @@ Modes, run alternately (round 1: every mode, round 2: every mode, ...) so a chan
 - `embedded-1w` / `embedded-2w`: the command starts its own Ray (1 or 2 Ray Train workers);
 - `running-ray`: a local Ray started once with `ray start --head` beforehand (the command joins it, 2 workers);
 - `embedded-2w-ray-train-defaults`: as embedded-2w with Ray Train's own settings (before the start-up cuts);
-- `floor`: no Ray, no DeepSpeed: one process imports, loads the pipeline and runs the method's own loop.
+- `floor`: no Ray, no DeepSpeed: one process imports, loads the pipeline and runs the method's own loop;
+- `ray-train-noop`: Ray Train's own floor: the embedded Ray as `harden` starts it and a one-worker TorchTrainer
+  whose loop does nothing but mark its entry (no model, no DeepSpeed).
 Phases come from the marks the product writes when IMMUNIZE_STARTUP_LOG is set (`raystack/timing.py`).
 With --e2e-steps N (0: skip), one more alternating pair: an N-iteration IMMA harden against the floor's N
 iterations, end to end. Writes bench/results/startup.{json,md}.
@@ -63,6 +65,30 @@ run_method(spec, pipe, 0, 1, local=True, on_step=on_step)
 mark("outputs_written")
 """
 
+#: Ray Train's own floor: the embedded Ray as `harden` starts it, then a one-worker TorchTrainer whose loop only
+#: marks its entry (raystack.timing.noop_train_loop): what Ray Train costs before any of our worker code runs
+RAY_TRAIN_NOOP = r"""
+import os
+from raystack.timing import mark
+mark("command_entered")
+mark("validated")
+from raystack.raysession import init_ray
+from raystack.hardening.driver import EMBEDDED_TRAIN_ENV, TRAIN_ENV
+init_ray(None, False, 2)
+mark("ray_ready")
+for k, v in {**TRAIN_ENV, **EMBEDDED_TRAIN_ENV}.items():
+    os.environ.setdefault(k, v)
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from raystack.timing import noop_train_loop
+trainer = TorchTrainer(noop_train_loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                       run_config=RunConfig(name="noop", storage_path=os.environ["NOOP_STORAGE"]))
+mark("fit_called")
+trainer.fit()
+mark("fit_returned")
+mark("outputs_written")
+"""
+
 
 def _world(tmp: Path) -> tuple[Path, Path]:
     target, legal = tmp / "protect", tmp / "legal"
@@ -87,8 +113,8 @@ def phases(marks: list[dict], launched: float, ended: float) -> dict:
     def span(a, b):
         return None if a is None or b is None else round(b - a, 3)
 
-    m = {e: _first(marks, e) for e in ("command_entered", "validated", "ray_ready", "fit_called", "worker_entered",
-                                       "fit_returned", "outputs_written")}
+    m = {e: _first(marks, e) for e in ("command_entered", "validated", "ray_ready", "model_checked", "fit_called",
+                                       "worker_entered", "fit_returned", "outputs_written")}
     w0 = {e: _first(marks, e, 0) for e in ("worker_imported", "pipeline_loaded", "first_step", "last_step",
                                           "worker_done")}
     ds = {e: _first(marks, e) for e in ("deepspeed_import", "deepspeed_initialize", "deepspeed_ready")}
@@ -96,13 +122,15 @@ def phases(marks: list[dict], launched: float, ended: float) -> dict:
         "python_and_cli_imports": span(launched, m["command_entered"]),
         "spec_and_validation": span(m["command_entered"], m["validated"]),
         "ray_init": span(m["validated"], m["ray_ready"]),
-        "driver_until_fit": span(m["ray_ready"], m["fit_called"]),
+        "model_check_beyond_ray_init": span(m["ray_ready"], m["model_checked"]),
+        "driver_until_fit": span(m["model_checked"] or m["ray_ready"], m["fit_called"]),
         "train_controller_and_worker_start": span(m["fit_called"], m["worker_entered"]),
         "worker_imports": span(m["worker_entered"], w0["worker_imported"]),
         "pipeline_load": span(w0["worker_imported"] or m["validated"], w0["pipeline_loaded"]),
         "deepspeed_import": span(ds["deepspeed_import"], ds["deepspeed_initialize"]),
         "deepspeed_initialize": span(ds["deepspeed_initialize"], ds["deepspeed_ready"]),
         "method_setup_and_first_step": span(w0["pipeline_loaded"], w0["first_step"]),
+        "start_to_worker_loop": span(launched, m["worker_entered"]),
         "start_to_first_step": span(launched, w0["first_step"]),
         "steps": span(w0["first_step"], w0["last_step"]),
         "after_last_step": span(w0["last_step"], ended),
@@ -117,7 +145,10 @@ def run_once(mode: str, steps: int, tmp: Path, target: Path, legal: Path, env_ra
     log = tmp / f"marks-{mode}-{secrets.token_hex(4)}.jsonl"
     env = {**os.environ, "IMMUNIZE_STARTUP_LOG": str(log), "OMP_NUM_THREADS": "1"}
     out = tmp / f"out-{secrets.token_hex(4)}"
-    if mode == "floor":
+    if mode == "ray-train-noop":
+        argv = [PY, "-c", RAY_TRAIN_NOOP]
+        env["NOOP_STORAGE"] = str(tmp / f"{out.name}.run")
+    elif mode == "floor":
         spec = {"method": "imma", "against": "lora", "params": "attn2", "batch_size": 4, "seed": 0, "steps": steps,
                 "target": [str(target)], "legal": str(legal), "out": str(out), "checkpoint_every": 10**6}
         argv = [PY, "-c", FLOOR, json.dumps(spec)]
@@ -166,9 +197,10 @@ def _median(rows: list[dict], key: str):
 
 def table(results: dict) -> str:
     modes = [m for m in results["modes"] if results["runs"].get(m)]
-    keys = ["python_and_cli_imports", "spec_and_validation", "ray_init", "driver_until_fit",
+    keys = ["python_and_cli_imports", "spec_and_validation", "ray_init", "model_check_beyond_ray_init",
+            "driver_until_fit",
             "train_controller_and_worker_start", "worker_imports", "pipeline_load", "deepspeed_import",
-            "deepspeed_initialize", "method_setup_and_first_step", "start_to_first_step", "steps",
+            "deepspeed_initialize", "method_setup_and_first_step", "start_to_worker_loop", "start_to_first_step", "steps",
             "final_report_and_worker_exit", "fit_return_and_outputs", "shutdown", "after_last_step", "total"]
     lines = [f"Made by `{results['command']}` on {results['machine']} ({results['when']}); load average at start "
              f"{results['load_at_start']}. Median seconds of {results['rounds']} alternating runs per mode, "
@@ -193,7 +225,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--e2e-steps", type=int, default=300)
-    ap.add_argument("--modes", default="embedded-1w,embedded-2w,embedded-2w-ray-train-defaults,running-ray,floor")
+    ap.add_argument("--modes", default="embedded-1w,embedded-2w,embedded-2w-ray-train-defaults,running-ray,"
+                    "ray-train-noop,floor")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     modes = args.modes.split(",")

@@ -66,5 +66,20 @@ app.add_typer(world_app, name="world")
 app.add_typer(mask_app, name="mask")
 
 
+
+
+def run() -> None:
+    """The `immunize-cli` executable: `app`, then, when the command started its own embedded Ray, an exit that
+    leaves that Ray to its parent-death watch (`raysession.exit_leaving_ray_to_reaper`): ~2.5 s less at the end
+    of every command that ran a job. In-process callers (tests, CliRunner) use `app` and exit normally."""
+    try:
+        app()
+    except SystemExit as e:
+        ray_session = sys.modules.get("raystack.raysession")
+        if ray_session is not None and ray_session.embedded_here():
+            ray_session.exit_leaving_ray_to_reaper(e.code)
+        raise
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    run()

@@ -140,6 +140,38 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_finished_command_leaves_its_embedded_ray_to_the_reaper(tmp_path):
+    """`immunize-cli` ends with os._exit once its outputs are written (cli.main.run): no ray.shutdown, no
+    interpreter teardown. The release must be complete and every process of its embedded Ray must still go."""
+    from raystack.ray_reaper import _stat, descendants
+
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    driver = subprocess.Popen(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                     str(tmp_path / "o"), "--steps", "2", "--batch-size", "2"],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict = {}
+    cmds: dict = {}
+    while driver.poll() is None:
+        for pid, start in descendants(driver.pid).items():
+            seen[pid] = start
+            cmds.setdefault(pid, _cmdline(pid))
+        time.sleep(0.2)
+    out, err = driver.communicate()
+    assert driver.returncode == 0, err[-500:]
+    assert "imma: " in out  # the last line was flushed before the fast exit
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["method"] == "imma"
+    assert any("raylet" in c for c in cmds.values()), "the run started no embedded Ray"
+
+    def alive():
+        return [p for p, start in seen.items() if (_stat(p) or (0, None))[1] == start]
+
+    t1 = time.time()
+    while alive() and time.time() - t1 < 30:
+        time.sleep(0.5)
+    assert not alive(), [_cmdline(p)[:80] for p in alive()]
+
+
+@pytest.mark.e2e
 def test_a_diverged_release_is_refused_and_nothing_is_written(tmp_path):
     """--outer-lr 1e30 (finite: the flag check lets it through) leaves weights near 1e30: the UNet predicts
     inf/NaN, the release is refused with exit 1, and neither --out nor its run folder is left."""
