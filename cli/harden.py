@@ -35,7 +35,7 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
 
     if spec.out is not None and config is not None:
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
-    validate_inputs(spec, model_shapes=False)  # the model's shapes are checked while Ray starts (run_harden)
+    validate_inputs(spec)
     mark("validated")
     quiet_libraries()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -78,3 +78,37 @@ def test_evaluate_device_is_checked(tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--run", f"m={tmp_path}", "--target", "sunset", "--device", "tpu",
                                    "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "--device tpu: expected auto, cpu or cuda" in res.stderr, res.stderr
+
+
+def test_tiny_world_clip_trains_and_is_read_by_the_zero_shot_judge(tmp_path):
+    """raystack/tinyworld/clip.py: a short training writes a folder ClipZeroShot loads; the same seed gives the
+    same weights; its zero-shot style accuracies come through the product's judge (bench/clip_agreement.py trains
+    it fully and checks it against the classifier)."""
+    from safetensors.torch import load_file
+
+    from raystack.tinyworld.clip import TinyClipSpec, style_accuracy, train_tiny_clip
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        train_tiny_clip(TinyClipSpec(out=d, steps=3, batch=16, per_combo=1, width=32, layers=1), say=lambda _: None)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    acc = style_accuracy(a, n_per_combo=1)
+    assert set(acc) == {"plain", "striped", "checkered", "dotted", "sunset"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+
+
+def test_ranking_agreement_counts_pairs():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "clip_agreement", Path(__file__).resolve().parents[1] / "bench" / "clip_agreement.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    same = mod.agreement({"a": 0.1, "b": 0.5, "c": 0.9}, {"a": 0.2, "b": 0.3, "c": 0.4})
+    assert same["kendall_tau_b"] == 1.0 and same["pairs_ordered_differently"] == 0
+    rev = mod.agreement({"a": 0.1, "b": 0.5, "c": 0.9}, {"a": 0.4, "b": 0.3, "c": 0.2})
+    assert rev["kendall_tau_b"] == -1.0 and rev["share_alike"] == 0.0
+    tie = mod.agreement({"a": 0.1, "b": 0.1, "c": 0.9}, {"a": 0.2, "b": 0.3, "c": 0.4})
+    assert tie["pairs_ordered_alike"] == 2 and 0 < tie["kendall_tau_b"] < 1

@@ -28,10 +28,8 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_METRICS_ENAB
 EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def validate_inputs(spec: HardenSpec, model_shapes: bool = True) -> None:
-    """Everything that can be checked before any worker starts, each failure naming its flag.
-    `model_shapes=False` leaves out the one slow check (every weight's shape against its config: it imports
-    diffusers and transformers, ~3-4 s); `run_harden` then runs it while Ray starts (`check_model_shapes`)."""
+def validate_inputs(spec: HardenSpec) -> None:
+    """Everything that can be checked before any worker starts, each failure naming its flag."""
     from ..imageio import read_image_folder
     from ..models.pipeline_io import check_component_shapes, check_pipeline_folder, resolve_model_path
 
@@ -45,8 +43,7 @@ def validate_inputs(spec: HardenSpec, model_shapes: bool = True) -> None:
                    with_run_dir=True)
     check_replaceable(spec.out)
     check_pipeline_folder(model, "--model")
-    if model_shapes:
-        check_component_shapes(model, "--model")
+    check_component_shapes(model, "--model")
     from ..models.pipeline_io import is_sdxl_folder
 
     if (is_sdxl_folder(model) and spec.against == "textual-inversion" and spec.attacker_space is None
@@ -184,52 +181,17 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
                validated: bool = False, in_this_process: bool = False) -> dict:
     """Submit the job, wait, assemble outputs; returns the manifest. Holds the lock on `--out` (and its run
     folder) from before Ray starts until the output is committed. `validated`: the caller has just run
-    `validate_inputs(spec, model_shapes=False)` (the CLI does, before its progress bar), so it is not run twice;
-    the model-shape check always runs here, beside Ray's start.
+    `validate_inputs(spec)` (the CLI does, before its progress bar), so it is not run twice.
     `in_this_process` (Tune trials of one-worker jobs): the worker's code runs here, no Ray Train group
     (`worker.run_in_this_process`); same result, no checkpoints to resume from."""
     if not validated:
-        validate_inputs(spec, model_shapes=False)
+        validate_inputs(spec)
     with output_lock(spec.out, "--out", with_run_dir=True):
         if spec.out.exists() and not spec.overwrite and not spec.resume:  # made while we waited for Ray's import
             raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
         if in_this_process:
-            check_model_shapes(spec)
             return _run_in_this_process(spec)
         return _run_harden_locked(spec, on_progress, fault_injection, on_info)
-
-
-def check_model_shapes(spec: HardenSpec) -> None:
-    """validate_inputs' slow check: every weight's shape against its config, on the meta device."""
-    from ..models.pipeline_io import check_component_shapes, resolve_model_path
-
-    check_component_shapes(resolve_model_path(spec.model), "--model")
-
-
-class ShapeCheckBeside:
-    """`check_model_shapes` in a child process while this one starts Ray: the check imports diffusers and
-    transformers (~3-4 s of CPU) and ray.init mostly waits on the processes it starts, so on two cores the two
-    overlap. A thread would not: it holds the GIL that ray.init's own Python needs (measured: no gain). The
-    child's verdict is one line (a UserError's message) and an exit code; `result()` raises it here."""
-
-    def __init__(self, spec: HardenSpec):
-        import subprocess
-        import sys
-
-        from ..models.pipeline_io import resolve_model_path
-
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from raystack.models.pipeline_io import check_shapes_main; "
-             "check_shapes_main(sys.argv[1])", str(resolve_model_path(spec.model))],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-
-    def result(self) -> None:
-        out, _ = self._proc.communicate()
-        if self._proc.returncode == 2:
-            raise UserError(out.strip().splitlines()[-1] if out.strip() else "--model: the shape check failed")
-        if self._proc.returncode != 0:
-            raise RuntimeError(f"the model shape check failed (exit {self._proc.returncode})")
 
 
 def _run_in_this_process(spec: HardenSpec) -> dict:
@@ -245,13 +207,8 @@ def _run_in_this_process(spec: HardenSpec) -> dict:
 
 def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) -> dict:
     t0 = time.time()
-    shapes = ShapeCheckBeside(spec)
-    try:
-        line = connect_ray(spec)
-    finally:
-        mark("ray_ready")
-        shapes.result()
-        mark("model_checked")
+    line = connect_ray(spec)
+    mark("ray_ready")
     if on_info is not None:
         on_info(line)
     run_dir = run_dir_for(spec).resolve()

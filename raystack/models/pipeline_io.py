@@ -228,21 +228,6 @@ def check_component_shapes(path: Path, flag: str = "--model") -> None:
                                 f"{expected[k]}")
 
 
-def check_shapes_main(path: str, flag: str = "--model") -> None:
-    """`check_component_shapes` as a child process's whole work (driver.ShapeCheckBeside): the error's line on
-    stdout and exit 2, or exit 0."""
-    import sys
-
-    try:
-        check_component_shapes(Path(path), flag)
-    except UserError as e:
-        sys.stdout.write(f"{e}\n")
-        sys.stdout.flush()
-        os._exit(2)
-    sys.stdout.flush()
-    os._exit(0)  # nothing to tear down: skip the interpreter's teardown of torch
-
-
 def _meta_shapes(cls, lib: str, folder: Path, flag: str) -> dict[str, tuple]:
     import torch
 
