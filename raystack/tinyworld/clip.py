@@ -51,6 +51,11 @@ def _pixels(images: np.ndarray):
     return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
 
+def _features(out):
+    """transformers 5 returns the projected features as an output's pooler_output (4: a tensor)."""
+    return out if hasattr(out, "norm") else out.pooler_output
+
+
 def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> dict:
     import torch
     import torch.nn.functional as F
@@ -97,9 +102,9 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
         sigma = torch.rand(spec.batch, 1, 1, 1, generator=g) * 0.4 * (torch.rand(spec.batch, 1, 1, 1, generator=g) < 0.5)
         x = x + sigma * torch.randn(x.shape, generator=g)
         c = cap_id[idx]
-        img = F.normalize(model.get_image_features(pixel_values=x), dim=-1)
-        txt = F.normalize(model.get_text_features(input_ids=ids.input_ids[c], attention_mask=ids.attention_mask[c]),
-                          dim=-1)
+        img = F.normalize(_features(model.get_image_features(pixel_values=x)), dim=-1)
+        txt = F.normalize(_features(model.get_text_features(input_ids=ids.input_ids[c],
+                                                            attention_mask=ids.attention_mask[c])), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         same = (c[:, None] == c[None, :]).float()  # images sharing a caption are each other's positives
         target = same / same.sum(1, keepdim=True)
