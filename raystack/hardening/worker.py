@@ -140,11 +140,16 @@ def train_loop(config: dict) -> None:
             if mine.exists():
                 resume_tensors["state/rng/generator"] = load_tensors(mine)[0]["rng/generator"]
 
+    last_shown = [0.0]
+
     def on_step(phase, done, losses):
-        if done == 1 or done == phase.total_steps():
+        ends = done == 1 or done == phase.total_steps()
+        if ends:
             mark("first_step" if done == 1 else "last_step", rank=rank, phase=phase.name)
-        if rank == 0 and progress is not None:
+        # the driver's bar polls twice a second: one actor call per 0.25 s is enough (and not one per step)
+        if rank == 0 and progress is not None and (ends or time.time() - last_shown[0] >= 0.25):
             progress.update.remote(phase.name, done, phase.total_steps(), losses)
+            last_shown[0] = time.time()
         if fault.get("rank") == rank and fault.get("step") == done and not _fault_fired(fault):
             _mark_fault(fault)
             time.sleep(float(fault.get("delay", 0)))  # let the controller take the last report first
