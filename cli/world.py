@@ -120,6 +120,36 @@ def pretrain(
 
 @world_app.command()
 @guarded
+def clip(
+    out: Path = typer.Option(..., "--out", help="Folder for the CLIP model (transformers layout) and its tokenizer."),
+    steps: int = typer.Option(1500, "--steps", min=1, help="Contrastive training steps (1500: ~3 min on 2 cores)."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+):
+    """Train a CLIP that knows the tiny world, for `evaluate --clip DIR --versus ...` on tiny-world models.
+
+    The stand-in for a real CLIP (the judge for any model): bench/clip_agreement.py checks that it ranks
+    attacked runs as the tiny world's classifier does."""
+    from raystack.errors import UserError
+    from raystack.models.pipeline_io import default_model_path
+    from raystack.outputs import check_disjoint, check_replaceable, shown
+
+    check_disjoint(out, [("the tiny world", default_model_path().parent)])
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {shown(str(out))}: already exists (pass --overwrite to replace it)")
+    if out.exists():
+        check_replaceable(out)
+    _setup()
+    from raystack.tinyworld.clip import TinyClipSpec, style_accuracy, train_tiny_clip
+
+    meta = train_tiny_clip(TinyClipSpec(out=out, steps=steps, seed=seed), say=lambda m: console.print(m))
+    acc = style_accuracy(out)
+    console.print(f"tiny CLIP: {out} ({meta['train_seconds']:.0f}s); zero-shot style accuracy on fresh images: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+
+
+@world_app.command()
+@guarded
 def sample(
     prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
     out: Path = typer.Option(..., "--out", help="PNG grid to write (one row per prompt)."),

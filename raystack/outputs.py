@@ -79,7 +79,8 @@ def check_disjoint(out: Path, inputs: Iterable[tuple[str, Path | str | None]], f
 
 #: One of these in a folder marks it as something this tool wrote (a release, an attack, a report, a data
 #: folder, a pipeline): only such a folder, or an empty one, is replaced by `--overwrite`.
-OUTPUT_MARKERS = ("manifest.json", "attack.json", "report.json", "metadata.jsonl", "model_index.json")
+OUTPUT_MARKERS = ("manifest.json", "attack.json", "report.json", "metadata.jsonl", "model_index.json",
+                  "tiny_clip.json")
 
 
 def check_replaceable(out: Path, flag: str = "--out") -> None:

@@ -112,3 +112,20 @@ def test_ranking_agreement_counts_pairs():
     assert rev["kendall_tau_b"] == -1.0 and rev["share_alike"] == 0.0
     tie = mod.agreement({"a": 0.1, "b": 0.1, "c": 0.9}, {"a": 0.2, "b": 0.3, "c": 0.4})
     assert tie["pairs_ordered_alike"] == 2 and 0 < tie["kendall_tau_b"] < 1
+
+
+def test_world_clip_command_writes_a_judge_and_refuses_bad_outputs(tmp_path):
+    """`immunize-cli world clip`: a CLIP folder evaluate --clip can read; an existing --out is refused without
+    --overwrite, and the shipped tiny world can never be the output."""
+    from raystack.models.pipeline_io import default_model_path
+
+    runner = CliRunner()
+    out = tmp_path / "clip"
+    res = runner.invoke(app, ["world", "clip", "--out", str(out), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file() and (out / "tiny_clip.json").is_file()
+    again = runner.invoke(app, ["world", "clip", "--out", str(out), "--steps", "2"])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert runner.invoke(app, ["world", "clip", "--out", str(out), "--steps", "2", "--overwrite"]).exit_code == 0
+    shipped = runner.invoke(app, ["world", "clip", "--out", str(default_model_path().parent / "x")])
+    assert shipped.exit_code == 2 and len(shipped.stderr.strip().splitlines()) == 1
