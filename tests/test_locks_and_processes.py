@@ -104,12 +104,25 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _survivors(seen: dict, timeout: float = 30.0) -> list[int]:
+    """The recorded processes ({pid: start time}) still alive after waiting up to `timeout` for them to go."""
+    from raystack.ray_reaper import _stat
+
+    def alive():
+        return [p for p, start in seen.items() if (_stat(p) or (0, None))[1] == start]
+
+    t1 = time.time()
+    while alive() and time.time() - t1 < timeout:
+        time.sleep(0.5)
+    return alive()
+
+
 @pytest.mark.e2e
 def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
     """Ray's fate-sharing ends the GCS and raylet with the driver, not the dashboard and runtime-env agents the
     raylet starts: without the parent-death watch they kept running (seen: ray::DashboardAgent and
     ray::RuntimeEnvAgent re-parented to init)."""
-    from raystack.ray_reaper import _stat, descendants
+    from raystack.ray_reaper import descendants
 
     write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
     driver = subprocess.Popen(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
@@ -127,13 +140,8 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
 
-        def alive():
-            return [p for p, start in seen.items() if (_stat(p) or (0, None))[1] == start]
-
-        t1 = time.time()
-        while alive() and time.time() - t1 < 30:
-            time.sleep(0.5)
-        assert not alive(), [_cmdline(p)[:80] for p in alive()]
+        left = _survivors(seen)
+        assert not left, [_cmdline(p)[:80] for p in left]
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -143,7 +151,7 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
 def test_a_finished_command_leaves_its_embedded_ray_to_the_reaper(tmp_path):
     """`immunize-cli` ends with os._exit once its outputs are written (cli.main.run): no ray.shutdown, no
     interpreter teardown. The release must be complete and every process of its embedded Ray must still go."""
-    from raystack.ray_reaper import _stat, descendants
+    from raystack.ray_reaper import descendants
 
     write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
     driver = subprocess.Popen(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
@@ -162,13 +170,8 @@ def test_a_finished_command_leaves_its_embedded_ray_to_the_reaper(tmp_path):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["method"] == "imma"
     assert any("raylet" in c for c in cmds.values()), "the run started no embedded Ray"
 
-    def alive():
-        return [p for p, start in seen.items() if (_stat(p) or (0, None))[1] == start]
-
-    t1 = time.time()
-    while alive() and time.time() - t1 < 30:
-        time.sleep(0.5)
-    assert not alive(), [_cmdline(p)[:80] for p in alive()]
+    left = _survivors(seen)
+    assert not left, [_cmdline(p)[:80] for p in left]
 
 
 @pytest.mark.e2e
