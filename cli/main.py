@@ -66,8 +66,6 @@ app.add_typer(world_app, name="world")
 app.add_typer(mask_app, name="mask")
 
 
-
-
 def run() -> None:
     """The `immunize-cli` executable: `app`, then, when the command started its own embedded Ray, an exit that
     leaves that Ray to its parent-death watch (`raysession.exit_leaving_ray_to_reaper`): ~2.5 s less at the end
