@@ -81,6 +81,24 @@ def test_oversubscribed_harden_fails_fast_without_starting_ray(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
 
 
+def test_a_gpu_request_this_machine_cannot_meet_fails_fast_with_the_numbers(tmp_path):
+    """`--use-gpu` where there is no GPU: one line with the count, in seconds, before any Ray starts (it used to
+    wait at "starting Ray 0/1" with no word)."""
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    write_concept_folder(tmp_path / "t", ["circle"], ["red"], ["sunset"], 1, 0, None, False)
+    t0 = time.time()
+    res = subprocess.run(CLI + ["harden", "--method", "imma", "--target", str(tmp_path / "t"), "--out",
+                                str(tmp_path / "o"), "--use-gpu"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "--workers 1 --use-gpu: this machine has 0 GPU(s)" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert time.time() - t0 < 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
 @pytest.mark.e2e
 @pytest.mark.ray
 def test_oversubscribed_cluster_fails_with_the_numbers(ray_session):
@@ -93,6 +111,8 @@ def test_oversubscribed_cluster_fails_with_the_numbers(ray_session):
         check_cluster_capacity(8, False, None)
     with pytest.raises(UserError, match="waited --placement-timeout"):
         check_cluster_capacity(8, False, 1.0)
+    with pytest.raises(UserError, match=r"--workers 1: the cluster has 0 GPU\(s\) in total"):
+        check_cluster_capacity(1, True, None)  # a GPU job on a cluster without GPUs: at once, not a silent wait
     assert time.time() - t0 < 30
     check_cluster_capacity(2, False, None)
 
