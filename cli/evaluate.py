@@ -66,7 +66,7 @@ def evaluate(
 ):
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
-    from raystack.outputs import check_disjoint, check_replaceable, output_lock, shown
+    from raystack.outputs import check_disjoint, check_new_output, output_lock, shown
     from raystack.tinyworld.classifier import default_classifier_path
 
     from raystack.attacks.spec import check_device_flag
@@ -123,9 +123,7 @@ def evaluate(
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--redteam", redteam),
                          ("--reference", reference), ("--clip", clip),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out}: already exists (pass --overwrite to replace it)")
-    check_replaceable(out)
+    check_new_output(out, overwrite)
     if baseline is not None and baseline not in runs:
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):

@@ -130,15 +130,11 @@ def clip(
 
     The stand-in for a real CLIP (the judge for any model): bench/clip_agreement.py checks that it ranks
     attacked runs as the tiny world's classifier does."""
-    from raystack.errors import UserError
     from raystack.models.pipeline_io import default_model_path
-    from raystack.outputs import check_disjoint, check_replaceable, shown
+    from raystack.outputs import check_disjoint, check_new_output
 
     check_disjoint(out, [("the tiny world", default_model_path().parent)])
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {shown(str(out))}: already exists (pass --overwrite to replace it)")
-    if out.exists():
-        check_replaceable(out)
+    check_new_output(out, overwrite)
     _setup()
     from raystack.tinyworld.clip import TinyClipSpec, style_accuracy, train_tiny_clip
 

@@ -39,6 +39,28 @@ class ClassifierEmbedder:
         return self.judge(images)["features"]
 
 
+#: the image normalisation each kind of model was trained with: CLIP's own, and ImageNet's for DINO
+NORMALISATION = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                 "dino": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def model_pixels(images: np.ndarray, size: int, kind: str):
+    """uint8 N x H x W x 3 -> the N x 3 x size x size input a `kind` model expects (bicubic resize, then its
+    normalisation). The tiny world's CLIP trains on exactly this."""
+    import torch
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1).float() for v in NORMALISATION[kind])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    return (x - mean) / std
+
+
+def projected_features(out):
+    """What CLIP's get_image_features / get_text_features return: a tensor (transformers 4), or an output whose
+    pooler_output holds it (transformers 5)."""
+    return out if hasattr(out, "norm") else out.pooler_output
+
+
 class ClipZeroShot:
     """Concept accuracy for any model, with a local CLIP folder: each image is assigned the label (a concept's
     prompt: the target, or one of the `--versus` alternatives) whose text embedding is most similar to it,
@@ -58,8 +80,8 @@ class ClipZeroShot:
         self.labels = list(labels)
         ids = tok(self.labels, padding=True, truncation=True, return_tensors="pt")
         with torch.no_grad():
-            t = self.images.model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask)
-            t = t if isinstance(t, torch.Tensor) else t.pooler_output
+            t = projected_features(self.images.model.get_text_features(input_ids=ids.input_ids,
+                                                                       attention_mask=ids.attention_mask))
         self.text = torch.nn.functional.normalize(t, dim=-1).numpy()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -90,18 +112,13 @@ class HFImageEmbedder:
         self.model = model.eval()
         cfg = getattr(model.config, "vision_config", model.config)
         self.size = int(getattr(cfg, "image_size", 224))
-        self.mean = np.array([0.48145466, 0.4578275, 0.40821073] if kind == "clip" else [0.485, 0.456, 0.406])
-        self.std = np.array([0.26862954, 0.26130258, 0.27577711] if kind == "clip" else [0.229, 0.224, 0.225])
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        x = (x - torch.tensor(self.mean).view(1, 3, 1, 1).float()) / torch.tensor(self.std).view(1, 3, 1, 1).float()
+        x = model_pixels(images, self.size, "clip" if self.name == "clip" else "dino")
         with torch.no_grad():
             if self.name == "clip":
-                f = self.model.get_image_features(pixel_values=x)
-                f = f if isinstance(f, torch.Tensor) else f.pooler_output
+                f = projected_features(self.model.get_image_features(pixel_values=x))
             else:
                 f = self.model(pixel_values=x).last_hidden_state[:, 0]
         return torch.nn.functional.normalize(f, dim=-1).numpy()

@@ -83,6 +83,13 @@ OUTPUT_MARKERS = ("manifest.json", "attack.json", "report.json", "metadata.jsonl
                   "tiny_clip.json")
 
 
+def check_new_output(out: Path, overwrite: bool, flag: str = "--out") -> None:
+    """`out` is new, or `overwrite` replaces an earlier output of this tool (never an arbitrary folder)."""
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{flag} {out}: already exists (pass --overwrite to replace it)")
+    check_replaceable(out, flag)
+
+
 def check_replaceable(out: Path, flag: str = "--out") -> None:
     """`--overwrite` replaces what a previous run wrote, never an arbitrary folder (`--out ~ --overwrite`)."""
     out = Path(out)

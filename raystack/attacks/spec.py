@@ -163,8 +163,6 @@ class AttackSpec:
 
     def check_out_free(self) -> None:
         """--out is new, or --overwrite replaces an earlier output of this tool."""
-        from ..outputs import check_replaceable
+        from ..outputs import check_new_output
 
-        if self.out.exists() and not self.overwrite:
-            raise UserError(f"--out {self.out}: already exists (pass --overwrite to replace it)")
-        check_replaceable(self.out)
+        check_new_output(self.out, self.overwrite)

@@ -21,10 +21,6 @@ import numpy as np
 
 from .data import concept_set
 
-#: CLIP's own image normalisation, which `metrics.HFImageEmbedder` applies to every image it embeds
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass
 class TinyClipSpec:
@@ -43,19 +39,6 @@ class TinyClipSpec:
     layers: int = 3
 
 
-def _pixels(images: np.ndarray):
-    """uint8 N x H x W x 3 -> CLIP's normalised N x 3 x H x W (the preprocessing HFImageEmbedder applies)."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-
-def _features(out):
-    """transformers 5 returns the projected features as an output's pooler_output (4: a tensor)."""
-    return out if hasattr(out, "norm") else out.pooler_output
-
-
 def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> dict:
     import torch
     import torch.nn.functional as F
@@ -63,6 +46,7 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     from ..atomic import atomic_dir
+    from ..metrics import model_pixels, projected_features
     from ..models.pipeline_io import default_model_path
     from ..runtime import seed_everything
     from .classifier import _roundtrip
@@ -92,7 +76,7 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
     model = CLIPModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
-    x_all = _pixels(images)
+    x_all = model_pixels(images, size, "clip")  # what the judge (metrics.HFImageEmbedder) feeds it
     g = torch.Generator().manual_seed(spec.seed)
     t0 = time.time()
     model.train()
@@ -102,9 +86,9 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
         sigma = torch.rand(spec.batch, 1, 1, 1, generator=g) * 0.4 * (torch.rand(spec.batch, 1, 1, 1, generator=g) < 0.5)
         x = x + sigma * torch.randn(x.shape, generator=g)
         c = cap_id[idx]
-        img = F.normalize(_features(model.get_image_features(pixel_values=x)), dim=-1)
-        txt = F.normalize(_features(model.get_text_features(input_ids=ids.input_ids[c],
-                                                            attention_mask=ids.attention_mask[c])), dim=-1)
+        img = F.normalize(projected_features(model.get_image_features(pixel_values=x)), dim=-1)
+        txt = F.normalize(projected_features(model.get_text_features(input_ids=ids.input_ids[c],
+                                                                     attention_mask=ids.attention_mask[c])), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
         same = (c[:, None] == c[None, :]).float()  # images sharing a caption are each other's positives
         target = same / same.sum(1, keepdim=True)
