@@ -1,7 +1,8 @@
 """erase → harden on the tiny world, through the CLI: what each erasure takes out, what a LoRA re-learns after it,
 and what IMMA on the erased weights keeps from being re-learnt — single concept and three concepts at once.
 
-    .venv/bin/python bench/erase.py [--seeds 0,1] [--samples 40] [--parts erase,relearn,three] [--work DIR]
+    .venv/bin/python bench/erase.py [--seeds 0,1] [--samples 40] [--parts erase,relearn,relearn-esd,three]
+        [--work DIR]
 
 Every model is made and judged by `immunize-cli` commands (erase, harden, attack, evaluate), each a fresh process
 as a user runs them; a step whose output exists is skipped, so an interrupted run continues where it stopped.
@@ -11,6 +12,8 @@ Parts (the style: dotted, trained into the tiny model; anchor: plain):
            3e-3, retain weight 10, retain target = the erased model, 300 steps); the default `attack --method lora`
            on the attacker's own images of the style against original, erased and erased + IMMA (and UCE-erased);
            `evaluate` after the attack with a fresh sampling seed.
+- relearn-esd: the same with the ESD-x-erased model (IMMA's own setting, Tab. 3: ESD-erased weights), its own
+           `evaluate` (eval-relearn-esd-x).
 - three:   dotted, striped and checkered erased with UCE and hardened with IMMA in one job (`harden --erase uce`,
            one --target folder per concept: balanced draws); one LoRA re-learning all three; `evaluate` with the
            three --target flags (each concept on its own, the mean and the worst).
@@ -34,7 +37,7 @@ CLI = [sys.executable, "-m", "cli.main"]
 STYLE, ANCHOR = "dotted", "plain"
 THREE = ("dotted", "striped", "checkered")
 #: per erasure method: its flags (trained methods: steps and learning rate of the cross-attention fine-tune)
-ERASERS = {"uce": [], "ablation": ["--erase-steps", "40"], "esd-x": ["--erase-steps", "200", "--esd-guidance", "3"]}
+ERASERS = {"uce": [], "ablation": ["--erase-steps", "40"], "esd-x": ["--erase-steps", "200"]}
 IMMA = ["--method", "imma", "--against", "lora", "--steps", "300", "--batch-size", "8", "--outer-lr", "3e-3",
         "--retain-weight", "10", "--params", "attn2", "--retain-target", "original"]
 
@@ -88,7 +91,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--samples", type=int, default=40, help="images per protected concept")
     ap.add_argument("--other-samples", type=int, default=12, help="images per other concept")
-    ap.add_argument("--parts", default="erase,relearn,three")
+    ap.add_argument("--parts", default="erase,relearn,relearn-esd,three")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
     ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -103,7 +106,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     n = str(args.samples)
     evaluate_n = ["--samples", n, "--other-samples", str(args.other_samples)]
-    rows: dict[str, list] = {"erase": [], "relearn": [], "three": []}
+    rows: dict[str, list] = {"erase": [], "relearn": [], "three": []}  # relearn-esd adds to relearn
     common = ["--concept", STYLE, "--anchor", ANCHOR, "--target", str(d / STYLE / "protect"), "--legal",
               str(d / "legal")]
     for seed in seeds:
@@ -146,6 +149,25 @@ def main() -> None:
                                         "others_no_attack": runs[m]["other_accuracy_mean"],
                                         "target_after_lora": lora.get("target_accuracy"),
                                         "others_after_lora": lora.get("other_accuracy_mean")})
+        if "relearn-esd" in parts:  # IMMA's own setting: ESD-erased weights (IMMA Tab. 3), re-learnt by LoRA
+            esd = once(s / "erased-esd-x", log, "erase", "--method", "esd-x", *ERASERS["esd-x"], *common, "--seed",
+                       str(seed))
+            hardened = once(s / "erased-esd-x+imma", log, "harden", *IMMA, "--model", str(esd),
+                            "--target", str(d / STYLE / "protect"), "--legal", str(d / "legal"), "--seed", str(seed))
+            models = {"esd-x": esd, "esd-x-imma": hardened}
+            attacked = {m: once(s / f"lora-{m}", log, "attack", "--method", "lora", "--model", str(p), "--data",
+                                str(d / STYLE / "attacker"), "--seed", "0") for m, p in models.items()}
+            ev = once(s / "eval-relearn-esd-x", log, "evaluate",
+                      *[a for m, p in models.items() for a in ("--run", f"{m}={p}")],
+                      *[a for m, p in attacked.items() for a in ("--run", f"{m}.lora={p}")],
+                      "--target", STYLE, *evaluate_n, "--no-curves", "--seed", sample_seed)
+            runs = report(ev)
+            for m in models:
+                lora = runs[f"{m}.lora"]
+                rows["relearn"].append({"seed": seed, "model": m, "target_no_attack": runs[m]["target_accuracy"],
+                                        "others_no_attack": runs[m]["other_accuracy_mean"],
+                                        "target_after_lora": lora["target_accuracy"],
+                                        "others_after_lora": lora["other_accuracy_mean"]})
         if "three" in parts:
             targets = [a for st in THREE for a in ("--target", str(d / st / "protect"))]
             hardened = once(s / "three-uce+imma", log, "harden", "--erase", "uce", "--concept", ",".join(THREE),
@@ -182,8 +204,9 @@ def write(args, rows: dict) -> None:
     merged = {}
     for part in ("erase", "relearn", "three"):
         new = rows[part]
-        seeds = {r["seed"] for r in new}
-        merged[part] = sorted([r for r in old.get("rows", {}).get(part, []) if r["seed"] not in seeds] + new,
+        fresh = {(r["seed"], r.get("model")) for r in new}  # relearn rows are merged by model too (two parts fill it)
+        merged[part] = sorted([r for r in old.get("rows", {}).get(part, [])
+                               if (r["seed"], r.get("model")) not in fresh and (r["seed"], None) not in fresh] + new,
                               key=lambda r: r["seed"])
     command = "python bench/erase.py " + " ".join(sys.argv[1:])
     commands = [c for c in old.get("commands", []) if c != command] + [command]
@@ -205,12 +228,13 @@ def write(args, rows: dict) -> None:
     if merged["relearn"]:
         lines += ["", "### Re-learning by LoRA after erasure, and IMMA on the erased weights", "",
                   "| seed | model | style, no attack | others, no attack | style after LoRA | others after LoRA "
-                  "| after LoRA ÷ erase-only (ablation) |", "|---|---|---|---|---|---|---|"]
+                  "| after LoRA ÷ erase-only |", "|---|---|---|---|---|---|---|"]
         for r in merged["relearn"]:
-            ref = next(x for x in merged["relearn"] if x["seed"] == r["seed"] and x["model"] == "ablation")
-            ratio = (f"{r['target_after_lora'] / ref['target_after_lora']:.2f}" if r["model"] == "ablation-imma"
-                     and ref["target_after_lora"] else "–")
-            if r["model"] == "ablation-imma":
+            ratio = "–"
+            if r["model"].endswith("-imma"):  # X-imma against X, the same erasure without IMMA
+                ref = next(x for x in merged["relearn"] if x["seed"] == r["seed"] and x["model"] == r["model"][:-5])
+                if ref["target_after_lora"]:
+                    ratio = f"{r['target_after_lora'] / ref['target_after_lora']:.2f}"
                 ratio += f" (others {r['others_no_attack'] / ref['others_no_attack']:.2f}× unattacked)"
             lines.append(f"| {r['seed']} | {r['model']} | {pct(r['target_no_attack'])} | {pct(r['others_no_attack'])} "
                          f"| {pct(r['target_after_lora'])} | {pct(r['others_after_lora'])} | {ratio} |")

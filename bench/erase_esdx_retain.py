@@ -1,10 +1,13 @@
-"""ESD-x's retain term: does a stronger one keep the other concepts at >= 0.9x the original?
+"""ESD-x's retain term: does a stronger one keep the other concepts at >= 0.9x the original? (ESD-x in the paper's
+form, guided away from the empty prompt: `--esd-neutral empty`; the product's default now guides away from the
+anchor caption, bench/erase.py.)
 
     .venv/bin/python bench/erase_esdx_retain.py [--work runs/bench-erase] [--weights 30] [--seeds 0,1]
 
 Reads the default ESD-x rows `bench/erase.py` made (`--erase-retain-weight 10`, the default: `s<seed>/eval-erase`)
 and, per extra weight W, erases with `immunize-cli erase --method esd-x --erase-steps 200 --esd-guidance 3
---erase-retain-weight W` on the same data and seed (`s<seed>/erased-esd-x-r<W>`, skipped when it exists) and
+--esd-neutral empty --erase-retain-weight W` on the same data and seed (`s<seed>/erased-esd-x-r<W>`, skipped when
+it exists) and
 scores it with `immunize-cli evaluate` exactly as bench/erase.py does (40 samples of the style, 12 per other
 concept, sampling seed 100 + seed). Writes bench/results/erase_esdx_retain.{json,md}.
 """
@@ -55,7 +58,8 @@ def main() -> None:
             tag = f"r{w:g}"
             model = s / f"erased-esd-x-{tag}"
             if not (model / "manifest.json").is_file():
-                _run(["erase", "--method", "esd-x", "--erase-steps", "200", "--esd-guidance", "3",
+                _run(["erase", "--method", "esd-x", "--erase-steps", "200", "--esd-guidance", "3", "--esd-neutral",
+                      "empty",
                       "--erase-retain-weight", f"{w:g}", "--concept", STYLE, "--anchor", ANCHOR, "--target",
                       str(data / STYLE / "protect"), "--legal", str(data / "legal"), "--seed", str(seed),
                       "--out", str(model)])
@@ -75,7 +79,8 @@ def main() -> None:
            "machine": f"{platform.node()} ({os.cpu_count()} CPUs)", "when": time.strftime("%Y-%m-%d %H:%M"),
            "rows": rows}
     lines = [f"Made by `{res['command']}` on {res['machine']} ({res['when']}). Tiny world, style `{STYLE}` erased "
-             f"towards `{ANCHOR}` by ESD-x (200 steps, guidance 3) with the retain term on the other styles' legal "
+             f"towards `{ANCHOR}` by ESD-x in the paper's form (guided away from the empty prompt, `--esd-neutral "
+             "empty`; 200 steps, guidance 3) with the retain term on the other styles' legal "
              "images at each weight; 40 samples of the style, 12 per other concept, sampling seed 100 + seed. "
              "Acceptance (issue 21): style <= 10% with the other concepts >= 0.9x the original.", "",
              "| seed | retain weight | style | other concepts | others ÷ original |", "|---|---|---|---|---|"]

@@ -185,7 +185,8 @@ def plan_harden(spec) -> dict:
                 lines.append(Line("outer gradient at the adapted point", F32 * n_s))
             else:
                 attackers = [AttackSpec(method=spec.against, data=".", rank=spec.rank)]
-                lines.append(_attacker_line(attackers[0], unet, P, f"simulated attacker ({spec.against})", stored=False))
+                lines.append(_attacker_line(attackers[0], unet, P, f"simulated attacker ({spec.against})", stored=False,
+                                            part=world if stage >= 1 and spec.inner_optimizer == "adamw" else 1))
             if spec.retain_target == "original" and spec.retain_weight > 0 and spec.legal is not None:
                 lines.append(Line("retain teacher (a UNet copy)", F32 * P))
             # the attacker's step and the outer step are separate backward passes: the larger one counts
@@ -203,8 +204,12 @@ def plan_harden(spec) -> dict:
                     moments = 2 if a.optimizer == "adamw" else 1
                     lines.append(Line(f"pool user {i} ({a.method}): its θ_ft and moments", F32 * P + moments * F32 * n_t))
             else:
-                lines += [Line("θ_d (a UNet copy)", F32 * P), Line("UNet gradients", F32 * P)]
-            lines.append(Line("preparation fine-tune's Adam moments (during preparation only)", 2 * F32 * P,
+                part = world if stage == 3 else 1
+                lines += [Line("θ_d (a UNet copy)", F32 * P // part, f"1/{part} per rank (ZeRO-3)" if part > 1 else
+                               "whole on every rank"), Line("UNet gradients", F32 * P)]
+            part = world if stage >= 1 else 1
+            lines.append(Line("preparation fine-tune's Adam moments (during preparation only)", 2 * F32 * P // part,
+                              f"freed before the mask steps; 1/{part} per rank" if part > 1 else
                               "freed before the mask steps; counted, as it sets the peak"))
             acts[phase.name] = act(b, "all")  # one mixed illegal + legal batch
         elif phase.name in ("esd-x", "ablation"):
@@ -232,14 +237,16 @@ def _inner_trains(a) -> str:
     return "all" if a.method in ("full", "dreambooth") else "attention"
 
 
-def _attacker_line(a, unet: dict, P: int, label: str, stored: bool) -> Line:
+def _attacker_line(a, unet: dict, P: int, label: str, stored: bool, part: int = 1) -> Line:
     """A simulated attacker's memory: LoRA's adapter (+ gradient, moments, warm copy), or a dense attacker's
-    gradient and moments over what it trains (+ its displacement, kept apart, in the pool)."""
+    gradient and moments over what it trains (+ its displacement, kept apart, in the pool); `part`: the ranks
+    its moments are partitioned over (ZeRO-1+)."""
     moments = 2 if a.optimizer == "adamw" else 1
+    note = f"moments 1/{part} per rank" if part > 1 else ""
     if a.method in ("lora", "dreambooth-lora"):
-        return Line(f"{label}: LoRA rank {a.rank}", F32 * lora_params(unet, a) * (3 + moments))
+        return Line(f"{label}: LoRA rank {a.rank}", F32 * lora_params(unet, a) * (3 * part + moments) // part, note)
     if a.method in ("full", "dreambooth"):
         n = sum(numel(x) for x in trained_shapes(unet, a))
-        copies = (1 + moments) + (2 if stored else 0)  # gradient + moments (+ Δ and the snapshot, pool)
-        return Line(f"{label}: {a.method}{' attn2' if a.cross_attention_only else ''}", F32 * n * copies)
+        copies = (1 + 2 * int(stored)) * part + moments  # gradient (+ Δ and the snapshot, pool) + moments, in 1/part
+        return Line(f"{label}: {a.method}{' attn2' if a.cross_attention_only else ''}", F32 * n * copies // part, note)
     return Line(f"{label}: {a.method}", 0, "a few token embeddings")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +124,26 @@ def test_trained_erasure_resumes_exactly(dotted):
     assert all(torch.allclose(run.changed[k], again.changed[k], atol=1e-6) for k in run.changed)
 
 
+@pytest.mark.parametrize("neutral", ["anchor", "empty"])
+def test_esd_goal_guides_away_from_the_neutral_prediction(neutral, tiny_pipe):
+    """ε(x, n) − η (ε(x, c) − ε(x, n)), n the anchor caption (default) or the empty prompt (the paper's)."""
+    from raystack.diffusion import FrozenTextCache, unet_predict
+    from raystack.hardening.erase import ESDxPhase
+
+    phase = object.__new__(ESDxPhase)  # the goal alone: the teacher, the text cache and the spec
+    phase.teacher, phase.text = tiny_pipe.unet, FrozenTextCache(tiny_pipe)
+    phase.spec = HardenSpec(method="esd-x", concept="dotted", anchor="plain", target=[Path(".")], esd_guidance=2.0,
+                            esd_neutral=neutral)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([100, 700])
+    caps, anchors = ["a red circle in dotted style"] * 2, ["a red circle in plain style"] * 2
+    with torch.no_grad():
+        goal = phase.goal(x, t, caps, anchors)
+        n = unet_predict(tiny_pipe.unet, x, t, phase.text(anchors if neutral == "anchor" else ["", ""]))
+        c = unet_predict(tiny_pipe.unet, x, t, phase.text(caps))
+    assert torch.allclose(goal, n - 2.0 * (c - n), atol=1e-6)
+
+
 def test_erase_bad_input(dotted, tmp_path):
     from raystack.tinyworld.folder import write_concept_folder
 
@@ -135,6 +156,7 @@ def test_erase_bad_input(dotted, tmp_path):
         (["erase", "--method", "ablation", "--concept", "dotted", "--target", str(tmp_path / "other"),
           "--out", str(tmp_path / "o")], "does not name the concept"),
         (["erase", "--method", "esd-x", "--concept", "dotted", "--esd-guidance", "0", *base], "--esd-guidance 0"),
+        (["erase", "--method", "esd-x", "--concept", "dotted", "--esd-neutral", "none", *base], "--esd-neutral none"),
         (["harden", "--erase", "uce", "--method", "ablation", "--concept", "dotted", *base], "two erasures"),
         (["erase", "--method", "uce", "--concept", "dotted", "--anchor", "", *base], "as many tokens"),
         (["erase", "--method", "ablation", "--concept", "dotted", "--zero-stage", "3", *base],

@@ -120,3 +120,48 @@ def torch_equal(x, y) -> bool:
     import torch
 
     return bool(torch.allclose(x, y, rtol=0, atol=1e-6))
+
+
+def test_freezeasguard_zero3_partitions_its_second_copy_and_resumes_to_zero0s_mask(data, tmp_path, ray_session):
+    """Under ZeRO-3 each rank keeps half of θ_d (raystack/hardening/sharded.py): the step-2 checkpoint (θ_d
+    gathered on rank 0) and the released mask must be ZeRO-0's, with a worker killed at step 3 on the way."""
+    from raystack.checkpoint import load_tensors
+    from raystack.hardening.driver import run_dir_for
+
+    def ckpt(spec):
+        states = [load_tensors(c / "state.safetensors") for c in (run_dir_for(spec) / "harden").glob("checkpoint_*")
+                  if (c / "state.safetensors").exists()]
+        [step2] = [t for t, meta in states if meta.get("step") == 2 and meta.get("phase_index") == 0]
+        return step2
+
+    kw = dict(method="freezeasguard", rho=0.3, steps=4, checkpoint_every=2, keep_run=True, seed=5)
+    zero0 = _spec(tmp_path, data, zero_stage=0, out=tmp_path / "zero0", **kw)
+    zero3 = _spec(tmp_path, data, zero_stage=3, out=tmp_path / "zero3", max_failures=1, **kw)
+    run_harden(zero0)
+    marker = tmp_path / "fault-fired"
+    manifest = run_harden(zero3, fault_injection={"rank": 1, "step": 3, "delay": 3, "marker": str(marker)})
+    assert marker.exists() and manifest["resumed_from"] == {"phase": "freezeasguard", "step": 2}
+    a, b = ckpt(zero0), ckpt(zero3)
+    assert any(k.startswith("state/theta_d/") for k in a) and a.keys() == b.keys()
+    # to rounding (Eq. 8's inner products are summed in another order); DeepSpeed's ZeRO-3 replacement of
+    # F.linear, which our engine config turns off, had moved θ_d by ~1e-4 through the preparation's Adam
+    diffs = {k: float((a[k] - b[k]).abs().max()) for k in a if k.startswith(("state/theta_", "state/mask/"))}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= 1e-6, (worst, diffs[worst])
+    names = [n for n in a if n.startswith("state/theta_m/")]
+    names = [n[len("state/theta_m/"):] for n in names]
+    assert load_freeze_mask(zero0.out / "freeze_mask.safetensors", names) == \
+        load_freeze_mask(zero3.out / "freeze_mask.safetensors", names)
+
+
+def test_imma_vs_full_with_partitioned_attacker_moments_releases_zero0s_weights(data, tmp_path, ray_session):
+    """From ZeRO-1 on, the simulated full fine-tune's AdamW moments (two UNets) are split across the ranks
+    (torch's ZeroRedundancyOptimizer); each rank steps its share and broadcasts it, so the release is ZeRO-0's."""
+    from raystack.models.pipeline_io import load_pipeline
+
+    kw = dict(method="imma", against="full", steps=2, inner_steps=2, seed=2)
+    zero0 = run_harden(_spec(tmp_path, data, zero_stage=0, out=tmp_path / "zero0", **kw))
+    zero2 = run_harden(_spec(tmp_path, data, zero_stage=2, out=tmp_path / "zero2", **kw))
+    assert zero0["changed_tensors"] == zero2["changed_tensors"] and zero2["world_size"] == 2
+    a, b = load_pipeline(tmp_path / "zero0").unet.state_dict(), load_pipeline(tmp_path / "zero2").unet.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

@@ -13,7 +13,9 @@ def ds_config(spec) -> dict:
     return {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": spec.zero_stage},
+        # ZeRO-3 would otherwise replace torch.nn.functional.linear process-wide ("memory efficient linear"):
+        # every Linear of the UNet and text encoder, which the engine does not own, computing differently
+        "zero_optimization": {"stage": spec.zero_stage, "memory_efficient_linear": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,

@@ -8,7 +8,9 @@ with checkpoints, resume and a manifest, and `harden --erase METHOD` runs it bef
   cross-attention is trained so the UNet predicts what the frozen original predicts for the *anchor* caption
   (the concept's word replaced by --anchor).
 - **esd-x** (ESD on cross-attention, Gandikota et al. 2023): the prediction for the concept's caption is
-  trained towards the original's negatively guided one, ε(x, ∅) − η (ε(x, c) − ε(x, ∅)).
+  trained towards the original's negatively guided one, ε(x, n) − η (ε(x, c) − ε(x, n)). The paper's prompts
+  name only the concept and its n is the empty prompt; our captions also name shapes and colours, which
+  ε(x, c) − ε(x, ∅) guides away as well, so n is by default the anchor caption (--esd-neutral).
 - **uce** (unified concept editing, Gandikota et al. 2024): closed form, no training; each cross-attention
   key/value projection W is replaced by the least-squares W' that maps the concept's text embeddings where W
   maps the anchor's, and keeps W on the preserved (--legal) captions:
@@ -151,7 +153,9 @@ class _TrainedErasure(HardeningPhase):
         return {n: p.detach().cpu().clone() for n, p in self.S.items()}
 
     def state(self) -> dict:
-        return {**{f"theta/{k}": v for k, v in self.changed().items()}, "rng/generator": self.generator.get_state()}
+        """Built on rank 0, which writes the checkpoint; the others keep their RNG only."""
+        theta = self.changed() if self.rank == 0 else {}
+        return {**{f"theta/{k}": v for k, v in theta.items()}, "rng/generator": self.generator.get_state()}
 
     def load_state(self, tensors: dict) -> None:
         load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")})
@@ -175,14 +179,16 @@ class AblationPhase(_TrainedErasure):
 
 
 class ESDxPhase(_TrainedErasure):
-    """ESD-x: the concept's caption predicts the original's negatively guided prediction."""
+    """ESD-x: the concept's caption predicts the original's negatively guided prediction, away from the
+    concept-free one (the anchor caption, or the empty prompt as in the paper)."""
 
     name = "esd-x"
 
     def goal(self, noisy, t, captions, anchors):
-        uncond = unet_predict(self.teacher, noisy, t, self.text([""] * len(captions)))
+        neutral_captions = anchors if self.spec.esd_neutral == "anchor" else [""] * len(captions)
+        neutral = unet_predict(self.teacher, noisy, t, self.text(neutral_captions))
         cond = unet_predict(self.teacher, noisy, t, self.text(captions))
-        return uncond - self.spec.esd_guidance * (cond - uncond)
+        return neutral - self.spec.esd_guidance * (cond - neutral)
 
 
 def uce_edit(w, concept, anchor, preserve=None, scale: float = 1.0, ridge: float = UCE_RIDGE):

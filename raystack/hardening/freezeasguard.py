@@ -55,6 +55,9 @@ def user_steps(params: list, theta_d: list, m, loss_fn, lr: float, steps: int, a
     """L simulated user steps on θ(m) (Eq. 10) with the matching update of θ_d (Eq. 9)."""
     import torch
 
+    from .sharded import ShardedTensors
+
+    store = ShardedTensors.wrap(theta_d)  # a list, or the copy partitioned across ranks (ZeRO-3)
     last = 0.0
     for _ in range(steps):
         loss = loss_fn()
@@ -62,31 +65,37 @@ def user_steps(params: list, theta_d: list, m, loss_fn, lr: float, steps: int, a
         if all_reduce is not None:
             all_reduce(grads)
         with torch.no_grad():
-            for i, (p, d, g) in enumerate(zip(params, theta_d, grads)):
+            for i, (p, g) in enumerate(zip(params, grads)):
                 free = 1.0 - m[i]
-                d.add_(g, alpha=float(lr * free))  # Eq. 9
+                store.add_(i, g, float(lr * free))  # Eq. 9
                 p.sub_(g, alpha=float(lr * free * free))  # Eq. 10
         last = float(loss.detach())
     return last
 
 
 def couplings(params: list, theta_d: list, loss_up):
-    """c_i = <∂L_up/∂θ(m)_i, θ_d,i> for every tensor (the per-tensor factor of Eq. 8)."""
+    """c_i = <∂L_up/∂θ(m)_i, θ_d,i> for every tensor (the per-tensor factor of Eq. 8). With θ_d partitioned,
+    the ranks' mean gradient is used, so c is the same on every rank; replicated, each rank's c is its own
+    batch's and the engine averages the mask gradient, which is the same thing (Eq. 8 is linear in c)."""
     import torch
 
-    G = list(torch.autograd.grad(loss_up, params))
-    return torch.stack([(g.float() * d.float()).sum() for g, d in zip(G, theta_d)])
+    from .sharded import ShardedTensors
+
+    return ShardedTensors.wrap(theta_d).mean_dots(list(torch.autograd.grad(loss_up, params)))
 
 
 def follow_mask(params: list, theta_d: list, m_old, m_new) -> None:
     """θ(m) = θ_ft + m θ_d, so a change of m moves θ(m) by Δm · θ_d."""
     import torch
 
+    from .sharded import ShardedTensors
+
+    store = ShardedTensors.wrap(theta_d)
     with torch.no_grad():
-        for i, (p, d) in enumerate(zip(params, theta_d)):
-            dm = float(m_new[i] - m_old[i])
+        for i, p in enumerate(params):
+            dm = float(m_new[i] - m_old[i])  # the same on every rank (one mask), so each takes part in full()
             if dm:
-                p.add_(d, alpha=dm)
+                p.add_(store.full(i), alpha=dm)
 
 
 def binarize(w, rho: float) -> list[bool]:
@@ -112,8 +121,10 @@ def random_mask(names: list[str], rho: float, seed: int) -> dict[str, bool]:
 
 
 class FreezeAsGuardRecipe(HardeningPhase):
-    """FreezeAsGuard bound to a pipeline. The defender's parameters are the mask logits (in the engine);
-    the UNet holds θ(m) and `theta_d` the second copy, both replicated on every rank."""
+    """FreezeAsGuard bound to a pipeline. The defender's parameters are the mask logits (in the engine); the
+    UNet holds θ(m), replicated on every rank, and `theta_d` the second copy: replicated too, or under
+    `--zero-stage 3` partitioned across the ranks (`sharded.ShardedTensors`, 1/world of a UNet each). The
+    preparation fine-tune's Adam moments are partitioned from ZeRO-1 on (torch's ZeroRedundancyOptimizer)."""
 
     name = "freezeasguard"
     needs_legal = True
@@ -186,8 +197,13 @@ class FreezeAsGuardRecipe(HardeningPhase):
 
         from .comm import all_reduce_mean
 
-        pre = [p.detach().clone() for p in self.params]
-        opt = torch.optim.Adam(self.params, lr=self.spec.user_lr)
+        from .sharded import ShardedTensors
+
+        if self.pool is not None:
+            pre = [p.detach().clone() for p in self.params]
+        else:  # θ_pre, kept as this rank's part only under ZeRO-3; it becomes θ_d in place below
+            pre = ShardedTensors.partition([p.detach() for p in self.params], *self._copy_partition())
+        opt = self._preparation_optimizer()
         last = None
         for _ in range(self.spec.finetune_steps):
             loss = self._low()
@@ -202,11 +218,23 @@ class FreezeAsGuardRecipe(HardeningPhase):
             self.theta_pre, self.theta_ft0 = pre, [p.detach().clone() for p in self.params]
             return {"finetune_loss": last}
         with torch.no_grad():
-            self.theta_d = [p0 - p.detach() for p0, p in zip(pre, self.params)]
-            for i, (p, d) in enumerate(zip(self.params, self.theta_d)):
-                p.add_(d, alpha=float(m[i]))
-        del pre
+            for i, p in enumerate(self.params):
+                pre.add_(i, p.detach(), -1.0)  # θ_d = θ_pre − θ_ft
+                p.add_(pre.full(i), alpha=float(m[i]))
+        self.theta_d = pre
         return {"finetune_loss": last}
+
+    def _copy_partition(self) -> tuple[int, int]:
+        """(rank, world) θ_d is partitioned over: all ranks under ZeRO-3, else whole on each."""
+        return (self.rank, self.world) if self.spec.zero_stage == 3 else (0, 1)
+
+    def _preparation_optimizer(self):
+        """Adam over the whole UNet for the preparation fine-tune, its moments partitioned from ZeRO-1 on."""
+        import torch
+
+        from .comm import partitioned_optimizer
+
+        return partitioned_optimizer(self.params, torch.optim.Adam, self.spec.zero_stage, lr=self.spec.user_lr)
 
     def step(self) -> dict:
         from .comm import all_reduce_mean
@@ -320,10 +348,17 @@ class FreezeAsGuardRecipe(HardeningPhase):
             return self.mask_module.w.detach().float().clone()
 
     def state(self) -> dict:
+        """Built on rank 0, which writes the checkpoint; the other ranks only take part in gathering θ_d (and
+        return the mask logits and RNG, which are small)."""
         if self.pool is not None:
             return self._pool_state()
-        out = {f"theta_m/{n}": p.detach().cpu().clone() for n, p in zip(self.names, self.params)}
-        out.update({f"theta_d/{n}": d.detach().cpu().clone() for n, d in zip(self.names, self.theta_d)})
+        writer = self.rank == 0
+        out = {}
+        for i, n in enumerate(self.names):
+            d = self.theta_d.full(i)  # every rank takes part when θ_d is partitioned
+            if writer:
+                out[f"theta_m/{n}"] = self.params[i].detach().cpu().clone()
+                out[f"theta_d/{n}"] = d.detach().cpu().clone()
         out["mask/logits"] = self._logits()
         out["rng/generator"] = self.generator.get_state()
         return out
@@ -352,8 +387,10 @@ class FreezeAsGuardRecipe(HardeningPhase):
             with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
                 self.mask_module.w.copy_(tensors["mask/logits"])
             return
+        from .sharded import ShardedTensors
+
         load_into_unet(self.pipe.unet, {n: tensors[f"theta_m/{n}"] for n in self.names})
-        self.theta_d = [tensors[f"theta_d/{n}"].clone() for n in self.names]
+        self.theta_d = ShardedTensors.partition([tensors[f"theta_d/{n}"] for n in self.names], *self._copy_partition())
         self.generator.set_state(tensors["rng/generator"])
         with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
             self.mask_module.w.copy_(tensors["mask/logits"])

@@ -141,7 +141,6 @@ class IMMARecipe(HardeningPhase):
         super().__init__(spec, pipe, rank, world)
         self.outer_objective = outer_objective
         from ..attacks.methods import make_adaptation
-        from ..attacks.recipe import attacker_optimizer
         from ..attacks.spec import AttackSpec
         from ..diffusion import train_noise_scheduler
         from .data import Shard, load_shard
@@ -165,7 +164,14 @@ class IMMARecipe(HardeningPhase):
                                   batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
             self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
             self.ad = make_adaptation(attacker, pipe)
-            self.inner_opt = attacker_optimizer(self.ad, attacker.lr) if spec.inner_optimizer == "adamw" else None
+            self.inner_opt = None
+            if spec.inner_optimizer == "adamw":  # its moments partitioned from ZeRO-1 on (vs full: 2 UNets)
+                import torch
+
+                from .comm import partitioned_optimizer
+
+                self.inner_opt = partitioned_optimizer(self.ad.parameters(), torch.optim.AdamW, spec.zero_stage,
+                                                       lr=attacker.lr, weight_decay=self.ad.weight_decay())
             caption_fn = self._attacker_caption
         self.target = load_shard(spec.target, pipe, rank, world, caption_fn=caption_fn, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed, resolution=spec.resolution)
@@ -335,12 +341,21 @@ class IMMARecipe(HardeningPhase):
         return PhaseResult(changed=self.changed_tensors())
 
     def state(self) -> dict:
+        """Built whole on rank 0, which writes the checkpoint (every rank resumes from it); the others keep their
+        RNG only (the pool's bookkeeping runs on every rank alike, so they build it too)."""
         from ..checkpoint import flatten_optimizer
 
+        from .comm import full_optimizer_state
+
+        moments = None
+        if self.inner_opt is not None and self.pool is None:  # the simulated attacker's, warm-started like φ
+            moments = full_optimizer_state(self.inner_opt)  # every rank: a partitioned one is gathered to rank 0
+        if self.rank != 0 and self.pool is None:
+            return {"rng/generator": self.generator.get_state()}
         out = {f"theta/{k}": v for k, v in self.changed_tensors().items()}
         out.update({f"phi/{k}": v.detach().cpu() for k, v in (self.phi_prev or {}).items()})
-        if self.inner_opt is not None and self.pool is None:  # the simulated attacker's moments, warm-started like φ
-            flatten_optimizer("inner_opt", self.inner_opt.state_dict(), out, {})
+        if moments is not None:
+            flatten_optimizer("inner_opt", moments, out, {})
         out["rng/generator"] = self.generator.get_state()
         if self.pool is not None:
             self._stash()
@@ -359,7 +374,9 @@ class IMMARecipe(HardeningPhase):
         phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
         if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):
-            groups = {"inner_opt": {"param_groups": self.inner_opt.state_dict()["param_groups"], "scalars": {}}}
+            from .comm import indexed_param_groups
+
+            groups = {"inner_opt": {"param_groups": indexed_param_groups(self.inner_opt), "scalars": {}}}
             self.inner_opt.load_state_dict(unflatten_optimizer("inner_opt", tensors, groups))
         self.generator.set_state(tensors["rng/generator"])
 

@@ -33,7 +33,8 @@ class HardenSpec:
     workers: int = 1
     """Ray Train workers (each one DeepSpeed rank)."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0, 1, 2 or 3."""
+    """DeepSpeed ZeRO stage 0-3: from 1, optimizer state is partitioned across the workers (FreezeAsGuard's
+    preparation too); from 2, gradients; at 3, parameters and FreezeAsGuard's second UNet copy."""
     use_gpu: bool = field(default=False, metadata={"flag": "--use-gpu/--cpu"})
     """One GPU per worker (nccl) instead of CPU workers (gloo)."""
     seed: int = 0
@@ -137,6 +138,10 @@ class HardenSpec:
     """Erasure (esd-x, ablation): weight of keeping the original's predictions on --legal."""
     esd_guidance: float = 1.0
     """ESD's negative guidance η."""
+    esd_neutral: str = "anchor"
+    """ESD-x's concept-free prediction: anchor (the caption with the concept's word replaced by --anchor, so
+    only the concept is guided away) or empty (the paper's ε(x, ∅), which also guides away what the rest of a
+    full caption names)."""
     uce_preserve_scale: float = 1.0
     """UCE: weight of keeping the projections on the --legal captions."""
 
@@ -205,6 +210,8 @@ class HardenSpec:
         if any(p.name in ("uce", "esd-x", "ablation") for p in phases) and not self.concept:
             raise UserError("--concept: erasure needs the concept's word(s) as its captions name it (e.g. --concept "
                             "dotted)")
+        if self.esd_neutral not in ("anchor", "empty"):
+            raise UserError(f"--esd-neutral {shown(self.esd_neutral)}: expected anchor or empty")
         for flag, v in (("--erase-steps", self.erase_steps),):
             if v <= 0:
                 raise UserError(f"{flag} {v}: must be a positive integer")
