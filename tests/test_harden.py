@@ -67,9 +67,12 @@ def test_two_worker_zero2_release_loads(method, against, extra, data, tmp_path, 
         assert abs(sum(mask.values()) / len(names) - spec.rho) <= 0.02
         with safe_open(str(spec.out / "freeze_mask.safetensors"), "pt") as f:
             assert abs(float(f.metadata()["frozen_ratio"]) - spec.rho) <= 0.02
-        # FreezeAsGuard releases the original weights, unchanged
+        # FreezeAsGuard releases the original weights, unchanged: the source's own files, copied, never re-saved
         before, after = tiny_pipe.unet.state_dict(), pipe.unet.state_dict()
         assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)
+        for c in ("unet", "vae", "text_encoder"):
+            for f in (tiny_model_path / c).glob("*.safetensors"):
+                assert (spec.out / c / f.name).read_bytes() == f.read_bytes()
     else:
         changed = manifest["changed_tensors"]
         assert changed and all(c in names for c in changed)
@@ -165,3 +168,19 @@ def test_imma_vs_full_with_partitioned_attacker_moments_releases_zero0s_weights(
     assert zero0["changed_tensors"] == zero2["changed_tensors"] and zero2["world_size"] == 2
     a, b = load_pipeline(tmp_path / "zero0").unet.state_dict(), load_pipeline(tmp_path / "zero2").unet.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_a_mask_only_release_is_copied_only_from_a_plain_safetensors_folder(tmp_path, tiny_model_path, tiny_pipe):
+    import shutil
+
+    from raystack.hardening.driver import copyable_release
+
+    names = [n for n, _ in tiny_pipe.unet.named_parameters()]
+    mask = {n: i % 3 == 0 for i, n in enumerate(names)}
+    assert sorted(copyable_release(tiny_model_path, {}, mask)) == sorted(names)
+    assert copyable_release(tiny_model_path, {names[0]: None}, mask) is None  # a changed tensor: loaded, saved
+    assert copyable_release(tiny_model_path, {}, dict(list(mask.items())[1:])) is None
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_path, pickled)
+    (pickled / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"not copied")
+    assert copyable_release(pickled, {}, mask) is None
