@@ -185,8 +185,9 @@ def plan_harden(spec) -> dict:
                 lines.append(Line("outer gradient at the adapted point", F32 * n_s))
             else:
                 attackers = [AttackSpec(method=spec.against, data=".", rank=spec.rank)]
+                adamw = spec.inner_optimizer == "adamw"  # --inner-optimizer sgd: Alg. 1's φ − β∇, no moments
                 lines.append(_attacker_line(attackers[0], unet, P, f"simulated attacker ({spec.against})", stored=False,
-                                            part=world if stage >= 1 and spec.inner_optimizer == "adamw" else 1))
+                                            part=world if stage >= 1 and adamw else 1, moments=None if adamw else 0))
             if spec.retain_target == "original" and spec.retain_weight > 0 and spec.legal is not None:
                 lines.append(Line("retain teacher (a UNet copy)", F32 * P))
             # the attacker's step and the outer step are separate backward passes: the larger one counts
@@ -237,11 +238,13 @@ def _inner_trains(a) -> str:
     return "all" if a.method in ("full", "dreambooth") else "attention"
 
 
-def _attacker_line(a, unet: dict, P: int, label: str, stored: bool, part: int = 1) -> Line:
+def _attacker_line(a, unet: dict, P: int, label: str, stored: bool, part: int = 1, moments: int | None = None) -> Line:
     """A simulated attacker's memory: LoRA's adapter (+ gradient, moments, warm copy), or a dense attacker's
     gradient and moments over what it trains (+ its displacement, kept apart, in the pool); `part`: the ranks
-    its moments are partitioned over (ZeRO-1+)."""
-    moments = 2 if a.optimizer == "adamw" else 1
+    its moments are partitioned over (ZeRO-1+); `moments`: tensors per parameter its optimizer keeps (default:
+    its optimizer's)."""
+    if moments is None:
+        moments = 2 if a.optimizer == "adamw" else 1
     note = f"moments 1/{part} per rank" if part > 1 else ""
     if a.method in ("lora", "dreambooth-lora"):
         return Line(f"{label}: LoRA rank {a.rank}", F32 * lora_params(unet, a) * (3 * part + moments) // part, note)

@@ -184,3 +184,7 @@ def test_a_mask_only_release_is_copied_only_from_a_plain_safetensors_folder(tmp_
     shutil.copytree(tiny_model_path, pickled)
     (pickled / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"not copied")
     assert copyable_release(pickled, {}, mask) is None
+    variant = tmp_path / "variant"  # a second, variant weights file save_pretrained would not write
+    shutil.copytree(tiny_model_path, variant)
+    shutil.copy(variant / "vae" / "diffusion_pytorch_model.safetensors", variant / "vae" / "x.fp16.safetensors")
+    assert copyable_release(variant, {}, mask) is None

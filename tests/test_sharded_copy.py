@@ -82,4 +82,4 @@ def test_buckets_bound_each_collective_and_keep_order():
 
     assert buckets([3, 3, 3], 6) == [[0, 1], [2]]
     assert buckets([1, 10, 1], 6) == [[0], [1], [2]]  # one larger than a bucket goes alone
-    assert buckets([], 6) == []
+    assert buckets([], 6) == [] and buckets([0, 0, 7], 6) == [[0, 1], [2]]

@@ -26,9 +26,9 @@ def buckets(sizes: list[int], cap: int | None = None) -> list[list[int]]:
     one alone)."""
     cap = BUCKET_ELEMENTS if cap is None else cap
     out: list[list[int]] = []
-    total = cap
+    total = 0
     for i, n in enumerate(sizes):
-        if total + n > cap:
+        if not out or total + n > cap:
             out.append([])
             total = 0
         out[-1].append(i)

@@ -107,8 +107,11 @@ def erase_record(spec: HardenSpec) -> dict | None:
     method = spec.erase or (spec.method if spec.method in ERASERS else None)
     if method is None:
         return None
-    return {"method": method, "concept": concept_words(spec), "anchor": spec.anchor,
-            "steps": None if method == "uce" else spec.erase_steps}
+    record = {"method": method, "concept": concept_words(spec), "anchor": spec.anchor,
+              "steps": None if method == "uce" else spec.erase_steps}
+    if method == "esd-x":  # which goal: the default changed from the empty prompt to the anchor caption
+        record.update(guidance=spec.esd_guidance, neutral=spec.esd_neutral)
+    return record
 
 
 def check_writable(out: Path, flag: str) -> None:
@@ -404,36 +407,52 @@ def copyable_release(src: Path, theta: dict, mask: dict) -> list[str] | None:
     changed, the mask names exactly the UNet's tensors, every weight file safetensors in the standard layout);
     else None (the pipeline is loaded and saved). Copying never loads or re-serialises a model: FreezeAsGuard's
     and Random-ρ's releases of an SDXL checkpoint skip ~14 GB of reading, converting and writing."""
-    from ..models.pipeline_io import PICKLE_SUFFIXES, weights_variant
+    from ..models.pipeline_io import weights_variant
     from ..planning import header_shapes
 
     if theta or not mask or weights_variant(src) is not None:
         return None
-    files = [f for c in _index_components(src) for f in (src / c).rglob("*") if f.is_file()]
-    if any(f.suffix in PICKLE_SUFFIXES for f in files):
-        return None
+    components = _index_components(src)
+    if components is None or not set(components) <= COPYABLE_COMPONENTS:
+        return None  # e.g. a safety checker, which the loaded pipeline leaves out
+    for f in (p for c in components for p in (src / c).rglob("*")):
+        if f.is_symlink() or (f.is_file() and not _plain_file(f.name)):
+            return None
     names = list(header_shapes(src / "unet"))
     return names if set(names) == set(mask) else None
 
 
-def _index_components(src: Path) -> list[str]:
-    """The component folders model_index.json names (those it sets to null are not part of the pipeline)."""
+#: components a mask-only release copies (those `load_pipeline` keeps); any other named component: load + save
+COPYABLE_COMPONENTS = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+
+
+def _plain_file(name: str) -> bool:
+    """What save_pretrained itself writes: configs, tokenizer files, and safetensors weights without a variant
+    infix (diffusion_pytorch_model.safetensors, its shards model-00001-of-00002.safetensors)."""
+    if name.endswith(".safetensors"):
+        return name.count(".") == 1
+    return name.endswith((".json", ".txt")) and ".fp16." not in name and ".bf16." not in name
+
+
+def _index_components(src: Path) -> list[str] | None:
+    """The component folders model_index.json names (those it sets to null are not part of the pipeline);
+    None if one it names is not a plain folder."""
     index = json.loads((src / "model_index.json").read_text())
-    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None
-            and (src / k).is_dir()]
+    names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
+    return names if all((src / k).is_dir() and not (src / k).is_symlink() for k in names) else None
 
 
 def copy_model_files(src: Path, dest: Path) -> None:
     """model_index.json and the component folders it names, byte for byte."""
     import shutil
 
-    shutil.copy2(src / "model_index.json", dest / "model_index.json")
-    for c in _index_components(src):
+    shutil.copyfile(src / "model_index.json", dest / "model_index.json")
+    for c in _index_components(src) or []:
         for f in sorted((src / c).rglob("*")):
             if f.is_file():
                 target = dest / f.relative_to(src)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target)
+                shutil.copyfile(f, target)
 
 
 def check_finite_release(tensors: dict) -> None:

@@ -51,7 +51,7 @@ def new_mask_logits(n: int, seed: int = 0):
     return _build_mask_module()(n, seed=seed)
 
 
-def user_steps(params: list, theta_d: list, m, loss_fn, lr: float, steps: int, all_reduce=None) -> float:
+def user_steps(params: list, theta_d, m, loss_fn, lr: float, steps: int, all_reduce=None) -> float:
     """L simulated user steps on θ(m) (Eq. 10) with the matching update of θ_d (Eq. 9)."""
     import torch
 
@@ -73,7 +73,7 @@ def user_steps(params: list, theta_d: list, m, loss_fn, lr: float, steps: int, a
     return last
 
 
-def couplings(params: list, theta_d: list, loss_up):
+def couplings(params: list, theta_d, loss_up):
     """c_i = <∂L_up/∂θ(m)_i, θ_d,i> for every tensor (the per-tensor factor of Eq. 8). With θ_d partitioned,
     the ranks' mean gradient is used, so c is the same on every rank; replicated, each rank's c is its own
     batch's and the engine averages the mask gradient, which is the same thing (Eq. 8 is linear in c)."""
@@ -84,7 +84,7 @@ def couplings(params: list, theta_d: list, loss_up):
     return ShardedTensors.wrap(theta_d).mean_dots(list(torch.autograd.grad(loss_up, params)))
 
 
-def follow_mask(params: list, theta_d: list, m_old, m_new) -> None:
+def follow_mask(params: list, theta_d, m_old, m_new) -> None:
     """θ(m) = θ_ft + m θ_d, so a change of m moves θ(m) by Δm · θ_d."""
     import torch
 
@@ -151,7 +151,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
         self.mask_module = new_mask_logits(len(self.params), seed=spec.seed)
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
-        self.theta_d: list | None = None
+        self.theta_d = None  # ShardedTensors after prepare() or load_state()
         self._encode = FrozenTextCache(pipe)
         self.pool = None
         if spec.attacker_space is not None:  # robust: simulated users drawn from an attack space
@@ -379,8 +379,9 @@ class FreezeAsGuardRecipe(HardeningPhase):
         import torch
 
         if self.pool is not None:
-            self.theta_pre = [tensors[f"theta_pre/{n}"].clone() for n in self.names]
-            self.theta_ft0 = [tensors[f"theta_ft0/{n}"].clone() for n in self.names]
+            dev = self.params[0].device  # the checkpoint is read on the CPU
+            self.theta_pre = [tensors[f"theta_pre/{n}"].to(dev, copy=True) for n in self.names]
+            self.theta_ft0 = [tensors[f"theta_ft0/{n}"].to(dev, copy=True) for n in self.names]
             self.pool.load_state(tensors)
             self.user_opts = {}
             self.generator.set_state(tensors["rng/generator"])
@@ -390,7 +391,8 @@ class FreezeAsGuardRecipe(HardeningPhase):
         from .sharded import ShardedTensors
 
         load_into_unet(self.pipe.unet, {n: tensors[f"theta_m/{n}"] for n in self.names})
-        self.theta_d = ShardedTensors.partition([tensors[f"theta_d/{n}"] for n in self.names], *self._copy_partition())
+        self.theta_d = ShardedTensors.partition([tensors[f"theta_d/{n}"] for n in self.names], *self._copy_partition(),
+                                                device=self.params[0].device)  # the checkpoint is read on the CPU
         self.generator.set_state(tensors["rng/generator"])
         with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():
             self.mask_module.w.copy_(tensors["mask/logits"])

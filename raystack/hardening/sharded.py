@@ -18,11 +18,13 @@ class ShardedTensors:
         self.shapes, self.parts, self.rank, self.world = shapes, parts, rank, world
 
     @classmethod
-    def partition(cls, tensors, rank: int = 0, world: int = 1) -> "ShardedTensors":
-        """Each rank keeps a copy of its own part of every (whole) tensor it is given."""
+    def partition(cls, tensors, rank: int = 0, world: int = 1, device=None) -> "ShardedTensors":
+        """Each rank keeps a copy of its own part of every (whole) tensor it is given (on `device` if given:
+        a checkpoint is read on the CPU, the run may be on a GPU)."""
         shapes = [tuple(t.shape) for t in tensors]
         store = cls(shapes, [], rank, world)
-        store.parts = [store.mine(i, t).clone() for i, t in enumerate(tensors)]
+        store.parts = [store.mine(i, t).to(device, copy=True) if device is not None else store.mine(i, t).clone()
+                       for i, t in enumerate(tensors)]
         return store
 
     @classmethod
@@ -70,7 +72,7 @@ class ShardedTensors:
 
         if self.world == 1:
             return torch.stack([(g.reshape(-1).float() * d.float()).sum() for g, d in zip(wholes, self.parts)])
-        out = torch.zeros(len(self))
+        out = torch.zeros(len(self), device=self.parts[0].device)  # nccl reduces device tensors only
         for group in buckets([self.parts[i].numel() * self.world for i in range(len(self))]):
             sizes = [self.parts[i].numel() for i in group]
             send = torch.cat([self.mine(i, wholes[i], r).float() for r in range(self.world) for i in group])
