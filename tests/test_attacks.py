@@ -185,3 +185,13 @@ def test_attack_json_records_an_absolute_base_model(tmp_path, tiny_model_path, m
     assert res.exit_code == 0, res.output + res.stderr
     base = json.loads((tmp_path / "a" / "attack.json").read_text())["base_model"]
     assert os.path.isabs(base) and os.path.samefile(base, tmp_path / "m")
+
+
+def test_dense_attacks_checkpoint_half_as_often_by_default():
+    """A full or DreamBooth checkpoint is a whole UNet (3.4 GB at SD-1.5): every 100 steps unless asked."""
+    from raystack.attacks.spec import AttackSpec
+
+    assert AttackSpec(method="full", data=".").checkpoint_every == 100
+    assert AttackSpec(method="dreambooth", data=".").checkpoint_every == 100
+    assert AttackSpec(method="lora", data=".").checkpoint_every == 50
+    assert AttackSpec(method="full", data=".", checkpoint_every=25).checkpoint_every == 25
