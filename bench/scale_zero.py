@@ -29,13 +29,6 @@ ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignor
        "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
 
 
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _rank(rank: int, world: int, port: int, values: dict, out: str) -> None:
     """One rank: the product's loop on its share of the data; writes its peak and θ_d's bytes on this rank."""
     os.environ.update(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -46,6 +39,7 @@ def _rank(rank: int, world: int, port: int, values: dict, out: str) -> None:
     from raystack.hardening.worker import run_method
     from raystack.models.pipeline_io import load_pipeline
     from raystack.runtime import configure_threads
+    from scale import _status_bytes
 
     configure_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -87,14 +81,14 @@ def main() -> None:
 
     from raystack.hardening.spec import HardenSpec
     from raystack.models.shapes import build_pipeline_folder
-    from raystack.planning import plan_harden
+    from raystack.planning import header_shapes, numel, plan_harden
     from raystack.tinyworld.folder import write_concept_folder
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-zero-"))
     model = build_pipeline_folder("sd15", work / "sd15", width=args.width, image_size=512)
     write_concept_folder(work / "t", ["circle", "square"], ["red"], ["sunset"], 1, 1, None, True)
     write_concept_folder(work / "l", ["cross"], ["blue"], ["striped", "dotted"], 1, 1, None, True)
-    unet_bytes = sum(p.numel() * 4 for p in _unet_params(model))
+    unet_bytes = 4 * sum(numel(s) for s in header_shapes(model / "unet").values())
     rows = []
     for stage in [int(s) for s in args.stages.split(",")]:
         values = {"method": "freezeasguard", "model": str(model), "target": [str(work / "t")],
@@ -130,12 +124,6 @@ def main() -> None:
         md.append(f"| {r['zero_stage']} | {r['rank']} | {gib(r['theta_d_bytes'])} | {gib(r['plan_theta_d'])} | "
                   f"{gib(r['plan_prep_adam'])} | {gib(r['peak_rss'])} | {gib(r['plan_peak'])} |")
     write_results(args.dest, "scale_zero", res, md)
-
-
-def _unet_params(model: Path):
-    from raystack.models.pipeline_io import load_pipeline
-
-    return list(load_pipeline(model).unet.parameters())
 
 
 if __name__ == "__main__":

@@ -81,22 +81,32 @@ def setup(spec: AttackSpec, pipe=None):
 GRAD_CLIP = 1.0  # gradient-norm clip of every attacker step (IMMA's simulated attacker included)
 
 
-def attacker_optimizer(ad: Adaptation, lr: float, name: str = "adamw"):
-    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same)."""
-    return optimizer_named(name, ad.parameters(), lr, ad.weight_decay())
+def attacker_optimizer(ad: Adaptation, lr: float, name: str = "adamw", zero_stage: int = 0):
+    """The attacker's optimizer over φ (IMMA's simulated attacker uses the same; inside a hardening job from
+    ZeRO-1 on, its moments are partitioned across the ranks: `hardening.comm.partitioned_optimizer`)."""
+    from ..hardening.comm import partitioned_optimizer
+
+    cls, kwargs = optimizer_class(name, lr, ad.weight_decay())
+    return partitioned_optimizer(ad.parameters(), cls, zero_stage, **kwargs)
 
 
-def optimizer_named(name: str, params: list, lr: float, weight_decay: float):
+def optimizer_class(name: str, lr: float, weight_decay: float) -> tuple[type, dict]:
     """AdamW, or Adafactor as kohya/OneTrainer users run it (transformers' implementation, fixed learning rate,
-    no relative step)."""
+    no relative step): the class and its arguments."""
     import torch
 
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return Adafactor, dict(lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                               weight_decay=weight_decay)
+    return torch.optim.AdamW, dict(lr=lr, weight_decay=weight_decay)
+
+
+def optimizer_named(name: str, params: list, lr: float, weight_decay: float):
+    """`optimizer_class`'s optimizer over `params`."""
+    cls, kwargs = optimizer_class(name, lr, weight_decay)
+    return cls(params, **kwargs)
 
 
 class AttackState:

@@ -141,6 +141,7 @@ class IMMARecipe(HardeningPhase):
         super().__init__(spec, pipe, rank, world)
         self.outer_objective = outer_objective
         from ..attacks.methods import make_adaptation
+        from ..attacks.recipe import attacker_optimizer
         from ..attacks.spec import AttackSpec
         from ..diffusion import train_noise_scheduler
         from .data import Shard, load_shard
@@ -164,14 +165,9 @@ class IMMARecipe(HardeningPhase):
                                   batch_size=spec.batch_size, lr=spec.inner_lr, seed=spec.seed)
             self.attacker = attacker  # its lr, loss weighting and noise offset are the method's defaults
             self.ad = make_adaptation(attacker, pipe)
-            self.inner_opt = None
-            if spec.inner_optimizer == "adamw":  # its moments partitioned from ZeRO-1 on (vs full: 2 UNets)
-                import torch
-
-                from .comm import partitioned_optimizer
-
-                self.inner_opt = partitioned_optimizer(self.ad.parameters(), torch.optim.AdamW, spec.zero_stage,
-                                                       lr=attacker.lr, weight_decay=self.ad.weight_decay())
+            # its moments partitioned from ZeRO-1 on (vs full: two UNets)
+            self.inner_opt = (attacker_optimizer(self.ad, attacker.lr, zero_stage=spec.zero_stage)
+                              if spec.inner_optimizer == "adamw" else None)
             caption_fn = self._attacker_caption
         self.target = load_shard(spec.target, pipe, rank, world, caption_fn=caption_fn, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed, resolution=spec.resolution)

@@ -12,6 +12,8 @@ views of the caller's tensors, so updates through it are seen in the list.
 
 from __future__ import annotations
 
+import math
+
 
 class ShardedTensors:
     def __init__(self, shapes: list, parts: list, rank: int, world: int):
@@ -37,11 +39,11 @@ class ShardedTensors:
     def __len__(self) -> int:
         return len(self.shapes)
 
+    def _numel(self, i: int) -> int:
+        return math.prod(self.shapes[i])
+
     def _part_size(self, i: int) -> int:
-        n = 1
-        for s in self.shapes[i]:
-            n *= s
-        return -(-n // self.world)
+        return -(-self._numel(i) // self.world)
 
     def mine(self, i: int, whole, rank: int | None = None):
         """This rank's (or `rank`'s) part of a whole tensor shaped like tensor i (zero-padded to the part's size)."""
@@ -94,10 +96,7 @@ class ShardedTensors:
         part = self.parts[i]
         out = part.new_empty(part.numel() * self.world)
         dist.all_gather_into_tensor(out, part.contiguous())
-        n = 1
-        for s in self.shapes[i]:
-            n *= s
-        return out[:n].view(self.shapes[i])
+        return out[: self._numel(i)].view(self.shapes[i])
 
     def local_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parts)
