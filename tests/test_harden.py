@@ -46,8 +46,7 @@ def _check_release(out, tiny_model_path):
 
 
 @pytest.mark.parametrize("method, against, extra", [
-    ("imma", "lora", {}),
-    ("imma", "dreambooth", {"params": "attn2.to_k,attn2.to_v"}),
+    ("imma", "lora", {}),  # IMMA vs DreamBooth: test_imma_vs_dreambooth_..., which checks its release too
     ("freezeasguard", "lora", {"rho": 0.3}),
     ("random-freeze", "lora", {"rho": 0.3}),
 ])
@@ -137,7 +136,7 @@ def test_freezeasguard_zero3_partitions_its_second_copy_and_resumes_to_zero0s_ma
         [step2] = [t for t, meta in states if meta.get("step") == 2 and meta.get("phase_index") == 0]
         return step2
 
-    kw = dict(method="freezeasguard", rho=0.3, steps=4, checkpoint_every=2, keep_run=True, seed=5)
+    kw = dict(method="freezeasguard", rho=0.3, steps=3, checkpoint_every=2, keep_run=True, seed=5)
     zero0 = _spec(tmp_path, data, zero_stage=0, out=tmp_path / "zero0", **kw)
     zero3 = _spec(tmp_path, data, zero_stage=3, out=tmp_path / "zero3", max_failures=1, **kw)
     run_harden(zero0)
@@ -157,17 +156,26 @@ def test_freezeasguard_zero3_partitions_its_second_copy_and_resumes_to_zero0s_ma
         load_freeze_mask(zero3.out / "freeze_mask.safetensors", names)
 
 
-def test_imma_vs_full_with_partitioned_attacker_moments_releases_zero0s_weights(data, tmp_path, ray_session):
-    """From ZeRO-1 on, the simulated full fine-tune's AdamW moments (two UNets) are split across the ranks
-    (torch's ZeroRedundancyOptimizer); each rank steps its share and broadcasts it, so the release is ZeRO-0's."""
-    from raystack.models.pipeline_io import load_pipeline
-
-    kw = dict(method="imma", against="full", steps=2, inner_steps=2, seed=2)
+def test_imma_vs_dreambooth_with_partitioned_attacker_moments_releases_zero0s_weights(data, tmp_path, tiny_model_path,
+                                                                                    tiny_pipe, ray_session):
+    """From ZeRO-1 on, the simulated dense attacker's AdamW moments (two UNets) are split across the ranks
+    (torch's ZeroRedundancyOptimizer); each rank steps its share and broadcasts it, so the release is ZeRO-0's.
+    DreamBooth's φ is the UNet itself: Alg. 1's line 7 writes the attacker's steps into θ, so the release names
+    every tensor it changed, S among them, and leaves the rest bit for bit."""
+    kw = dict(method="imma", against="dreambooth", params="attn2.to_k,attn2.to_v", steps=2, inner_steps=2, seed=2)
     zero0 = run_harden(_spec(tmp_path, data, zero_stage=0, out=tmp_path / "zero0", **kw))
     zero2 = run_harden(_spec(tmp_path, data, zero_stage=2, out=tmp_path / "zero2", **kw))
     assert zero0["changed_tensors"] == zero2["changed_tensors"] and zero2["world_size"] == 2
-    a, b = load_pipeline(tmp_path / "zero0").unet.state_dict(), load_pipeline(tmp_path / "zero2").unet.state_dict()
+    pipe, _ = _check_release(tmp_path / "zero2", tiny_model_path)
+    from raystack.models.pipeline_io import load_pipeline
+
+    a, b = load_pipeline(tmp_path / "zero0").unet.state_dict(), pipe.unet.state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    changed, before = zero2["changed_tensors"], tiny_pipe.unet.state_dict()
+    s_names = [k for k in before if ".attn2.to_k." in k or ".attn2.to_v." in k]
+    assert set(s_names) <= set(changed) <= set(before)
+    assert any(not np.array_equal(before[c].numpy(), b[c].numpy()) for c in s_names)
+    assert all(np.array_equal(before[k].numpy(), b[k].numpy()) for k in before if k not in changed)
 
 
 def test_a_mask_only_release_is_copied_only_from_a_plain_safetensors_folder(tmp_path, tiny_model_path, tiny_pipe):
