@@ -251,13 +251,22 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     return report, images
 
 
+def against_label(against) -> str:
+    """What a release was hardened against, as a row name: the simulated attack method, 'none', or, for robust
+    hardening (`--attacker-space`, recorded as the drawn pool), the space's file name and the pool's size."""
+    if isinstance(against, dict):
+        space = Path(str(against.get("attacker_space") or "attacker space")).name
+        return f"pool of {len(against.get('pool') or [])} from {space}"
+    return against or "none"
+
+
 def crossed_matrix(runs: dict) -> dict:
     """Target accuracy by (hardened against, attacked with); 'none' marks an unhardened model."""
     cells: dict[str, dict[str, float | None]] = {}
     for r in runs.values():
         if not r.get("attack"):
             continue
-        h = (r.get("hardening") or {}).get("against") or "none"
+        h = against_label((r.get("hardening") or {}).get("against"))
         cells.setdefault(h, {})[r["attack"]] = r["target_accuracy"]
     return cells
 

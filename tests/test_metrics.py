@@ -35,3 +35,15 @@ def test_crossed_matrix_pivots_runs():
         "d": {"attack": None, "hardening": None, "target_accuracy": 0.0},
     }
     assert crossed_matrix(runs) == {"none": {"lora": 0.9}, "lora": {"lora": 0.1, "dreambooth": 0.4}}
+
+
+def test_crossed_matrix_names_a_robust_release_by_its_pool():
+    """A robust release (`harden --attacker-space`) records the drawn pool, a dict, as what it was hardened
+    against; the matrix must name it (evaluate crashed on it after scoring every run)."""
+    from raystack.evaluation import crossed_matrix
+
+    pool = {"attacker_space": "../spaces/narrow_lora.yaml", "restart": 0.0,
+            "pool": [{"method": "lora", "lr": 3e-3}, {"method": "lora", "lr": 1e-3}]}
+    runs = {"r": {"attack": "lora", "hardening": {"method": "imma", "against": pool}, "target_accuracy": 0.2},
+            "s": {"attack": "full", "hardening": {"method": "imma", "against": pool}, "target_accuracy": 0.5}}
+    assert crossed_matrix(runs) == {"pool of 2 from narrow_lora.yaml": {"lora": 0.2, "full": 0.5}}
