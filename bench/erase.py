@@ -82,6 +82,18 @@ def data(work: Path) -> Path:
     return d
 
 
+def follow_up_args(doc: str, samples: int, other_samples: int) -> argparse.ArgumentParser:
+    """The flags of the benches that continue this one's work folder (erase_rescore, erase_imma_budget,
+    erase_imma_variants): where the models are, which seeds, how many samples, where the results go."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--other-samples", type=int, default=other_samples)
+    ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
+    return ap
+
+
 def report(path: Path) -> dict:
     return json.loads((path / "report.json").read_text())["runs"]
 

@@ -13,7 +13,6 @@ command; an output that exists is reused. Writes bench/results/erase_imma_budget
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -26,13 +25,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
-    ap.add_argument("--seeds", default="0,1")
+    from erase import follow_up_args
+
+    ap = follow_up_args(__doc__, 120, 24)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--samples", type=int, default=120)
-    ap.add_argument("--other-samples", type=int, default=24)
-    ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
     from _results import write_results
     from erase import IMMA, STYLE, once, report

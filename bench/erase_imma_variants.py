@@ -22,7 +22,6 @@ bench/results/erase_imma_variants.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -73,12 +72,9 @@ def variants(work: Path) -> dict[str, tuple[str, list[str]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--samples", type=int, default=80)
-    ap.add_argument("--other-samples", type=int, default=12)
-    ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
+    from erase import follow_up_args
+
+    ap = follow_up_args(__doc__, 80, 12)
     args = ap.parse_args()
     from _results import write_results
     from erase import STYLE, once, report

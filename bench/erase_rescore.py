@@ -12,7 +12,6 @@ bench/results/erase_rescore.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,12 +28,9 @@ STYLE = "dotted"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-erase")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--samples", type=int, default=120)
-    ap.add_argument("--other-samples", type=int, default=24)
-    ap.add_argument("--dest", type=Path, default=ROOT / "bench" / "results")
+    from erase import follow_up_args
+
+    ap = follow_up_args(__doc__, 120, 24)
     args = ap.parse_args()
     from raystack.models.pipeline_io import default_model_path
 
