@@ -10,7 +10,9 @@ erase_rescore.md, erase_imma_budget.md). Each variant here changes one thing, fo
   self-attention is a path around an immunized attn2);
 - restart100: the simulated LoRA starts over from the release every 100 of its steps (a one-member pool from
   `runs`' space file written below), so the outer step also sees early stages of a fresh attack, which is what
-  the real attacker runs, instead of one attacker warm-started for the whole run;
+  the real attacker runs, instead of one attacker warm-started for the whole run (the committed table's
+  restart100 models were made by a probe with the same space at runs/logs/lora_restart100.yaml, whose
+  comment line alone differs; commands.log has that command);
 - inner-lr 1e-2: the simulated LoRA steps at 3.3x the default attack's learning rate (a stronger attacker than
   the one judged);
 - uce+imma: the same IMMA on UCE-erased weights instead of ablation-erased ones.
@@ -93,14 +95,11 @@ def main() -> None:
             for name, (e, flags) in table.items():
                 if e != eraser:
                     continue
-                # bench/erase.py's folder names for its own IMMA run (ablation + IMMA)
-                model_dir, lora_dir = ((s / "erased-ablation+imma", s / "lora-ablation-imma") if name == "imma" else
-                                       (s / f"erased-{eraser}+{name.removeprefix('uce-')}",
-                                        s / f"lora-{eraser}-{name.removeprefix('uce-')}"))
-                hardened = once(model_dir, log, "harden", *flags, "--model", str(erased), "--target",
+                stem = name.removeprefix(f"{eraser}-")  # "imma": bench/erase.py's own erased-ablation+imma
+                hardened = once(s / f"erased-{eraser}+{stem}", log, "harden", *flags, "--model", str(erased), "--target",
                                 str(d / STYLE / "protect"), "--legal", str(d / "legal"), "--seed", str(seed))
                 runs[name] = hardened
-                runs[f"{name}.lora"] = once(lora_dir, log, "attack", "--method", "lora", "--model", str(hardened),
+                runs[f"{name}.lora"] = once(s / f"lora-{eraser}-{stem}", log, "attack", "--method", "lora", "--model", str(hardened),
                                             "--data", str(d / STYLE / "attacker"), "--seed", "0")
             ev = once(s / f"eval-variants-{eraser}-{args.samples}", log, "evaluate",
                       *sum((["--run", f"{k}={v}"] for k, v in runs.items()), []), "--target", STYLE,
