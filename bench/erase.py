@@ -42,6 +42,21 @@ IMMA = ["--method", "imma", "--against", "lora", "--steps", "300", "--batch-size
         "--retain-weight", "10", "--params", "attn2", "--retain-target", "original"]
 
 
+def imma_flags(**changes) -> list[str]:
+    """IMMA's flags with some changed: flag=value replaces or adds `--flag value`, flag=None drops the flag."""
+    flags = list(IMMA)
+    for k, v in changes.items():
+        flag = "--" + k.replace("_", "-")
+        if v is None:
+            i = flags.index(flag)
+            del flags[i:i + 2]
+        elif flag in flags:
+            flags[flags.index(flag) + 1] = v
+        else:
+            flags += [flag, v]
+    return flags
+
+
 def cli(log: Path, *argv: str) -> None:
     """One immunize-cli command as a user runs it; its output goes to the log, a failure stops the bench."""
     t0 = time.time()

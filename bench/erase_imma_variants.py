@@ -48,20 +48,7 @@ scheduler: asha
 
 def variants(work: Path) -> dict[str, tuple[str, list[str]]]:
     """name: (eraser, IMMA flags), each bench/erase.py's IMMA with one change."""
-    from erase import IMMA
-
-    def changed(**kw) -> list[str]:
-        flags = list(IMMA)
-        for k, v in kw.items():
-            flag = "--" + k.replace("_", "-")
-            if v is None:  # drop the flag and its value
-                i = flags.index(flag)
-                del flags[i:i + 2]
-            elif flag in flags:
-                flags[flags.index(flag) + 1] = v
-            else:
-                flags += [flag, v]
-        return flags
+    from erase import IMMA, imma_flags as changed
 
     space = work / "lora_restart100.yaml"
     if not space.exists():

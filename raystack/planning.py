@@ -15,8 +15,8 @@ Accounting per rank, fp32 (bf16 is compute only: weights, gradients and optimize
 - the defender's parameters in the DeepSpeed engine: gradients (stage 2-3: partitioned), an fp32 master copy
   (stages 1-3, partitioned), Adam's two moments (stage 0: whole; 1-3: partitioned);
 - the method's own copies: IMMA's simulated attacker (LoRA: its adapter, gradient and AdamW moments; full or
-  DreamBooth: gradient and moments over what it trains), the retain teacher (`--retain-target original`: a UNet),
-  the attacker pool's stored attackers; FreezeAsGuard's θ_d and UNet gradients, and its preparation fine-tune's
+  DreamBooth: gradient and moments over what it trains), the teacher (a UNet: `--retain-target original`,
+  `--imma-objective hold-erasure`), the attacker pool's stored attackers; FreezeAsGuard's θ_d and UNet gradients, and its preparation fine-tune's
   Adam (the peak of that phase); erasure's teacher and its cross-attention Adam.
 Phases run one after another: the peak is the largest phase on top of the weights.
 """
@@ -190,6 +190,8 @@ def plan_harden(spec) -> dict:
                                             part=world if stage >= 1 and adamw else 1, moments=None if adamw else 0))
             if spec.retain_target == "original" and spec.retain_weight > 0 and spec.legal is not None:
                 lines.append(Line("retain teacher (a UNet copy)", F32 * P))
+            elif spec.imma_objective == "hold-erasure":
+                lines.append(Line("hold-erasure teacher (a UNet copy)", F32 * P))
             # the attacker's step and the outer step are separate backward passes: the larger one counts
             inner = max(act(b, _inner_trains(a)) for a in attackers)
             retain = spec.retain_weight > 0 and spec.legal is not None

@@ -145,6 +145,39 @@ def test_esd_goal_guides_away_from_the_neutral_prediction(neutral, tiny_pipe):
     assert torch.allclose(goal, n - 2.0 * (c - n), atol=1e-6)
 
 
+def test_hold_erasure_descends_the_anchor_goal_at_the_attackers_point(dotted):
+    """--imma-objective hold-erasure: the outer step, taken with the simulated attacker's adapter on, lowers the
+    gap between the concept caption's prediction and the input model's anchor-caption prediction; the goal comes
+    from a frozen copy of the input (no adapter in it), and the retain term still targets data."""
+    from raystack.hardening.imma import IMMARecipe
+    from raystack.hardening.method import LocalEngine
+    from raystack.models.pipeline_io import load_pipeline
+
+    spec = _spec(dotted, "imma", against="lora", imma_objective="hold-erasure", retain_weight=1.0, outer_lr=1e-3)
+    r = IMMARecipe(spec, load_pipeline(None))
+    r.bind(LocalEngine(r))
+    assert not any(".lora_" in n for n, _ in r.teacher.named_parameters())
+    assert all("dotted" in c and "plain" in a and "dotted" not in a for c, a in zip(r.target.captions, r.target_anchors))
+    with torch.no_grad():
+        for p in r.ad.parameters():  # an adapted point: the attacker's LoRA away from zero
+            p.normal_(0.0, 0.2)
+    for p in r.ad.parameters():
+        p.requires_grad_(False)
+    state = r.generator.get_state()
+    before = r.held_erasure_loss().detach()
+    r.generator.set_state(state)
+    assert torch.allclose(r.outer_value().detach(), -before)  # outer_value is what the outer step ascends
+    r.generator.set_state(state)
+    r.engine.backward(-r.outer_value())
+    r.engine.step()
+    r.generator.set_state(state)
+    with torch.no_grad():
+        after = r.held_erasure_loss()
+    assert float(after) < float(before) - 1e-6, (float(before), float(after))
+    with torch.no_grad():
+        assert float(r.retain_loss()) > 1e-3  # --retain-target data: against the noise, not the teacher
+
+
 def test_erase_bad_input(dotted, tmp_path):
     from raystack.tinyworld.folder import write_concept_folder
 
@@ -160,6 +193,11 @@ def test_erase_bad_input(dotted, tmp_path):
         (["erase", "--method", "esd-x", "--concept", "dotted", "--esd-neutral", "none", *base], "--esd-neutral none"),
         (["harden", "--erase", "uce", "--method", "ablation", "--concept", "dotted", *base], "two erasures"),
         (["erase", "--method", "uce", "--concept", "dotted", "--anchor", "", *base], "as many tokens"),
+        (["harden", "--method", "imma", "--imma-objective", "hold-erasure", *base], "--imma-objective hold-erasure"),
+        (["harden", "--method", "imma", "--imma-objective", "nope", "--concept", "dotted", *base],
+         "--imma-objective nope"),
+        (["harden", "--method", "imma", "--imma-objective", "hold-erasure", "--concept", "dotted", "--target",
+          str(tmp_path / "other"), "--legal", str(dotted / "l"), "--out", str(tmp_path / "o")], "does not name the concept"),
         (["erase", "--method", "ablation", "--concept", "dotted", "--zero-stage", "3", *base],
          "--zero-stage 3: ablation reads the trained cross-attention weights whole"),
     ]
@@ -173,7 +211,8 @@ def test_erase_bad_input(dotted, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.ray
 def test_erase_then_harden_in_one_job(dotted, tmp_path, ray_session):
-    """`erase` as a Ray Train job, and `harden --erase` running the erasure before IMMA in the same job."""
+    """`erase` as a Ray Train job, and `harden --erase` running the erasure before IMMA in the same job (IMMA
+    holding the erasure under its simulated attacker, `--imma-objective hold-erasure`)."""
     res = CliRunner().invoke(app, ["erase", "--method", "uce", "--concept", "dotted", "--anchor", "plain",
                                    "--target", str(dotted / "t"), "--legal", str(dotted / "l"), "--out",
                                    str(tmp_path / "erased")])
@@ -184,10 +223,12 @@ def test_erase_then_harden_in_one_job(dotted, tmp_path, ray_session):
                                         for k in m["changed_tensors"])
     res = CliRunner().invoke(app, ["harden", "--erase", "ablation", "--erase-steps", "2", "--method", "imma",
                                    "--steps", "2", "--concept", "dotted", "--anchor", "plain", "--batch-size", "2",
+                                   "--imma-objective", "hold-erasure",
                                    "--target", str(dotted / "t"), "--legal", str(dotted / "l"), "--out",
                                    str(tmp_path / "both")])
     assert res.exit_code == 0, res.output + res.stderr
     m = json.loads((tmp_path / "both" / "manifest.json").read_text())
     assert m["erase"]["method"] == "ablation" and m["method"] == "imma"
+    assert m["spec"]["imma_objective"] == "hold-erasure" and m["final_losses"]["outer_loss"] < 0  # −(held gap)
     info = json.loads((tmp_path / "both" / "immunize_info.json").read_text())["hardening"]
     assert info["erase"]["concept"] == ["dotted"]

@@ -79,6 +79,21 @@ def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str 
                  groups=[groups[i] for i in idx] if len(folders) > 1 else None)
 
 
+def noisy_batch(shard: Shard, n: int, noise_scheduler, generator, unet, timesteps: tuple[int, int] | None = None):
+    """n items of a shard noised at uniform timesteps (in [lo, hi) when given), on `unet`'s device and in its
+    dtype: (x_t, t, item indices). For the objectives whose target is another prediction at the same x_t, not
+    the noise (erasure's goals). Drawn on the CPU (the bank lives there), so every device draws alike."""
+    import torch
+
+    idx = shard.draw(n, generator)
+    latents = shard.bank.sample(idx, generator)
+    lo, hi = timesteps or (0, noise_scheduler.config.num_train_timesteps)
+    t = torch.randint(lo, hi, (n,), generator=generator)
+    noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator), t).contiguous()
+    w = next(unet.parameters())
+    return noisy.to(w.device, w.dtype), t.to(w.device), idx.tolist()
+
+
 def shard_loss(unet, noise_scheduler, encode, shard: Shard, batch: int, generator, **loss_kw):
     return mixed_losses(unet, noise_scheduler, encode, [(shard, batch)], generator, **loss_kw)[0]
 

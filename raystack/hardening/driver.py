@@ -57,7 +57,8 @@ def validate_inputs(spec: HardenSpec) -> None:
         n = json.loads(sched.read_text()).get("num_train_timesteps", 1000) if sched.is_file() else 1000
         if spec.outer_timestep_range[1] > n:
             raise UserError(f"--outer-timesteps {spec.outer_timesteps}: the model has {n} timesteps (0-{n})")
-    erasing = any(p.name in ("uce", "esd-x", "ablation") for p in spec.phases())
+    erasing = any(p.name in ("uce", "esd-x", "ablation") for p in spec.phases()) or \
+        spec.imma_objective == "hold-erasure"  # its goal is the anchor caption's prediction
     for t in spec.target:
         folder = read_image_folder(t, flag="--target", check_only=True)
         if erasing:

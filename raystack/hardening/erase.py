@@ -126,18 +126,15 @@ class _TrainedErasure(HardeningPhase):
     def step(self) -> dict:
         import torch
 
-        from .data import mixed_losses
+        from .data import mixed_losses, noisy_batch
 
         b, gen = self.spec.batch_size, self.generator
-        idx = self.target.draw(b, gen)
-        latents = self.target.bank.sample(idx, gen)
-        captions = [self.target.captions[i] for i in idx.tolist()]
-        anchors = [self.anchors[i] for i in idx.tolist()]
-        t = torch.randint(0, self.noise.config.num_train_timesteps, (b,), generator=gen)
-        noisy = self.noise.add_noise(latents, torch.randn(latents.shape, generator=gen), t).contiguous()
+        noisy, t, idx = noisy_batch(self.target, b, self.noise, gen, self.pipe.unet)
+        captions = [self.target.captions[i] for i in idx]
+        anchors = [self.anchors[i] for i in idx]
         with torch.no_grad():
             goal = self.goal(noisy, t, captions, anchors)
-        loss_e = (unet_predict(self.pipe.unet, noisy, t, self.text(captions)) - goal).pow(2).mean()
+        loss_e = (unet_predict(self.pipe.unet, noisy, t, self.text(captions)).float() - goal.float()).pow(2).mean()
         loss, out = loss_e, {"erase_loss": float(loss_e.detach())}
         if self.legal is not None:
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.text, [(self.legal, b), (self.legal_uncond, b)],

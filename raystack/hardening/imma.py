@@ -147,7 +147,8 @@ class IMMARecipe(HardeningPhase):
         from .data import Shard, load_shard
 
         self.teacher = None
-        if spec.retain_target == "original" and spec.legal is not None and spec.retain_weight > 0:
+        retains_to_original = spec.retain_target == "original" and spec.legal is not None and spec.retain_weight > 0
+        if retains_to_original or spec.imma_objective == "hold-erasure":
             import copy
 
             self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()  # before φ is attached
@@ -171,6 +172,12 @@ class IMMARecipe(HardeningPhase):
             caption_fn = self._attacker_caption
         self.target = load_shard(spec.target, pipe, rank, world, caption_fn=caption_fn, jpeg_mix=spec.jpeg_mix,
                                  seed=spec.seed, resolution=spec.resolution)
+        self.target_anchors = None
+        if spec.imma_objective == "hold-erasure":  # each target caption with the concept's word(s) made the anchor
+            from .erase import anchor_caption, check_erase_captions, concept_words
+
+            check_erase_captions(spec, self.target.captions)
+            self.target_anchors = [anchor_caption(c, concept_words(spec), spec.anchor) for c in self.target.captions]
         self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
                       if spec.legal is not None and spec.retain_weight > 0 else None)
         self.legal_uncond = (None if self.legal is None else
@@ -209,12 +216,36 @@ class IMMARecipe(HardeningPhase):
                           snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset,
                           timesteps=timesteps)
 
+    def outer_value(self):
+        """What the outer step ascends at the attacker's adapted point φ^i (--imma-objective): L_A on target
+        data (ascent, Alg. 1), or minus the held-erasure loss (hold-erasure)."""
+        if self.spec.imma_objective == "hold-erasure":
+            return -self.held_erasure_loss()
+        return self._loss(self.target, self.spec.outer_timestep_range)
+
+    def held_erasure_loss(self):
+        """hold-erasure: on a noisy target image, the UNet's prediction for the concept's caption (the attacker's
+        adapter on) against the input model's for the caption with the concept made --anchor — concept
+        ablation's goal, which the attacker's adaptation must not undo. Bounded below by 0, unlike L_A, so the
+        outer step cannot buy a high attacker loss by wrecking the prediction."""
+        import torch
+
+        from ..diffusion import unet_predict
+        from .data import noisy_batch
+
+        noisy, t, idx = noisy_batch(self.target, self.spec.batch_size, self.noise, self.generator, self.pipe.unet,
+                                    self.spec.outer_timestep_range)
+        with torch.no_grad():
+            goal = unet_predict(self.teacher, noisy, t, self.ad.encode([self.target_anchors[i] for i in idx]))
+        pred = unet_predict(self.pipe.unet, noisy, t, self.ad.encode([self.target.captions[i] for i in idx]))
+        return (pred.float() - goal.float()).pow(2).mean()
+
     def outer_losses(self):
-        """L_A(θ, φ^i) on target data, and the retain loss on legal data at θ alone, the released weights:
-        with the adapter left on, the retain term kept θ + φ good and let θ itself fall apart. Legal
+        """The outer value at φ^i (`outer_value`), and the retain loss on legal data at θ alone, the released
+        weights: with the adapter left on, the retain term kept θ + φ good and let θ itself fall apart. Legal
         images are retained with their captions and unconditioned (empty caption), since classifier-free
         guidance samples from both branches."""
-        loss_i = self._loss(self.target, self.spec.outer_timestep_range)
+        loss_i = self.outer_value()
         if self.legal is None:
             return loss_i
         return loss_i, self.retain_loss()
@@ -227,7 +258,7 @@ class IMMARecipe(HardeningPhase):
         with self.ad.released():
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.ad.encode,
                                         [(self.legal, b), (self.legal_uncond, b)], self.generator,
-                                        teacher=self.teacher)
+                                        teacher=self.teacher if self.spec.retain_target == "original" else None)
         return (cond + uncond) / 2
 
     def step(self) -> dict:
@@ -270,7 +301,7 @@ class IMMARecipe(HardeningPhase):
         S = self.engine_params()
         for p in S:
             p.requires_grad_(True)
-        loss_i = self._loss(self.target, self.spec.outer_timestep_range)  # L_A at the adapted point
+        loss_i = self.outer_value()  # at the adapted point
         grads = torch.autograd.grad(loss_i, S)
         if member.dense:  # Δ kept apart: θ back to the release before the outer step
             with torch.no_grad():

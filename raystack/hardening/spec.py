@@ -12,6 +12,7 @@ from ..outputs import shown
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 RETAIN_TARGETS = ("data", "original")
+IMMA_OBJECTIVES = ("ascent", "hold-erasure")
 
 
 @dataclass
@@ -91,6 +92,10 @@ class HardenSpec:
     outer_timesteps: str | None = None
     """IMMA: timestep range LO-HI (e.g. 500-1000) of the outer ascent's loss; none: every timestep, as the
     attacker's loss (paper)."""
+    imma_objective: str = "ascent"
+    """IMMA's outer objective at the simulated attacker's adapted point: ascent (Alg. 1: raise the attacker's
+    loss on --target) or hold-erasure (for erased weights: the concept's captions, attacker adapter on, still
+    predict what the input model predicts for the --anchor caption on the same noisy image; needs --concept)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
     attacker_space: Path | None = None
@@ -207,6 +212,11 @@ class HardenSpec:
                 raise UserError(f"--erase {self.erase} --method {self.method}: two erasures; --method names the "
                                 "hardening that follows the erasure (e.g. imma or freezeasguard)")
         phases = self.phases()
+        if self.imma_objective not in IMMA_OBJECTIVES:
+            raise UserError(f"--imma-objective {shown(self.imma_objective)}: expected one of {', '.join(IMMA_OBJECTIVES)}")
+        if self.imma_objective == "hold-erasure" and not self.concept:
+            raise UserError("--imma-objective hold-erasure: give the erased concept's word(s) as --concept (and its "
+                            "--anchor), as its --target captions name it")
         if any(p.name in ("uce", "esd-x", "ablation") for p in phases) and not self.concept:
             raise UserError("--concept: erasure needs the concept's word(s) as its captions name it (e.g. --concept "
                             "dotted)")
