@@ -16,8 +16,9 @@ Accounting per rank, fp32 (bf16 is compute only: weights, gradients and optimize
   (stages 1-3, partitioned), Adam's two moments (stage 0: whole; 1-3: partitioned);
 - the method's own copies: IMMA's simulated attacker (LoRA: its adapter, gradient and AdamW moments; full or
   DreamBooth: gradient and moments over what it trains), the teacher (a UNet: `--retain-target original`,
-  `--imma-objective hold-erasure`), the attacker pool's stored attackers; FreezeAsGuard's θ_d and UNet gradients, and its preparation fine-tune's
-  Adam (the peak of that phase); erasure's teacher and its cross-attention Adam.
+  `--imma-objective hold-erasure`), the attacker pool's stored attackers; FreezeAsGuard's θ_d and UNet
+  gradients, and its preparation fine-tune's Adam (the peak of that phase); erasure's teacher and its
+  cross-attention Adam.
 Phases run one after another: the peak is the largest phase on top of the weights.
 """
 

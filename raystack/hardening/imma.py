@@ -152,6 +152,7 @@ class IMMARecipe(HardeningPhase):
             import copy
 
             self.teacher = copy.deepcopy(pipe.unet).requires_grad_(False).eval()  # before φ is attached
+        self.retain_teacher = self.teacher if retains_to_original else None  # else the retain term targets data
         self.pool = None
         if spec.attacker_space is not None:  # robust hardening: attackers drawn from a space, set up per turn
             from ..diffusion import FrozenTextCache
@@ -177,7 +178,8 @@ class IMMARecipe(HardeningPhase):
             from .erase import anchor_caption, check_erase_captions, concept_words
 
             check_erase_captions(spec, self.target.captions)
-            self.target_anchors = [anchor_caption(c, concept_words(spec), spec.anchor) for c in self.target.captions]
+            words = concept_words(spec)
+            self.target_anchors = [anchor_caption(c, words, spec.anchor) for c in self.target.captions]
         self.legal = (load_shard([spec.legal], pipe, rank, world, flag="--legal", resolution=spec.resolution)
                       if spec.legal is not None and spec.retain_weight > 0 else None)
         self.legal_uncond = (None if self.legal is None else
@@ -258,7 +260,7 @@ class IMMARecipe(HardeningPhase):
         with self.ad.released():
             cond, uncond = mixed_losses(self.pipe.unet, self.noise, self.ad.encode,
                                         [(self.legal, b), (self.legal_uncond, b)], self.generator,
-                                        teacher=self.teacher if self.spec.retain_target == "original" else None)
+                                        teacher=self.retain_teacher)
         return (cond + uncond) / 2
 
     def step(self) -> dict:
