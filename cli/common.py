@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -43,6 +44,7 @@ def guarded(fn):
         from raystack.errors import UserError
 
         try:
+            check_path_arguments(fn, kwargs)
             return fn(*args, **kwargs)
         except UserError as e:
             fail(str(e), e.exit_code)
@@ -50,6 +52,15 @@ def guarded(fn):
             raise
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                from raystack.outputs import shown
+
+                fail(f"{shown(str(e.filename or 'a path'))}: a name in it is too long for the file system", 2)
+            if os.environ.get("IMMUNIZE_DEBUG"):
+                raise
+            fail(f"internal error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]} "
+                 "(rerun with IMMUNIZE_DEBUG=1 for the traceback)", 1)
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
             if os.environ.get("IMMUNIZE_DEBUG"):
                 raise
@@ -57,6 +68,51 @@ def guarded(fn):
             fail(f"internal error: {type(e).__name__}: {first} (rerun with IMMUNIZE_DEBUG=1 for the traceback)", 1)
 
     return wrapper
+
+
+def option_flags(fn) -> dict[str, str]:
+    """Each parameter of a command -> the flag a user types (`json_out` -> `--json`; an argument -> its NAME)."""
+    import inspect
+
+    flags = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        decls = [d for d in (getattr(param.default, "param_decls", None) or ()) if d.startswith("--")]
+        flags[name] = max(decls, key=len) if decls else name.upper() if type(param.default).__name__ == \
+            "ArgumentInfo" else f"--{name.replace('_', '-')}"
+    return flags
+
+
+def command_line(fn, kwargs: dict, flags: dict[str, str]) -> str:
+    """The command being run, for the marker of what it writes: the real argv, or (run in-process, as the tests
+    do) one rebuilt from the parameters."""
+    import shlex
+
+    if os.path.basename(sys.argv[0] if sys.argv else "") == "immunize-cli":
+        return shlex.join(["immunize-cli", *sys.argv[1:]])
+    group = fn.__module__.rsplit(".", 1)[-1]
+    words = ["immunize-cli", *([group] if group not in (fn.__name__, "main") else []), fn.__name__]
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or v is False:
+                continue
+            flag = flags.get(name, f"--{name.replace('_', '-')}")
+            words += [flag] if v is True else [str(v)] if flag.isupper() else [flag, str(v)]
+    return shlex.join(words)
+
+
+def check_path_arguments(fn, kwargs: dict) -> None:
+    """Every path given on the command line is local (no URI) and fits the file system's name limits, checked
+    before the command makes any folder or lock; the command line is kept for the marker of what it writes."""
+    from pathlib import PurePath
+
+    from raystack import outputs
+
+    flags = option_flags(fn)
+    outputs.COMMAND_LINE = command_line(fn, kwargs, flags)
+    for name, value in kwargs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, PurePath):
+                outputs.check_local_path(v, flags.get(name, f"--{name.replace('_', '-')}"))
 
 
 def quiet_libraries() -> None:

@@ -28,6 +28,12 @@ def erase(
     from raystack.outputs import shown
     from raystack.specs import spec_from_cli
 
+    def refuse(method):
+        raise UserError(f"--method {shown(method)}: erase runs one of {', '.join(ERASERS)} (to erase, then "
+                        "harden: `harden --erase METHOD --method ...`)")
+
+    if flags.get("method") is not None and flags["method"] not in ERASERS:
+        refuse(flags["method"])  # before the spec's own checks, which are harden's
     spec = spec_from_cli(HardenSpec, config, flags)
     if spec.method not in ERASERS or spec.erase is not None:
         raise UserError(f"--method {shown(spec.method)}: erase runs one of {', '.join(ERASERS)} (to erase, then "

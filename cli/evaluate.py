@@ -120,6 +120,11 @@ def evaluate(
                     continue  # read_attack_info names what is wrong with it, in one line
             check_tiny_world_judge(model, f"--run {name}")
     require_finite(guidance=guidance)
+    from raystack.metrics import check_embedder_folder
+
+    for kind, folder in (("clip", clip), ("dino", dino)):
+        if folder is not None:
+            check_embedder_folder(kind, folder)  # before any sampling: a wrong folder is found in a second
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--redteam", redteam),
                          ("--reference", reference), ("--clip", clip),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])

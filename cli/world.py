@@ -155,12 +155,16 @@ def sample(
     guidance: float = typer.Option(4.0, "--guidance"),
     seed: int = typer.Option(0, "--seed"),
     scale: int = typer.Option(4, "--scale", min=1, help="Nearest-neighbour upscaling of the grid."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file(s) if they exist."),
 ):
     """Generate images from prompts and save them as one grid."""
     from raystack.models.pipeline_io import resolve_model_path
     from raystack.outputs import check_disjoint
 
+    from raystack.outputs import check_output_file
+
     check_disjoint(out, [("--model", resolve_model_path(model))])
+    check_output_file(out, overwrite, "--out")
     require_finite(guidance=guidance)
     _setup()
     from raystack.imageio import save_png
@@ -180,6 +184,7 @@ def score(
     images: Path = typer.Option(..., "--images", help="Folder of images (metadata.jsonl optional)."),
     classifier: Optional[Path] = typer.Option(None, "--classifier", help="Classifier folder (default: shipped)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write predictions as JSON."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file(s) if they exist."),
 ):
     """Classify every image of a folder with the tiny world's concept classifier."""
     from raystack.outputs import check_disjoint
@@ -188,6 +193,9 @@ def score(
     if json_out is not None:
         check_disjoint(json_out, [("--images", images), ("--classifier", classifier or default_classifier_path())],
                        "--json")
+        from raystack.outputs import check_output_file
+
+        check_output_file(json_out, overwrite, "--json")
     _setup()
     from rich.table import Table
 
@@ -218,6 +226,7 @@ def quality(
     seed: int = typer.Option(0, "--seed"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Also save a PNG grid of the samples."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output file(s) if they exist."),
 ):
     """Trained concepts must come out fully right >= 80%; held-out concepts <= 15%. Exit 1 if not."""
     from raystack.models.pipeline_io import resolve_model_path
@@ -228,6 +237,9 @@ def quality(
         if path is not None:
             check_disjoint(path, [("--model", resolve_model_path(model)),
                                   ("--classifier", classifier or default_classifier_path())], flag)
+            from raystack.outputs import check_output_file
+
+            check_output_file(path, overwrite, flag)
     require_finite(guidance=guidance)
     _setup()
     from rich.progress import BarColumn, Progress, TimeRemainingColumn

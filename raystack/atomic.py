@@ -53,6 +53,9 @@ def atomic_dir(dest: Path, overwrite: bool = False):
             if is_disk_full(e):
                 raise disk_full(dest, e) from None
             raise
+        from .outputs import write_output_marker
+
+        write_output_marker(tmp)
         _fault_point()
         if dest.exists():
             if not _exchange(tmp, dest):  # no atomic swap here: two renames, a short window without dest

@@ -44,7 +44,7 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    raise UserError(f"{path}: {w}x{h} pixels, above the {MAX_PIXELS // 1_000_000} megapixel bound; "
+                    raise UserError(f"{shown(str(path))}: {w}x{h} pixels, above the {MAX_PIXELS // 1_000_000} megapixel bound; "
                                     "resize it first")
                 im.load()
                 im = _to_rgb(im, path)
@@ -52,9 +52,9 @@ def read_image(path: Path, size: int | None = None) -> np.ndarray:
                     im = resize_and_crop(im, size)
                 return np.asarray(im, dtype=np.uint8).copy()
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: above the {MAX_PIXELS // 1_000_000} megapixel bound; resize it first") from None
+        raise UserError(f"{shown(str(path))}: above the {MAX_PIXELS // 1_000_000} megapixel bound; resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: unreadable image ({str(e).splitlines()[0][:120]})") from None
+        raise UserError(f"{shown(str(path))}: unreadable image ({str(e).splitlines()[0][:120]})") from None
 
 
 def resize_and_crop(im, size: int):
@@ -84,7 +84,7 @@ def _to_rgb(im, path: Path):
         a = np.clip(a, 0, top) * 255 // top
         return Image.fromarray(a.astype(np.uint8), mode="L").convert("RGB")
     if im.mode == "F":
-        raise UserError(f"{path}: floating-point image ({im.mode}); save it as 8- or 16-bit PNG/JPEG")
+        raise UserError(f"{shown(str(path))}: floating-point image ({im.mode}); save it as 8- or 16-bit PNG/JPEG")
     return im.convert("RGB")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .outputs import shown
 
 
 def set_similarity(fa: np.ndarray, fb: np.ndarray) -> float:
@@ -72,11 +73,11 @@ class ClipZeroShot:
 
         self.images = HFImageEmbedder("clip", path)
         if not hasattr(self.images.model, "get_text_features"):
-            raise UserError(f"--clip {path}: not a CLIP model with a text tower (zero-shot scoring needs both)")
+            raise UserError(f"--clip {shown(str(path))}: not a CLIP model with a text tower (zero-shot scoring needs both)")
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"--clip {path}: no tokenizer to read the labels with ({type(e).__name__})") from None
+            raise UserError(f"--clip {shown(str(path))}: no tokenizer to read the labels with ({type(e).__name__})") from None
         self.labels = list(labels)
         ids = tok(self.labels, padding=True, truncation=True, return_tensors="pt")
         with torch.no_grad():
@@ -92,6 +93,30 @@ class ClipZeroShot:
         return float(np.mean(self.predict(images) == self.labels.index(label))) if len(images) else 0.0
 
 
+#: transformers model types each embedder takes: CLIP needs both towers (CLIPModel), DINO a ViT-like backbone
+EMBEDDER_MODEL_TYPES = {"clip": ("clip",), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")}
+
+
+def check_embedder_folder(kind: str, path: Path) -> None:
+    """A local transformers folder of the right kind (read from its config.json, before any weight is loaded)."""
+    import json
+
+    from .outputs import shown
+
+    flag = f"--{kind} {shown(str(path))}"
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{flag}: not a local transformers model folder (no config.json)")
+    try:
+        model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{flag}: config.json is not a transformers model config") from None
+    if model_type not in EMBEDDER_MODEL_TYPES[kind]:
+        what = "a CLIP model with its vision and text towers (CLIPModel)" if kind == "clip" else "a DINO / ViT model"
+        raise UserError(f"{flag}: a {shown(model_type)} model, not {what}")
+    if not list(Path(path).glob("*.safetensors")):
+        raise UserError(f"{flag}: no .safetensors weights (pickles are refused)")
+
+
 class HFImageEmbedder:
     """CLIP (vision tower + projection) or DINO (CLS token) from a local transformers folder."""
 
@@ -101,14 +126,11 @@ class HFImageEmbedder:
 
         self.name, self._torch = kind, torch
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise UserError(f"--{kind} {path}: not a local transformers model folder (no config.json)")
-        if not list(path.glob("*.safetensors")):
-            raise UserError(f"--{kind} {path}: no .safetensors weights (pickles are refused)")
+        check_embedder_folder(kind, path)
         try:
             model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"--{kind} {path}: cannot load ({type(e).__name__})") from None
+            raise UserError(f"--{kind} {shown(str(path))}: cannot load ({type(e).__name__})") from None
         self.model = model.eval()
         cfg = getattr(model.config, "vision_config", model.config)
         self.size = int(getattr(cfg, "image_size", 224))

@@ -77,27 +77,100 @@ def check_disjoint(out: Path, inputs: Iterable[tuple[str, Path | str | None]], f
                                 "choose an output folder apart from every input")
 
 
-#: One of these in a folder marks it as something this tool wrote (a release, an attack, a report, a data
-#: folder, a pipeline): only such a folder, or an empty one, is replaced by `--overwrite`.
-OUTPUT_MARKERS = ("manifest.json", "attack.json", "report.json", "metadata.jsonl", "model_index.json",
-                  "tiny_clip.json")
+#: This tool's own mark in every folder it writes (a release, an attack, a report, a data folder, a sweep):
+#: a hidden JSON file naming the command that wrote it. `--overwrite` replaces only a folder that holds it, or
+#: an empty one, never a folder of the user's that happens to hold a file of the same name as ours
+#: (`metadata.jsonl`, `model_index.json` and `manifest.json` are files users have too).
+OUTPUT_MARKER = ".immunize-cli-output.json"
+#: Longest single path component accepted from the command line: our lock files, temporary siblings and
+#: `<out>.run` folders add up to 16 bytes, and file systems allow 255.
+MAX_NAME_BYTES = 200
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def output_marker(command: str | None = None) -> str:
+    """The marker's text: the tool, the command that wrote the folder and when."""
+    import json
+    import time
+
+    if command is None:
+        command = current_command()
+    return json.dumps({"tool": "immunize-cli", "command": command,
+                       "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n"
+
+
+#: The command line being run, set by the CLI before the command starts (None: a library call).
+COMMAND_LINE: str | None = None
+
+
+def current_command() -> str:
+    import shlex
+    import sys
+
+    if COMMAND_LINE is not None:
+        return COMMAND_LINE
+    return shlex.join(["python", *sys.argv]) if sys.argv else "python"
+
+
+def write_output_marker(folder: Path, command: str | None = None) -> None:
+    """Mark `folder` as written by this tool (so that `--overwrite` may replace it later)."""
+    (Path(folder) / OUTPUT_MARKER).write_text(output_marker(command))
+
+
+def is_tool_output(folder: Path) -> bool:
+    return (Path(folder) / OUTPUT_MARKER).is_file()
 
 
 def check_new_output(out: Path, overwrite: bool, flag: str = "--out") -> None:
     """`out` is new, or `overwrite` replaces an earlier output of this tool (never an arbitrary folder)."""
     if Path(out).exists() and not overwrite:
-        raise UserError(f"{flag} {out}: already exists (pass --overwrite to replace it)")
+        raise UserError(f"{flag} {shown(str(out))}: already exists (pass --overwrite to replace it)")
     check_replaceable(out, flag)
 
 
 def check_replaceable(out: Path, flag: str = "--out") -> None:
-    """`--overwrite` replaces what a previous run wrote, never an arbitrary folder (`--out ~ --overwrite`)."""
+    """`--overwrite` replaces what a previous run wrote, never an arbitrary folder (`--out ~ --overwrite`)
+    nor a file that is not ours (`--out my_dataset.jsonl`)."""
     out = Path(out)
-    if out.is_dir() and not out.is_symlink() and any(out.iterdir()) \
-            and not any((out / m).is_file() for m in OUTPUT_MARKERS):
-        raise UserError(f"{flag} {shown(str(out))}: holds files this tool did not write (none of "
-                        f"{', '.join(OUTPUT_MARKERS)}); --overwrite replaces only an earlier output: remove it "
-                        "yourself or choose a new folder")
+    if out.is_symlink():
+        raise UserError(f"{flag} {shown(str(out))}: is a symbolic link; name the folder itself")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {shown(str(out))}: is a file, not a folder this tool wrote; --overwrite replaces "
+                        "only an earlier output: remove it yourself or choose a new folder")
+    if out.is_dir() and any(out.iterdir()) and not is_tool_output(out):
+        raise UserError(f"{flag} {shown(str(out))}: holds files this tool did not write (no {OUTPUT_MARKER}); "
+                        "--overwrite replaces only an earlier output of immunize-cli: remove it yourself or "
+                        "choose a new folder")
+
+
+def check_output_file(path: Path, overwrite: bool, flag: str) -> None:
+    """A single-file output (`--json`, an export, a grid): in an existing folder, not a folder itself, and
+    replaced only with `--overwrite`."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {shown(str(path))}: is a folder; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {shown(str(path))}: the folder {shown(str(path.parent))} does not exist")
+    if path.is_symlink():
+        raise UserError(f"{flag} {shown(str(path))}: is a symbolic link; name the file itself")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {shown(str(path))}: already exists (pass --overwrite to replace it)")
+
+
+def check_local_path(value, flag: str) -> None:
+    """A path from the command line: a local path (a URI such as s3://bucket/x is refused: object storage is not
+    supported yet, and `Path('s3://b/x')` would silently become a local folder `s3:/b/x`), with no component
+    longer than MAX_NAME_BYTES (the file system's limit is 255, and our lock and temporary names add to it)."""
+    text = os.fspath(value)
+    if URI_SCHEME.match(text):
+        raise UserError(f"{flag} {shown(text)}: a URI; object storage is not supported yet, give a local path "
+                        "(copy the files there first)")
+    for part in Path(text).parts:
+        if len(os.fsencode(part)) > MAX_NAME_BYTES:
+            raise UserError(f"{flag} {shown(text)}: a name in it is {len(os.fsencode(part))} bytes long; at most "
+                            f"{MAX_NAME_BYTES} are accepted")
+    if len(os.fsencode(text)) > 4000:
+        raise UserError(f"{flag} {shown(text)}: longer than 4000 bytes")
 
 
 def confined_rmtree(path: Path, root: Path) -> None:

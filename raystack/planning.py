@@ -157,7 +157,11 @@ def plan_harden(spec) -> dict:
     from .attacks.spec import AttackSpec
     from .models.pipeline_io import config_resolution, resolve_model_path, weight_components
 
+    from .models.pipeline_io import check_component_shapes, check_pipeline_folder
+
     model = resolve_model_path(spec.model)
+    check_pipeline_folder(model, "--model")  # the same checks as harden's, before any config is read
+    check_component_shapes(model, "--model")
     comps = {c: header_shapes(model / c) for c in weight_components(model)}
     unet = comps["unet"]
     P = sum(numel(s) for s in unet.values())

@@ -56,6 +56,9 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
     if hint is Path:
         if not isinstance(value, (str, Path)):
             raise UserError(f"{name}: expected a path, got {type(value).__name__} {shown(value)}")
+        from .outputs import check_local_path
+
+        check_local_path(value, name)
         return Path(value)
     if hint is bool:
         if not isinstance(value, bool):
@@ -133,20 +136,20 @@ def read_yaml(path: Path, flag: str = "--config") -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
+        raise UserError(f"{flag} {shown(str(path))}: no such file")
     if path.stat().st_size > MAX_YAML_BYTES:
-        raise UserError(f"{flag} {path}: larger than {MAX_YAML_BYTES // 1024} KiB; not a spec file")
+        raise UserError(f"{flag} {shown(str(path))}: larger than {MAX_YAML_BYTES // 1024} KiB; not a spec file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{flag} {path}: not valid YAML{where}") from None
+        raise UserError(f"{flag} {shown(str(path))}: not valid YAML{where}") from None
     if data is None:
         return {}
     check_expanded_size(data, f"{flag} {path}")
     if not isinstance(data, dict):
-        raise UserError(f"{flag} {path}: expected a mapping of keys to values at the top level")
+        raise UserError(f"{flag} {shown(str(path))}: expected a mapping of keys to values at the top level")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 CLI=${CLI:-.venv/bin/immunize-cli}
 OUT=${OUT:-runs/demo}
 mkdir -p "$OUT"
-$CLI world quality --samples 64 --json "$OUT/quality.json" --grid "$OUT/quality.png"
+$CLI world quality --samples 64 --json "$OUT/quality.json" --grid "$OUT/quality.png" --overwrite
 # publisher's data (what to protect, what to keep) and the attacker's own images (another seed)
 $CLI world generate --out "$OUT/data/protect" --style sunset --n 2 --seed 1 --overwrite
 $CLI world generate --out "$OUT/data/legal" --style striped --style dotted --style checkered --n 1 --seed 2 --overwrite

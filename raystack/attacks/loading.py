@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import shown
 from .methods import LORA_FILE, TI_FILE
 from .recipe import ATTACK_INFO
 
@@ -17,7 +18,7 @@ def read_attack_info(attack_dir: Path, flag: str = "--attacked") -> dict:
     try:
         info = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{flag} {f}: corrupt {ATTACK_INFO}") from None
+        raise UserError(f"{flag} {shown(str(f))}: corrupt {ATTACK_INFO}") from None
     check_attack_info(info, f"{flag} {f}")
     return info
 

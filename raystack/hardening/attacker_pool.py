@@ -39,7 +39,7 @@ def draw_pool(spec) -> list:
     from ..redteam.space import draw_attacks, load_attack_space
     from ..specs import build_spec
 
-    space = load_attack_space(spec.attacker_space)
+    space = load_attack_space(spec.attacker_space, flag="--attacker-space")
     methods = {space.fixed.get("method", "lora")}
     if "method" in space.search:
         methods |= set(next(iter(space.search["method"].values())))

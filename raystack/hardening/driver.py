@@ -12,7 +12,8 @@ from typing import Callable
 
 from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
-from ..outputs import check_disjoint, check_replaceable, confined_rmtree, output_lock
+from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, is_tool_output,
+                       output_lock, shown, write_output_marker)
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
@@ -36,12 +37,19 @@ def validate_inputs(spec: HardenSpec) -> None:
     if spec.out is None:
         raise UserError("--out is required")
     if spec.out.exists() and not spec.overwrite and not spec.resume:
-        raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+        raise UserError(f"--out {shown(str(spec.out))}: already exists (pass --overwrite to replace it)")
     check_writable(spec.out, "--out")
     model = resolve_model_path(spec.model)
     check_disjoint(spec.out, [("--model", model), *(("--target", t) for t in spec.target), ("--legal", spec.legal)],
                    with_run_dir=True)
     check_replaceable(spec.out)
+    run_dir = run_dir_for(spec)
+    if run_dir.is_symlink() or run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out's run folder {shown(str(run_dir))}: not a folder of this tool's; remove it or choose "
+                        "another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_tool_output(run_dir):
+        raise UserError(f"--out's run folder {shown(str(run_dir))}: holds files this tool did not write (no "
+                        f"{OUTPUT_MARKER}); remove it yourself or choose another --out")
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
     from ..models.pipeline_io import is_sdxl_folder
@@ -129,7 +137,7 @@ def check_writable(out: Path, flag: str) -> None:
         os.close(fd)
         os.unlink(name)
     except OSError:
-        raise UserError(f"{flag} {out}: not writable") from None
+        raise UserError(f"{flag} {shown(str(out))}: not writable") from None
 
 
 def connect_ray(spec: HardenSpec, num_cpus: int | None = None) -> str:
@@ -192,7 +200,7 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
         validate_inputs(spec)
     with output_lock(spec.out, "--out", with_run_dir=True):
         if spec.out.exists() and not spec.overwrite and not spec.resume:  # made while we waited for Ray's import
-            raise UserError(f"--out {spec.out}: already exists (pass --overwrite to replace it)")
+            raise UserError(f"--out {shown(str(spec.out))}: already exists (pass --overwrite to replace it)")
         if in_this_process:
             return _run_in_this_process(spec)
         return _run_harden_locked(spec, on_progress, fault_injection, on_info)
@@ -237,10 +245,14 @@ def remove_finished_run(run_dir: Path) -> None:
     if run_dir.is_symlink() or not run_dir.is_dir():
         return
     confined_rmtree(run_dir / "harden", run_dir)
+    marker = run_dir / OUTPUT_MARKER
+    text = marker.read_text() if marker.is_file() else None
+    marker.unlink(missing_ok=True)
     try:
         run_dir.rmdir()
-    except OSError:  # something else is in it: left alone
-        pass
+    except OSError:  # something else is in it: left alone, still marked as ours
+        if text is not None:
+            marker.write_text(text)
 
 
 def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: Path, t0: float) -> dict:
@@ -253,6 +265,9 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     for k, v in {**TRAIN_ENV, **(EMBEDDED_TRAIN_ENV if embedded_here() else {})}.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer.fit here and passed on to its controller
     name = "harden"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_tool_output(run_dir):
+        write_output_marker(run_dir)
     if (run_dir / name).exists() and not spec.resume:
         confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
     progress = _progress_actor()
@@ -316,7 +331,9 @@ def _describe(err: BaseException) -> str:
 
 
 def hash_tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    """SHA-256 of every file under `root`, but this tool's output marker (it names the command and the time)."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and p.relative_to(root) != Path(OUTPUT_MARKER)}
 
 
 def _versions() -> dict:

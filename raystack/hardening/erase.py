@@ -66,7 +66,9 @@ def check_uce_anchor(spec, model, captions: list[str]) -> None:
     words = concept_words(spec)
     for c in captions:
         if len(tok(c).input_ids) != len(tok(anchor_caption(c, words, spec.anchor)).input_ids):
-            raise UserError(f"--anchor {spec.anchor!r}: UCE maps the concept's tokens to the anchor's one by one; give "
+            from ..outputs import shown
+
+            raise UserError(f"--anchor {shown(spec.anchor)}: UCE maps the concept's tokens to the anchor's one by one; give "
                             f"an anchor of as many tokens as {', '.join(words)} (e.g. a word of the same kind)")
 
 

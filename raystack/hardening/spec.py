@@ -13,6 +13,19 @@ from ..outputs import shown
 INNER_OPTIMIZERS = ("adamw", "sgd")
 RETAIN_TARGETS = ("data", "original")
 IMMA_OBJECTIVES = ("ascent", "hold-erasure")
+#: attackers one robust-hardening run may draw (and simulate per step): each keeps its own state on every worker
+MAX_ATTACKER_POOL = 64
+
+
+def check_concept_words(concept: str, anchor: str) -> None:
+    """--concept names at least one word; --anchor (what the word becomes) is not one of them."""
+    words = [w.strip() for w in str(concept).split(",") if w.strip()]
+    if not words:
+        raise UserError(f"--concept {shown(concept)}: names no word; give the concept's word(s) as its captions name "
+                        "them, comma-separated (e.g. dotted)")
+    if anchor and " ".join(anchor.split()) in words:
+        raise UserError(f"--anchor {shown(anchor)}: the same as the concept's word; the anchor is what the concept "
+                        "becomes (e.g. --concept dotted --anchor plain)")
 
 
 @dataclass
@@ -214,10 +227,21 @@ class HardenSpec:
         phases = self.phases()
         if self.imma_objective not in IMMA_OBJECTIVES:
             raise UserError(f"--imma-objective {shown(self.imma_objective)}: expected one of {', '.join(IMMA_OBJECTIVES)}")
+        erasing = any(p.name in ("uce", "esd-x", "ablation") for p in phases)
+        if self.imma_objective != "ascent" and not any(p.name == "imma" for p in phases):
+            raise UserError(f"--imma-objective {self.imma_objective}: --method {self.method} runs no IMMA step; use "
+                            "it with --method imma (or a method that includes IMMA)")
+        if not erasing and self.imma_objective != "hold-erasure":
+            for flag, v in (("--concept", self.concept), ("--anchor", self.anchor)):
+                if v:
+                    raise UserError(f"{flag} {shown(v)}: used only by an erasure (--erase, or erase --method) or by "
+                                    "--imma-objective hold-erasure; this run has neither")
+        if self.concept is not None:
+            check_concept_words(self.concept, self.anchor)
         if self.imma_objective == "hold-erasure" and not self.concept:
             raise UserError("--imma-objective hold-erasure: give the erased concept's word(s) as --concept (and its "
                             "--anchor), as its --target captions name it")
-        if any(p.name in ("uce", "esd-x", "ablation") for p in phases) and not self.concept:
+        if erasing and not self.concept:
             raise UserError("--concept: erasure needs the concept's word(s) as its captions name it (e.g. --concept "
                             "dotted)")
         if self.esd_neutral not in ("anchor", "empty"):
@@ -243,6 +267,9 @@ class HardenSpec:
         for flag, v in (("--attacker-pool", self.attacker_pool), ("--attackers-per-step", self.attackers_per_step)):
             if v <= 0:
                 raise UserError(f"{flag} {v}: must be a positive integer")
+            if v > MAX_ATTACKER_POOL:
+                raise UserError(f"{flag} {v}: at most {MAX_ATTACKER_POOL} (each simulated attacker keeps its own "
+                                "state on every worker)")
         if not 0.0 <= self.attacker_restart <= 1.0:
             raise UserError(f"--attacker-restart {self.attacker_restart}: must be within [0, 1]")
         if self.attacker_space is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..errors import UserError
+from ..outputs import shown
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
@@ -50,25 +51,25 @@ def resolve_model_path(model: str | os.PathLike | None, flag: str = "--model") -
 
             return Path(snapshot_download(str(model), local_files_only=True))
         except Exception:
-            raise UserError(f"{flag} {model}: not a local folder and not in the local hub cache "
+            raise UserError(f"{flag} {shown(str(model))}: not a local folder and not in the local hub cache "
                             "(nothing is downloaded; copy the pipeline to a folder)") from None
-    raise UserError(f"{flag} {model}: no such file or folder")
+    raise UserError(f"{flag} {shown(str(model))}: no such file or folder")
 
 
 def check_pipeline_folder(path: Path, flag: str = "--model") -> None:
     """One clear error for anything that is not a loadable SD pipeline folder with safetensors weights."""
     if not path.is_dir():
-        raise UserError(f"{flag} {path}: not a folder (expected a diffusers pipeline folder)")
+        raise UserError(f"{flag} {shown(str(path))}: not a folder (expected a diffusers pipeline folder)")
     index = path / "model_index.json"
     if not index.is_file():
-        raise UserError(f"{flag} {path}: not a diffusers pipeline (no model_index.json)")
+        raise UserError(f"{flag} {shown(str(path))}: not a diffusers pipeline (no model_index.json)")
     try:
         json.loads(index.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{flag} {index}: corrupt model_index.json") from None
     for comp in COMPONENTS + (SDXL_COMPONENTS if is_sdxl_folder(path) else ()):
         if not (path / comp).is_dir():
-            raise UserError(f"{flag} {path}: missing the {comp}/ component of a Stable Diffusion pipeline")
+            raise UserError(f"{flag} {shown(str(path))}: missing the {comp}/ component of a Stable Diffusion pipeline")
     for comp in weight_components(path):
         files = list((path / comp).iterdir())
         st = [f for f in files if f.name.endswith(".safetensors")]
@@ -186,7 +187,7 @@ def _safetensors_header(f: Path, flag: str) -> dict:
             raise ValueError
         return header
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError):
-        raise UserError(f"{flag} {f}: truncated or corrupt safetensors file") from None
+        raise UserError(f"{flag} {shown(str(f))}: truncated or corrupt safetensors file") from None
 
 
 def _check_safetensors(f: Path, flag: str) -> None:
@@ -224,7 +225,7 @@ def check_component_shapes(path: Path, flag: str = "--model") -> None:
         for k in sorted(shared):
             f, shape = actual[k]
             if tuple(shape) != expected[k]:
-                raise UserError(f"{flag} {f}: {k} has shape {tuple(shape)}, but {comp}/config.json builds "
+                raise UserError(f"{flag} {shown(str(f))}: {k} has shape {tuple(shape)}, but {comp}/config.json builds "
                                 f"{expected[k]}")
 
 
@@ -286,7 +287,7 @@ def load_pipeline(model: str | os.PathLike | None = None, flag: str = "--model",
     except UserError:
         raise
     except Exception as e:  # diffusers raises many types for a broken folder
-        raise UserError(f"{flag} {path}: cannot load the pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{flag} {shown(str(path))}: cannot load the pipeline ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

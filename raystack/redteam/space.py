@@ -137,12 +137,15 @@ def draw_attacks(space: AttackSpace, n: int, seed: int) -> list[dict]:
     return out
 
 
-def load_attack_space(path, overrides: list[str] | None = None) -> AttackSpace:
+def load_attack_space(path, overrides: list[str] | None = None, flag: str = "--space") -> AttackSpace:
+    """`flag`: the option that named the file (redteam's --space, harden's --attacker-space), for error lines."""
     from pathlib import Path
 
+    from ..outputs import shown
     from ..specs import apply_overrides, build_spec, read_yaml
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--space {path}: no such file")
-    return build_spec(AttackSpace, apply_overrides(read_yaml(path, "--space"), overrides or []), source=str(path))
+        raise UserError(f"{flag} {shown(str(path))}: no such file")
+    return build_spec(AttackSpace, apply_overrides(read_yaml(path, flag), overrides or []),
+                      source=f"{flag} {shown(str(path))}" if flag != "--space" else str(path))

@@ -284,5 +284,5 @@ def load_space(path: Path, overrides: list[str] | None = None) -> TuneSpace:
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--space {path}: no such file")
+        raise UserError(f"--space {shown(str(path))}: no such file")
     return build_spec(TuneSpace, apply_overrides(read_yaml(path, "--space"), overrides or []), source=str(path))
