@@ -43,10 +43,10 @@ def evaluate(
     reference: Optional[Path] = typer.Option(None, "--reference", help="Reference images of the target "
                                              "(default: the tiny world's generator)."),
     token: str = typer.Option("sks", "--token", help="Identifier the attacker used in prompts (emblems, objects)."),
-    samples: int = typer.Option(24, "--samples", min=1, help="Images per target concept and run."),
-    other_samples: Optional[int] = typer.Option(None, "--other-samples", min=1,
+    samples: int = typer.Option(24, "--samples", min=1, max=100_000, help="Images per target concept and run."),
+    other_samples: Optional[int] = typer.Option(None, "--other-samples", min=1, max=100_000,
                                                 help="Images per other (legal) concept and run (default: --samples)."),
-    curve_samples: int = typer.Option(12, "--curve-samples", min=1, help="Images per checkpoint on the curves."),
+    curve_samples: int = typer.Option(12, "--curve-samples", min=1, max=100_000, help="Images per checkpoint on the curves."),
     steps: int = typer.Option(25, "--steps", min=1, help="Sampling steps."),
     guidance: float = typer.Option(4.0, "--guidance"),
     seed: int = typer.Option(0, "--seed"),

@@ -32,7 +32,7 @@ def generate(
     caption_template: Optional[str] = typer.Option(
         None, "--caption", help="Caption for every image, with {shape}/{colour}/{style} fields "
         "(default: the pretraining template; for --emblem: 'a photo of sks emblem')."),
-    n: int = typer.Option(8, "--n", min=1, help="Images per combination (per emblem)."),
+    n: int = typer.Option(8, "--n", min=1, max=10_000, help="Images per combination (per emblem)."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ):

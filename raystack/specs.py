@@ -14,6 +14,10 @@ from .errors import UserError
 from .outputs import shown
 
 
+#: the most of anything a spec or flag may ask to draw, sample or allocate (trials, samples, images)
+MAX_COUNT = 100_000
+
+
 def _check_type(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

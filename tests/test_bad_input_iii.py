@@ -46,6 +46,7 @@ def world(tmp_path_factory):
     shutil.copytree(default_model_path() / "text_encoder", r / "text_encoder")
     # attack spaces the robust hardening reads
     (r / "bad_space.yaml").write_text("name: s\nbudget: 10\nsearch: {steps: {choice: [5, 20]\n")
+    (r / "huge_space.yaml").write_text(Path(TINY_ATTACK_SPACE).read_text().replace("samples: 4", "samples: 1000000000"))
     (r / "cwd").mkdir()
     return r
 
@@ -119,6 +120,13 @@ def cases(r: Path):
         ("harden: attackers per step of a billion", fag + ["--attacker-space", TINY_ATTACK_SPACE,
                                                            "--attackers-per-step", "1000000000"],
          "--attackers-per-step 1000000000: at most"),
+        ("tune: a billion trials", ["tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--samples",
+                                    "1000000000"], "--samples 1000000000: must be a positive integer, at most"),
+        ("evaluate: a billion samples", ev + ["--samples", "1000000000"], "--samples"),
+        ("world generate: a billion images", ["world", "generate", "--n", "1000000000"], "--n"),
+        ("redteam: a billion trials in the space", ["redteam", "--space", str(r / "huge_space.yaml"), "--model",
+                                                    f"a={m}", "--data", good, "--target", "sunset"],
+         "samples 1000000000: at most"),
         # 8. what used to be "internal error"
         ("plan: --model /etc", ["plan", "--method", "imma", "--model", "/etc"], "--model /etc: not a diffusers"),
         ("evaluate: --clip is a text encoder", ev + ["--clip", str(r / "text_encoder")],
@@ -149,7 +157,8 @@ def test_bad_input_iii_table(world, tmp_path, monkeypatch):
     assets = tree_hash(default_model_path().parent)
     failures = []
     for name, argv, expect in table:
-        if "--out" not in argv and argv[0] in ("harden", "attack", "evaluate", "erase"):
+        if "--out" not in argv and argv[0] in ("harden", "attack", "evaluate", "erase", "redteam", "tune") \
+                or argv[:2] == ["world", "generate"] and "--out" not in argv:
             argv = argv + ["--out", str(tmp_path / name.replace(" ", "_").replace(":", "").replace("/", "_"))]
         before_world, before_tmp = tree_hash(world), tree_hash(tmp_path)
         res = runner.invoke(app, argv)

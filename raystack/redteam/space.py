@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..outputs import shown
+from ..specs import MAX_COUNT
 from ..tuning.space import ALGORITHMS, SCHEDULERS, check_distribution
 
 
@@ -68,6 +69,8 @@ class AttackSpace:
                        ("rescore_limit", self.rescore_limit)):
             if n <= 0:
                 raise UserError(f"{key} {n}: must be a positive integer")
+            if n > MAX_COUNT:
+                raise UserError(f"{key} {n}: at most {MAX_COUNT}")
         if not 0.0 <= self.guard <= 1.0:
             raise UserError(f"guard {self.guard}: must be within [0, 1]")
         if not self.search:

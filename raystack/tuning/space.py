@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import shown
+from ..specs import MAX_COUNT
 
 ALGORITHMS = ("random", "grid", "optuna")
 SCHEDULERS = ("asha", "fifo")
@@ -157,14 +158,14 @@ class TuneSpace:
             raise UserError(f"scheduler {self.scheduler}: expected one of {', '.join(SCHEDULERS)}")
         if not isinstance(self.search, dict) or not self.search:
             raise UserError("search: at least one harden setting to vary is needed")
-        if self.samples <= 0:
-            raise UserError(f"samples {self.samples}: must be a positive integer")
+        if not 0 < self.samples <= MAX_COUNT:
+            raise UserError(f"samples {self.samples}: must be a positive integer, at most {MAX_COUNT}")
         for key, weight in (("mitigation_weight", self.mitigation_weight), ("utility_weight", self.utility_weight)):
             if weight < 0:
                 raise UserError(f"{key} {weight}: must not be negative")
         for key, n in (("eval_samples", self.eval_samples), ("eval_steps", self.eval_steps)):
-            if n <= 0:
-                raise UserError(f"{key} {n}: must be a positive integer")
+            if not 0 < n <= MAX_COUNT:
+                raise UserError(f"{key} {n}: must be a positive integer, at most {MAX_COUNT}")
         from ..hardening.spec import HardenSpec
         from ..specs import build_spec
 
