@@ -146,10 +146,13 @@ def _load_run(path: Path, weights: Path | None = None, device: str = "cpu"):
 
     if (path / "attack.json").is_file():
         pipe, info = load_attacked_pipeline(path, weights)
+        mask = (info.get("spec") or {}).get("freeze_mask")
         return pipe.to(device), (lambda p: attacked_prompt(info, p)), {
-            "attack": info["method"], "steps": info["steps"], "hardening": attacked_hardening(info)}
+            "attack": info["method"], "steps": info["steps"], "hardening": attacked_hardening(info),
+            "model": str(Path(info["base_model"]).resolve()), "mask": str(Path(mask).resolve()) if mask else None}
     pipe = load_pipeline(path, flag="--run", device=device)
-    return pipe, (lambda p: p), {"attack": None, "steps": 0, "hardening": read_extra_info(path).get("hardening")}
+    return pipe, (lambda p: p), {"attack": None, "steps": 0, "hardening": read_extra_info(path).get("hardening"),
+                                 "model": str(Path(path).resolve())}
 
 
 def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: np.ndarray, others: list[Concept],
@@ -260,13 +263,35 @@ def against_label(against) -> str:
     return against or "none"
 
 
+def hardening_label(hardening: dict | None) -> str:
+    """A row of the crossed matrix: 'none' for an unhardened model, what an attacker-simulating release was
+    hardened against (IMMA), or the method of one that simulates none (FreezeAsGuard, an erasure)."""
+    if not hardening:
+        return "none"
+    if hardening.get("against") is not None:
+        return against_label(hardening["against"])
+    return str(hardening.get("method") or "hardened")
+
+
 def crossed_matrix(runs: dict) -> dict:
-    """Target accuracy by (hardened against, attacked with); 'none' marks an unhardened model."""
+    """Target accuracy by (attacked model, attacked with). A row is one attacked model (and mask, if the attack
+    kept one), named by its hardening (`hardening_label`, the model's folder added where two models would share
+    a name); a column is the attack method (the run's name added where one model has two runs of one method).
+    No run's number ever takes another's cell."""
     cells: dict[str, dict[str, float | None]] = {}
-    for r in runs.values():
+    row_of: dict[tuple, str] = {}
+    for name, r in runs.items():
         if not r.get("attack"):
             continue
-        h = against_label((r.get("hardening") or {}).get("against"))
-        cells.setdefault(h, {})[r["attack"]] = r["target_accuracy"]
+        model = (str(r.get("model", name)), r.get("mask"))
+        if model not in row_of:
+            label = hardening_label(r.get("hardening")) + (" (mask kept)" if r.get("mask") else "")
+            for candidate in (label, f"{label} ({Path(model[0]).name})", f"{label} [{name}]"):
+                if candidate not in cells:
+                    break
+            row_of[model] = candidate
+            cells[candidate] = {}
+        row = cells[row_of[model]]
+        row[r["attack"] if r["attack"] not in row else f"{r['attack']} ({name})"] = r["target_accuracy"]
     return cells
 

@@ -100,12 +100,21 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
     def config(a):
         return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(a.items()))
 
-    rows = []
+    from .redteam.sweep import model_trial_counts
+
+    rows, failures = [], []
     for name, m in redteam["models"].items():
         w, u = m.get("worst_case"), m.get("worst_case_unguarded")
         done = [t for t in m.get("trials", []) if t.get("status") == "done"]
         passed = sum(bool(t.get("guarded")) for t in done)
-        none = "none survived re-scoring" if passed else "none passed the guard"
+        counts = model_trial_counts(m)
+        if not counts["done"]:  # crashed trials measured nothing: never read as protection
+            none = f"FAILED: no trial completed ({counts['failed']} failed, {counts['stopped']} stopped early)"
+        else:
+            none = "none survived re-scoring" if passed else "none passed the guard"
+        if counts["failed"]:
+            failures.append(f"{name}: {counts['failed']} of {sum(counts.values())} trials FAILED"
+                            + ("" if counts["done"] else ", none completed: no worst case was measured"))
         refs = "; ".join(f"{r['attack']['method']} ({r['steps']} steps): {pct(r['target'])}, others "
                          f"{pct(r['others'])}" for r in m.get("reference_attacks", [])) or "–"
         label = name if not m.get("same_as") else f"{name} (same weights and mask as {m['same_as']}: its sweep)"
@@ -115,7 +124,8 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
                      none if not w else config(w["attack"]) + (" (reference attack)" if w.get("source") == "reference"
                                                                else ""),
                      pct(u and u["target"]), pct(u and u["others"]),
-                     f"{len(done)} / {len(m.get('trials', [])) - len(done)} / {passed}"])
+                     f"{counts['done']} / {counts['stopped']} / "
+                     + (f"{counts['failed']} FAILED" if counts["failed"] else "0") + f" / {passed}"])
     parts = [f"<h2 id='worst-case'>Worst case (red team): the strongest attack found within "
              f"{html.escape(str(redteam['budget']))} attack steps</h2>",
              f"<p>Space <code>{html.escape(str(redteam['space']))}</code>, target "
@@ -127,7 +137,11 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
              _table(["model", "no attack: target", "no attack: others", "reference attacks (re-scored)",
                      "worst case (guarded, re-scored)",
                      "95% interval", "others", "winning attack", "unguarded worst: target", "unguarded: others",
-                     "trials done / stopped early or failed / passed the guard"], rows)]
+                     "trials done / stopped early / failed / passed the guard"], rows)]
+    if failures:  # before the table: a reader must not take crashed trials for protection
+        parts.insert(2, "<p class='failed'><strong>Failed trials.</strong> " + "; ".join(html.escape(f)
+                     for f in failures) + ". The worst case is taken from the completed trials only; a model "
+                     "without a completed trial was not measured.</p>")
     curves = _budget_curves_png(redteam)
     if curves:
         parts.append(f"<h3>Budget curves</h3><img src='{put('budget_curves.png', curves)}' alt='budget curves'>")
@@ -208,8 +222,8 @@ def write_report(out: Path, report: dict, images: dict[str, dict[str, np.ndarray
         if report.get("crossed"):
             attacks = sorted({a for row in report["crossed"].values() for a in row})
             rows = [[h, *[report["crossed"][h].get(a) for a in attacks]] for h in sorted(report["crossed"])]
-            parts.append("<h2>Crossed adaptation: target accuracy (rows: hardened against, columns: attack)</h2>"
-                         + _table(["hardened against", *attacks], rows))
+            parts.append("<h2>Crossed adaptation: target accuracy (rows: the attacked model, by what it was hardened "
+                         "with or against; columns: attack)</h2>" + _table(["attacked model", *attacks], rows))
         report = {**report, "images": files}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.html").write_text(_PAGE.format(body="\n".join(parts)))
@@ -229,6 +243,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 .grids {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
 figure {{ margin: 0; }} figcaption {{ font-size: 0.9em; color: #555; }}
+.failed {{ color: #b00020; border-left: 4px solid #b00020; padding-left: 0.6em; }}
 img {{ image-rendering: pixelated; }}
 </style></head>
 <body>
