@@ -14,7 +14,11 @@ from .common import console, guarded, quiet_libraries
 def redteam(
     space: Path = typer.Option(..., "--space", help="Attacker space YAML (see attack_spaces/)."),
     model: list[str] = typer.Option(..., "--model", help="NAME=DIR or NAME=DIR:MASK (MASK 'mask': DIR's own "
-                                    "freeze_mask.safetensors; attacked compliant and non-compliant). Repeatable."),
+                                    "freeze_mask.safetensors, else a .safetensors mask file, checked against DIR's "
+                                    "UNet before any trial; attacked compliant and non-compliant). DIR may contain "
+                                    "':': the text after the last ':' is MASK only if it is 'mask', ends in "
+                                    ".safetensors (or another weights suffix), is an existing file, or the text "
+                                    "before it is an existing folder. Repeatable."),
     data: Path = typer.Option(..., "--data", help="The attacker's images of the target concept."),
     target: str = typer.Option(..., "--target", help="Tiny-world concept the attacker wants (e.g. sunset)."),
     out: Path = typer.Option(Path("runs/redteam"), "--out", help="Run folder: redteam.json and the trials."),
@@ -26,12 +30,12 @@ def redteam(
 ):
     """Sweep the attacker space against every model (same space, same budget); report the worst case that
     passes the capability guard, re-scored with fresh seeds, and the budget curves."""
-    from raystack.errors import UserError
+    from raystack.errors import RunFailed, UserError
     from raystack.evaluation import tiny_world_target
     from raystack.imageio import read_image_folder
     from raystack.outputs import check_disjoint, output_lock
     from raystack.redteam.space import load_attack_space
-    from raystack.redteam.sweep import parse_models
+    from raystack.redteam.sweep import check_resumable, failure_message, model_trial_counts, parse_models
 
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
@@ -46,10 +50,9 @@ def redteam(
 
     if will_embed(cluster):
         check_local_capacity(max_concurrent, False, "--max-concurrent")
+    check_resumable(out, spec, targets, data, target, resume)  # before the lock makes any folder
     with output_lock(out):
-        from raystack.redteam.sweep import check_resumable
-
-        check_resumable(out, spec, targets, data, target, resume)
+        check_resumable(out, spec, targets, data, target, resume)  # again: another run may have written meanwhile
         quiet_libraries()
         from raystack.redteam.sweep import run_redteam
         from raystack.runtime import configure_threads
@@ -61,25 +64,40 @@ def redteam(
                                  on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
                                  resume=resume)
     console.print(worst_case_table(report))
+    for name, m in report["models"].items():
+        c = model_trial_counts(m)
+        if c["failed"]:
+            console.print(f"[bold red]{name}: {c['failed']} of {sum(c.values())} trials FAILED[/]"
+                          + ("" if c["done"] else ": no trial completed, no worst case was measured"))
     console.print(f"{out / 'redteam.json'}")
+    message = failure_message(report)
+    if message:
+        raise RunFailed(message)
 
 
 def worst_case_table(report: dict):
     from rich.table import Table
 
+    from raystack.redteam.sweep import model_trial_counts
+
     table = Table(title=f"red team {report['space']}: target {report['concept']}, budget {report['budget']} steps, "
                         f"guard {report['guard']}",
                   caption="worst case: the strongest attack that keeps >= guard x the other concepts, re-scored with "
-                          "fresh seeds (95% interval); unguarded: the strongest attack of all")
-    for col in ("model", "no attack", "reference attacks", "worst case", "95% interval", "others", "winning attack",
-                "unguarded", "rejected"):
+                          "fresh seeds (95% interval), from the completed trials only; unguarded: the strongest "
+                          "attack of all; trials: done / stopped early / FAILED")
+    for col in ("model", "trials", "no attack", "reference attacks", "worst case", "95% interval", "others",
+                "winning attack", "unguarded", "rejected"):
         table.add_column(col, overflow="fold")
     for name, m in report["models"].items():
         w, u = m["worst_case"], m["worst_case_unguarded"]
         fmt = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
         refs = ", ".join(f"{r['attack']['method']} {fmt(r['target'])}" for r in m.get("reference_attacks", [])) or "-"
-        table.add_row(name if "same_as" not in m else f"{name} (= {m['same_as']}: same weights and mask)",
-                      fmt(m["unattacked"]["target"]), refs, fmt(w and w["target"]),
+        c = model_trial_counts(m)
+        trials = f"{c['done']} / {c['stopped']} / " + (f"[bold red]{c['failed']} FAILED[/]" if c["failed"] else "0")
+        worst = fmt(w and w["target"]) if c["done"] else "[bold red]no completed trial[/]" + (
+            f" (reference attack: {fmt(w['target'])})" if w else "")
+        table.add_row(name if "same_as" not in m else f"{name} (= {m['same_as']}: same weights and mask)", trials,
+                      fmt(m["unattacked"]["target"]), refs, worst,
                       "-" if not w else f"{w['ci95'][0]:.0%}-{w['ci95'][1]:.0%}", fmt(w and w["others"]),
                       "-" if not w else ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                  for k, v in w["attack"].items()),

@@ -27,34 +27,52 @@ def tune(
     from raystack.tuning.space import load_space
 
     spec = load_space(space, overrides)
-    if samples is not None and samples <= 0:
-        raise UserError(f"--samples {samples}: must be a positive integer")
+    from raystack.specs import MAX_COUNT
+
+    if samples is not None and not 0 < samples <= MAX_COUNT:
+        raise UserError(f"--samples {samples}: must be a positive integer, at most {MAX_COUNT}")
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
     from raystack.hardening.driver import check_writable
     from raystack.outputs import check_disjoint, output_lock
-    from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, will_embed
+    from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, local_cpus, will_embed
     from raystack.tuning.sweep import sweep_inputs
 
     check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
+    from raystack.outputs import check_replaceable
+
+    check_replaceable(out)  # a sweep folder of this tool's (earlier sweeps stay beside a new one), or new
     embedded = will_embed(cluster)
     need = max_concurrent * spec.workers  # each concurrent trial's harden run places spec.workers workers
     if embedded:
-        check_local_capacity(need, False, "--max-concurrent x harden.workers", f" ({max_concurrent} x {spec.workers})")
+        fits = local_cpus() // spec.workers
+        check_local_capacity(need, False, "--max-concurrent x harden.workers", f" ({max_concurrent} x {spec.workers})",
+                             fix=f"use --max-concurrent {fits} or less" if fits else
+                             f"use --set harden.workers={local_cpus()} or less")
     with output_lock(out):
         quiet_libraries()
         from raystack.runtime import configure_threads
-        from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, run_sweep
+        from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, NoCompletedTrial, run_sweep
 
         configure_threads()
         console.print(f"ray: {init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))}")
         if not embedded:
-            check_cluster_capacity(need, False, None, "--max-concurrent x harden.workers")
-        with console.status(f"sweep {spec.name}: trials running (harden, attack, score)"):
-            results = run_sweep(spec, out, samples, max_concurrent, resume)
+            check_cluster_capacity(need, False, None, "--max-concurrent x harden.workers",
+                                   hint="use a smaller --max-concurrent or harden.workers, or a larger cluster")
+        with console.status(f"sweep {spec.name}: trials running (harden, attack, score)") as status:
+            try:
+                results = run_sweep(spec, out, samples, max_concurrent, resume)
+            except NoCompletedTrial as e:  # the failed trials' table, then the one error line (exit 1)
+                status.stop()
+                console.print(trials_table(e.results))
+                raise
     table = trials_table(results)
     console.print(table)
+    failed = sum(r["status"] == "error" for r in results["trials"])
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results['trials'])} trials FAILED[/] (their errors: "
+                      f"{out / RESULTS}); the best is taken from the completed trials only")
     console.print(f"best: {results['best']['setting']} -> {out / BEST}; {out / RESULTS}, {out / PARETO_PNG}")
 
 
@@ -66,7 +84,8 @@ def trials_table(results: dict):
 
     table = Table(title=f"sweep {results['space']}: {results['objective']}",
                   caption="mitig.: target accuracy after the attack (lower is better); util.: other concepts' "
-                          "accuracy (higher is better); obj.: the objective; front: on the Pareto front")
+                          "accuracy (higher is better); obj.: the objective; front: on the Pareto front; "
+                          "status FAILED: the trial crashed (see its error in results.json)")
     table.add_column("trial", no_wrap=True)
     table.add_column("setting", ratio=1, overflow="fold")
     for col in ("mitig.", "util.", "obj.", "status", "front"):
@@ -74,7 +93,8 @@ def trials_table(results: dict):
     for r in results["trials"]:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         table.add_row(short_trial_name(r["trial"]), setting_label(r["setting"]), fmt(r["mitigation"]),
-                      fmt(r["utility"]), fmt(r["objective"]), r["status"], "yes" if r.get("pareto") else "")
+                      fmt(r["utility"]), fmt(r["objective"]),
+                      "[bold red]FAILED[/]" if r["status"] == "error" else r["status"], "yes" if r.get("pareto") else "")
     return table
 
 

@@ -62,8 +62,10 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_local_capacity(workers: int, use_gpu: bool, flag: str = "--workers", per_worker_note: str = "") -> None:
-    """An embedded Ray places one worker per core (or GPU) of this machine: refuse more, with the numbers."""
+def check_local_capacity(workers: int, use_gpu: bool, flag: str = "--workers", per_worker_note: str = "",
+                         fix: str | None = None) -> None:
+    """An embedded Ray places one worker per core (or GPU) of this machine: refuse more, with the numbers.
+    `fix`: what to do, naming the caller's own flags (default: `use <flag> <cores> or less`)."""
     if use_gpu:
         import torch
 
@@ -75,7 +77,7 @@ def check_local_capacity(workers: int, use_gpu: bool, flag: str = "--workers", p
     cores = local_cpus()
     if workers > cores:
         raise UserError(f"{flag} {workers}: this machine has {cores} CPU core(s) and each worker needs one"
-                        f"{per_worker_note}; use --workers {cores} or less, or a --cluster")
+                        f"{per_worker_note}; {fix or f'use {flag} {cores} or less'}, or a --cluster")
 
 
 def ray_running_here() -> bool:
@@ -95,9 +97,11 @@ def will_embed(cluster: str | None) -> bool:
     return not (cluster or os.environ.get("RAY_ADDRESS") or ray_running_here())
 
 
-def check_cluster_capacity(workers: int, use_gpu: bool, wait_s: float | None, flag: str = "--workers") -> None:
+def check_cluster_capacity(workers: int, use_gpu: bool, wait_s: float | None, flag: str = "--workers",
+                           hint: str | None = None) -> None:
     """The joined cluster's total CPUs/GPUs must hold the workers. With `wait_s` (an autoscaling cluster) wait
-    that long for it to grow; without it, fail at once with the numbers."""
+    that long for it to grow; without it, fail at once with the numbers. `hint`: the advice in the error line
+    (default: harden's --placement-timeout)."""
     import ray
 
     key = "GPU" if use_gpu else "CPU"
@@ -107,8 +111,8 @@ def check_cluster_capacity(workers: int, use_gpu: bool, wait_s: float | None, fl
         if total >= workers:
             return
         if time.time() >= deadline:
-            hint = ("waited --placement-timeout" if wait_s else
-                    "if it autoscales, pass --placement-timeout SECONDS to wait for it to grow")
+            hint = hint or ("waited --placement-timeout" if wait_s else
+                            "if it autoscales, pass --placement-timeout SECONDS to wait for it to grow")
             raise UserError(f"{flag} {workers}: the cluster has {total:g} {key}(s) in total and each worker needs one "
                             f"({hint})")
         time.sleep(2)

@@ -18,6 +18,6 @@ def test_table_lists_every_trial_with_both_objectives_at_80_columns():
     assert max(len(line) for line in text.splitlines()) <= 80
     for t in trials:
         assert short_trial_name(t["trial"]) in text
-    assert "rho=0.1" in text and "rho=0.7" in text and "0.250" in text and "0.650" in text and "error" in text
+    assert "rho=0.1" in text and "rho=0.7" in text and "0.250" in text and "0.650" in text and "FAILED" in text
     assert short_trial_name("run_trial_8af01_00003_3_rho=0.7_2026") == "8af01_00003"
     assert short_trial_name(None) == "None"

@@ -53,9 +53,41 @@ def same_attacks(targets: list[Target]) -> list[Target]:
     return targets
 
 
+#: A text after DIR's last ':' with one of these endings is read as a MASK file (a .pt is then refused).
+MASK_LIKE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def split_model_spec(rest: str) -> tuple[str, str]:
+    """`DIR` or `DIR:MASK` (the text after `NAME=`) -> (DIR, MASK or ""). DIR may contain ':': an existing
+    folder named by the whole text is DIR; otherwise the text after the last ':' is MASK when it is `mask`, ends
+    like a weights file (.safetensors, .pt, ...), is an existing file, or what comes before it is an existing
+    folder (or `tiny`); else the whole text is DIR."""
+    import os
+
+    def is_dir(p: str) -> bool:
+        return p in ("tiny", "tinyworld") or os.path.isdir(os.path.expanduser(p))
+
+    if ":" not in rest or is_dir(rest):
+        return rest, ""
+    folder, mask = rest.rsplit(":", 1)
+    if folder and mask and (mask == "mask" or mask.lower().endswith(MASK_LIKE_SUFFIXES)
+                            or os.path.isfile(os.path.expanduser(mask)) or is_dir(folder)):
+        return folder, mask
+    return rest, ""
+
+
+def unet_parameter_names(model: Path, flag: str) -> list[str]:
+    """The UNet's parameter names of a pipeline folder, from its config on the meta device (no weights read)."""
+    from ..mask_tools import _meta_unet
+
+    return [n for n, _ in _meta_unet(Path(model) / "unet", flag).named_parameters()]
+
+
 def parse_models(values: list[str]) -> list[Target]:
-    """`NAME=DIR` or `NAME=DIR:MASK` (MASK `mask` = DIR/freeze_mask.safetensors). A masked model is attacked
+    """`NAME=DIR` or `NAME=DIR:MASK` (MASK `mask` = DIR/freeze_mask.safetensors; `split_model_spec` says when a
+    ':' starts MASK). A mask is loaded against its model's UNet here, before any trial. A masked model is attacked
     twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden)."""
+    from ..freeze_mask import load_freeze_mask
     from ..models.pipeline_io import check_pipeline_folder, check_tiny_world_judge, resolve_model_path
     from ..outputs import check_plain_name, shown
 
@@ -65,14 +97,16 @@ def parse_models(values: list[str]) -> list[Target]:
         if not sep or not rest:
             raise UserError(f"--model {shown(v)}: expected NAME=DIR or NAME=DIR:MASK")
         check_plain_name(name, "--model: the name")
-        folder, _, mask = rest.partition(":")
+        folder, mask = split_model_spec(rest)
         path = resolve_model_path(folder, f"--model {name}").resolve()  # trials run in other folders (or nodes)
         check_pipeline_folder(path, f"--model {name}")
         check_tiny_world_judge(path, f"--model {name}")
         if mask:
-            mask_path = (path / "freeze_mask.safetensors" if mask == "mask" else Path(mask)).resolve()
+            mask_path = (path / "freeze_mask.safetensors" if mask == "mask" else Path(mask).expanduser()).resolve()
             if not mask_path.is_file():
-                raise UserError(f"--model {shown(v)}: no freeze mask at {mask_path}")
+                raise UserError(f"--model {shown(v)}: no freeze mask at {shown(str(mask_path))}")
+            # its keys must be this model's UNet parameters: a mismatch would fail every compliant trial inside Ray
+            load_freeze_mask(mask_path, unet_parameter_names(path, f"--model {name}"), flag=f"--model {name} mask")
             out += [Target(f"{name}.compliant", str(path), str(mask_path)), Target(f"{name}.noncompliant", str(path))]
         else:
             out.append(Target(name, str(path)))
@@ -195,12 +229,13 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
 
     from ..outputs import confined_rmtree
     from ..tuning.space import param_space
-    from ..tuning.sweep import make_scheduler, make_search_alg, trial_dirname
+    from ..tuning.sweep import make_scheduler, make_search_alg, quiet_trial_errors, trial_dirname
 
     name = f"{space.name}-{target.name}"
     trainable = tune.with_resources(attack_trial, {"cpu": 1})
     if resume and tune.Tuner.can_restore(str(storage / name)):
-        return tune.Tuner.restore(str(storage / name), trainable, resume_errored=True).fit()
+        with quiet_trial_errors():  # each failed trial is recorded and reported by the red team
+            return tune.Tuner.restore(str(storage / name), trainable, resume_errored=True).fit()
     confined_rmtree(storage / name, storage.parent)
     confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
     space_dict = param_space(space)
@@ -214,7 +249,8 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
                                     trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # warm trial processes: imports, judge, pipeline
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
-    return tuner.fit()
+    with quiet_trial_errors():
+        return tuner.fit()
 
 
 def attacks_dir(out: Path, sweep_name: str) -> Path:
@@ -223,7 +259,10 @@ def attacks_dir(out: Path, sweep_name: str) -> Path:
 
 
 def _rows(grid, attacks: Path) -> list[dict]:
-    """One row per trial; `attacks`: the sweep's attack folders (attacks_dir)."""
+    """One row per trial; `attacks`: the sweep's attack folders (attacks_dir). A failed trial has status
+    `error` and its error in one line."""
+    from ..tuning.sweep import trial_error, trial_error_file
+
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -234,6 +273,7 @@ def _rows(grid, attacks: Path) -> list[dict]:
         rows.append({"trial": Path(r.path).name if r.path else None,
                      "attack": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                      "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
+                     "error": trial_error(r.error), "error_file": trial_error_file(r, attacks.parent.parent),
                      "target": m.get("target"), "others": m.get("others"), "curve": curve,
                      "path": str(attacks / str(m.get("trial_id"))),
                      "seconds": m.get("trial_seconds"),
@@ -394,6 +434,8 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
         before = json.loads(record.read_text())
     except (OSError, ValueError):
         raise UserError(f"--resume: {shown(str(record))} is unreadable") from None
+    if not isinstance(before, dict):
+        raise UserError(f"--resume: {shown(str(record))} is not a red-team run record (hand-edited?)")
     now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
     for rec in (before, now):  # what runs after the sweeps (guard, re-scoring, reference attacks) may change
         if isinstance(rec.get("space"), dict):
@@ -414,10 +456,15 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     from ..evaluation import tiny_world_target
     from ..models.pipeline_io import load_pipeline
     from ..tinyworld.classifier import Judge
+    from ..tuning.sweep import trial_counts
 
     tiny_world_target(concept)  # a tiny-world concept, checked before anything runs
+    from ..outputs import is_tool_output, write_output_marker
+
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not is_tool_output(out):
+        write_output_marker(out)
     if not (out / RUN_FILE).exists():
         atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept), default=str))
     judge = Judge()
@@ -464,56 +511,125 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                 "attack": worst_unguarded["attack"], "trial": worst_unguarded["trial"],
                 "attack_dir": _relative(worst_unguarded["path"], out)},
             "rejected_by_guard": [r["trial"] for r in done if not r["guarded"]],
+            "trial_counts": trial_counts(rows),
             "budget_curve": budget_curve(rows, guarded=True),
             "budget_curve_unguarded": budget_curve(rows, guarded=False),
             "trials": [{**{k: v for k, v in r.items() if k != "path"}, "attack_dir": _relative(r["path"], out)}
                        for r in rows]}
+    report["incomplete"] = incomplete_models(report)
     atomic_write_text(out / RESULTS, json.dumps(report, indent=2, default=str))
     return report
 
 
+def model_trial_counts(m: dict) -> dict[str, int]:
+    """A model's trials done / stopped early / failed: as recorded, or counted from its trials (older runs)."""
+    from ..tuning.sweep import trial_counts
+
+    counts = m.get("trial_counts")
+    if isinstance(counts, dict):
+        return {k: counts.get(k, 0) for k in ("done", "stopped", "failed")}
+    return trial_counts([t for t in m.get("trials", []) if isinstance(t, dict)])
+
+
+def incomplete_models(report: dict) -> list[str]:
+    """The models none of whose sweep trials completed (each failed or was stopped): their red team found
+    nothing, which is no evidence of protection; the command exits non-zero naming them."""
+    return [name for name, m in report["models"].items() if model_trial_counts(m)["done"] == 0]
+
+
+def failure_message(report: dict) -> str | None:
+    """The one error line of a red team with a model that has no completed trial, or None."""
+    bad = incomplete_models(report)
+    if not bad:
+        return None
+    parts = []
+    for name in bad:
+        c = model_trial_counts(report["models"][name])
+        parts.append(f"{name} ({c['failed']} failed, {c['stopped']} stopped early)")
+    first = next((t for n in bad for t in report["models"][n].get("trials", [])
+                  if isinstance(t, dict) and t.get("error")), None)
+    where = f" (traceback under --out: {first['error_file']})" if first and first.get("error_file") else ""
+    return (f"red team: no trial completed for {', '.join(parts)}: the attacks failed, which is not protection"
+            + (f"; first error: {first['error']}{where}" if first else f"; see {RESULTS}"))
+
+
 def _check_redteam_report(report: dict) -> None:
-    """Every field the report section reads, with its type (raises on a hand-edited or foreign file)."""
+    """Every field the report section reads, with its type and range (raises on a hand-edited or foreign file):
+    rates (accuracies, the guard, intervals) within [0, 1], steps and counts non-negative integers."""
     def number(v, none_ok=False):
         if (v is None and none_ok) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
             return
         raise ValueError(v)
 
+    def rate(v, none_ok=False):
+        number(v, none_ok)
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(v)
+
+    def count(v, positive=False):
+        if not isinstance(v, int) or isinstance(v, bool) or v < (1 if positive else 0):
+            raise ValueError(v)
+
+    def interval(ci):
+        lo, hi = ci
+        rate(lo)
+        rate(hi)
+        if lo > hi:
+            raise ValueError(ci)
+
     for key in ("space", "concept"):
         if not isinstance(report[key], str):
             raise TypeError(key)
-    number(report["budget"])
-    number(report["guard"])
+    count(report["budget"], positive=True)
+    rate(report["guard"])
+    if "seed" in report:
+        count(report["seed"])
     if not isinstance(report["models"], dict):
         raise TypeError("models")
+    if not isinstance(report.get("incomplete", []), list):
+        raise TypeError("incomplete")
     for m in report["models"].values():
-        number(m["unattacked"]["target"], True)
-        number(m["unattacked"]["others"], True)
-        for key in ("worst_case", "worst_case_unguarded"):
+        rate(m["unattacked"]["target"], True)
+        rate(m["unattacked"]["others"], True)
+        for key in ("worst_case", "worst_case_sweep", "worst_case_unguarded"):
             w = m.get(key)
             if w is None:
                 continue
-            number(w["target"])
-            number(w["others"], True)
+            rate(w["target"])
+            rate(w["others"], True)
             if not isinstance(w["attack"], dict) or not isinstance(w.get("attack_dir", ""), str):
                 raise TypeError(key)
             if key == "worst_case":
-                lo, hi = w["ci95"]
-                number(lo)
-                number(hi)
+                interval(w["ci95"])
+            elif "ci95" in w:
+                interval(w["ci95"])
         for key in ("rejected_by_guard", "trials", "budget_curve", "budget_curve_unguarded"):
             if not isinstance(m.get(key, []), list):
                 raise TypeError(key)
+        counts = m.get("trial_counts")
+        if counts is not None:
+            if not isinstance(counts, dict):
+                raise TypeError("trial_counts")
+            for v in counts.values():
+                count(v)
         for t in m.get("trials", []):
-            if not isinstance(t, dict):
+            if not isinstance(t, dict) or not isinstance(t.get("status", ""), str):
                 raise TypeError("trials")
+            rate(t.get("target"), True)
+            rate(t.get("others"), True)
+            r = t.get("rescored")
+            if r is not None:
+                rate(r["target"])
+                rate(r["others"], True)
         for c in m.get("budget_curve", []) + m.get("budget_curve_unguarded", []):
-            number(c["steps"])
-            number(c["best_target"], True)
+            count(c["steps"])
+            rate(c["best_target"], True)
         for r in m.get("reference_attacks", []):
-            number(r["target"])
-            number(r["others"], True)
-            number(r["steps"])
+            rate(r["target"])
+            rate(r["others"], True)
+            count(r["steps"])
+            if "ci95" in r:
+                interval(r["ci95"])
             if not isinstance(r["attack"], dict):
                 raise TypeError("reference_attacks")
 

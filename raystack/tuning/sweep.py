@@ -3,6 +3,7 @@ collects the trials, the Pareto front and a harden spec that reruns the best one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from .space import TuneSpace, param_space
 
 RESULTS = "results.json"
@@ -30,7 +31,9 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
         if isinstance(v, str):
             p = Path(v).expanduser()
             if not p.is_dir():
-                raise UserError(f"data.{role} {p}: no such folder")
+                from ..outputs import shown
+
+                raise UserError(f"data.{role} {shown(str(p))}: no such folder")
             out[role] = p.resolve()
             continue
         dest = root / "data" / role
@@ -240,8 +243,12 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
               resume: bool = False) -> dict:
     from ray import tune
 
+    from ..outputs import is_tool_output, write_output_marker
+
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not is_tool_output(out):
+        write_output_marker(out)
     data = prepare_data(space, out)
     storage, name = out / "tune", space.name
     trainable = tune.with_resources(run_trial, {"cpu": 1})
@@ -270,30 +277,63 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                                         trial_dirname_creator=trial_dirname,
                                         reuse_actors=True),  # warm trial processes: imports, the process group
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
-    grid = tuner.fit()
+    with quiet_trial_errors():
+        grid = tuner.fit()
     rows = []
     for r in grid:
         m = r.metrics or {}
         row = {"trial": Path(r.path).name if r.path else None,
                "setting": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
+               "error": trial_error(r.error), "error_file": trial_error_file(r, out),
                "mitigation": m.get("mitigation", m.get("mitigation_running")),
                "utility": m.get("utility"), "objective": m.get("objective"),
                "frozen_ratio": m.get("frozen_ratio"), "seconds": m.get("trial_seconds"), "harden_overhead_seconds": m.get("harden_overhead_seconds"),
                "attack_accuracies": m.get("attack_accuracies"), "ruined": m.get("ruined")}
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial"]))  # a stable order: ties go to the same trial after --resume
+    results, done = sweep_results(space, rows, out)
+    _write_outputs(space, out, results, done, results["best"], data)
+    return results
+
+
+class NoCompletedTrial(RunFailed):
+    """A sweep none of whose trials completed: results.json records the failed trials, nothing else is written;
+    `results` is that record (the terminal table shows it)."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
+def sweep_results(space: TuneSpace, rows: list[dict], out: Path) -> tuple[dict, list[dict]]:
+    """results.json's record from the trials' rows (and the completed ones): failed trials counted, the best and
+    the Pareto front from the completed ones. No completed trial: the rows are written to results.json and
+    `NoCompletedTrial` is raised (exit 1), never a best setting from nothing."""
     done = [r for r in rows if r["status"] == "done"]
+    objective = f"{space.utility_weight} * utility - {space.mitigation_weight} * mitigation"
     if not done:
-        raise RuntimeError("no trial finished; see " + str(storage / name))
+        from ..atomic import atomic_write_text
+
+        results = {"space": space.name, "trials": rows, "best": None, "pareto": [], "objective": objective,
+                   "trial_counts": trial_counts(rows)}
+        atomic_write_text(Path(out) / RESULTS, json.dumps(results, indent=2, default=str))
+        raise NoCompletedTrial(no_completed_trial_message(results, Path(out) / RESULTS), results)
     front = pareto_front(done)
     for i, r in enumerate(done):
         r["pareto"] = i in front
     best = max(done, key=lambda r: r["objective"])
-    results = {"space": space.name, "trials": rows, "best": best, "pareto": [done[i]["trial"] for i in front],
-               "objective": f"{space.utility_weight} * utility - {space.mitigation_weight} * mitigation"}
-    _write_outputs(space, out, results, done, best, data)
-    return results
+    return {"space": space.name, "trials": rows, "best": best, "pareto": [done[i]["trial"] for i in front],
+            "objective": objective, "trial_counts": trial_counts(rows)}, done
+
+
+def no_completed_trial_message(results: dict, where: Path) -> str:
+    """The one error line of a sweep none of whose trials completed (no best setting can be declared)."""
+    c = results.get("trial_counts") or trial_counts(results["trials"])
+    first = next((t for t in results["trials"] if t.get("error")), None)
+    trace = f" (traceback under --out: {first['error_file']})" if first and first.get("error_file") else ""
+    return (f"tune: no trial of sweep {results['space']} completed ({c['failed']} failed, {c['stopped']} stopped "
+            f"early): no best setting; see {where}" + (f"; first error: {first['error']}{trace}" if first else ""))
 
 
 def base_utility(space: TuneSpace) -> float:
@@ -302,6 +342,53 @@ def base_utility(space: TuneSpace) -> float:
     from ..tinyworld.classifier import Judge
 
     return _utility(load_pipeline(space.harden.get("model")), Judge(), space)
+
+
+@contextlib.contextmanager
+def quiet_trial_errors():
+    """Ray Tune logs every failed trial's traceback on the driver's stderr; the sweep records each error itself
+    (its one line in the results, the traceback in the trial's error.txt) and the command reports them, so
+    those logs are held back (IMMUNIZE_DEBUG=1 keeps them)."""
+    import logging
+
+    if os.environ.get("IMMUNIZE_DEBUG"):
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def trial_error_file(result, root: Path) -> str | None:
+    """A failed trial's traceback file (Tune's error.txt in the trial's folder), relative to `root`."""
+    if result.error is None or not result.path:
+        return None
+    f = Path(result.path) / "error.txt"
+    return os.path.relpath(f, root) if f.is_file() else None
+
+
+def trial_error(error) -> str | None:
+    """One line for a failed trial's error (Ray wraps the trial's exception: its cause is named), or None."""
+    if error is None:
+        return None
+    cause = getattr(error, "cause", None) or error
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def trial_counts(rows: list[dict]) -> dict[str, int]:
+    """How many trials completed (done), were stopped early by the scheduler (stopped) or failed (status error)."""
+    counts = {"done": 0, "stopped": 0, "failed": 0}
+    for r in rows:
+        counts[{"done": "done", "error": "failed"}.get(r.get("status"), "stopped")] += 1
+    return counts
 
 
 def trial_dirname(trial) -> str:
