@@ -55,47 +55,73 @@ def export(
 @mask_app.command()
 @guarded
 def check(
-    release: Path = typer.Option(..., "--release", help="The release folder (its UNet weights and freeze mask)."),
+    release: Path = typer.Option(..., "--release", help="The release folder (its UNet weights and freeze mask); it "
+                                 "must pass `immunize-cli verify` first."),
     derivative: Path = typer.Option(..., "--derivative", help="What was published from it: a pipeline folder, a "
-                                    "unet folder, a UNet .safetensors, or a LoRA/adapter .safetensors (peft, "
-                                    "diffusers or kohya naming)."),
+                                    "unet folder, a UNet .safetensors, a weight index .json, or a LoRA/adapter "
+                                    ".safetensors (peft, diffusers or kohya naming). In a folder every weight file "
+                                    "a diffusers/peft loader could read is checked: each variant, each shard of "
+                                    "an index, each adapter (also at the pipeline's root)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="The mask file (default: RELEASE/freeze_mask.safetensors)."),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="Ed25519 public key (PEM) of the publisher: "
+                                              "the release's manifest signature must match it (as in `verify`)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --json file if it exists."),
 ):
-    """Exit 0 if the derivative keeps every frozen tensor (full weights: bitwise equal to the release's;
-    adapters: none on a frozen module), 1 with a table of the violations otherwise."""
+    """Exit 0 if no weight file a loader would read from the derivative changes a frozen tensor (full weights:
+    bitwise equal to the release's; adapters: none on a frozen module), 1 with a table of the violations
+    otherwise, or if the release does not verify. A weight file that cannot be read or attributed (a pickle,
+    unknown tensors) is a violation."""
+    from rich.markup import escape
     from rich.table import Table
 
     from raystack.atomic import atomic_write_text
     from raystack.errors import UserError
     from raystack.mask_tools import check_derivative, load_release
     from raystack.outputs import check_disjoint, shown
+    from raystack.verification import verified_release
 
     if json_out is not None:
         check_disjoint(json_out, [("--release", release), ("--derivative", derivative), ("--mask", mask)],
                        flag="--json")
-        if json_out.is_dir() or not json_out.parent.is_dir():
-            raise UserError(f"--json {shown(str(json_out))}: name a file in an existing folder")
+        from raystack.outputs import check_output_file
+
+        check_output_file(json_out, overwrite, "--json")
+    if not derivative.exists():
+        raise UserError(f"--derivative {shown(str(derivative))}: no such file or folder")
+    verified = verified_release(release, public_key)
     rel = load_release(release, mask)
     result = check_derivative(rel, derivative)
-    what = "frozen tensors" if result.kind == "full" else "adapted UNet modules"
+    for f in result.files:
+        state = "[red]NOT compliant[/]" if f.violations else "[green]compliant[/]"
+        what = {"full": "frozen tensors compared", "shards": "frozen tensors compared over its shards",
+                "shard": "frozen tensors compared", "lora": "UNet modules adapted or tensors replaced",
+                "unverifiable": "cannot be checked"}[f.kind]
+        console.print(f"{state} {escape(f.file)}: {f.kind}, {f.checked} {what}"
+                      + (f", {len(f.violations)} violation(s)" if f.violations else ""), highlight=False)
     if result.violations:
         table = Table(title=f"{len(result.violations)} violation(s) of the freeze mask ({result.kind} derivative)")
         table.add_column("tensor / module", overflow="fold")
         table.add_column("problem", overflow="fold")
         for name, why in result.violations[:50]:
-            table.add_row(name, why)
+            table.add_row(escape(name), escape(why))
         if len(result.violations) > 50:
             table.caption = f"... and {len(result.violations) - 50} more (--json lists all)"
         console.print(table)
     for note in result.notes:
-        console.print(f"note: {note}")
-    console.print(f"{'NOT compliant' if result.violations else 'compliant'}: {result.checked} {what} checked "
-                  f"against {rel.mask_path.name} ({len(rel.frozen)} of {len(rel.mask)} UNet tensors frozen)")
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"{'NOT compliant' if result.violations else 'compliant'}: {len(result.files)} weight file(s), "
+                  f"{result.checked} frozen tensors / adapted UNet modules checked against {rel.mask_path.name} "
+                  f"({len(rel.frozen)} of {len(rel.mask)} UNet tensors frozen; release verified"
+                  f"{', signed' if verified.signer else ''})", highlight=False)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps({
             "compliant": result.compliant, "kind": result.kind, "checked": result.checked,
             "violations": [{"name": n, "problem": w} for n, w in result.violations], "notes": result.notes,
+            "files": [{"file": f.file, "kind": f.kind, "checked": f.checked, "compliant": f.compliant,
+                       "violations": [{"name": n, "problem": w} for n, w in f.violations], "notes": f.notes}
+                      for f in result.files],
+            "release_verified": True, "release_signed_by": verified.signer,
             "release_unet_sha256": rel.unet_sha256, "frozen": len(rel.frozen), "tensors": len(rel.mask)}, indent=2))
     if result.violations:
         raise typer.Exit(1)

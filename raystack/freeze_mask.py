@@ -38,29 +38,61 @@ def read_mask_metadata(path: Path) -> dict:
         return {}
 
 
+#: the dtypes a mask entry may have: bool, or an integer holding 0 or 1 (`save_freeze_mask` writes uint8)
+MASK_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
+
+
 def load_freeze_mask(path: Path, param_names: list[str] | None = None, flag: str = "--freeze-mask") -> dict[str, bool]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The one reader of mask files: {UNet tensor name: frozen}.
+
+    Accepted form (what `save_freeze_mask` writes): a safetensors file (`path`, or `path/freeze_mask.safetensors`
+    for a folder) with one entry per UNet tensor, keyed by the tensor's name; each entry is a tensor of dtype bool
+    or an integer dtype (uint8 as written; int8...int64, uint16...uint64 read too) holding exactly one element,
+    whose value is 0 (trainable) or 1 (frozen). With `param_names`, the keys must be exactly those names. Anything
+    else (a float entry, [0, 1, 1], 0.3, NaN, -1, 2, an empty tensor, a file with no entries, a missing or unknown
+    key) is a UserError naming the file and the first bad key; nothing is guessed."""
+    from safetensors import SafetensorError, safe_open
+
+    from .outputs import shown
 
     path = Path(path)
     if path.is_dir():
         path = path / MASK_FILE
+    where = f"{flag} {shown(str(path))}"
     if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
+        raise UserError(f"{where}: no such file")
     if path.suffix != ".safetensors":
-        raise UserError(f"{flag} {path}: masks are read from .safetensors only (nothing is unpickled)")
+        raise UserError(f"{where}: masks are read from .safetensors only (nothing is unpickled)")
+    rule = "a mask entry is one bool or integer 0/1"
+    mask: dict[str, bool] = {}
     try:
-        raw = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{flag} {path}: corrupt safetensors file ({str(e).splitlines()[0][:100]})") from None
-    mask = {k: bool(v.flatten()[0].item()) for k, v in raw.items()}
+        with safe_open(str(path), framework="pt") as f:
+            keys = sorted(f.keys())
+            for k in keys:  # dtype and size from the header first: nothing large is read
+                sl = f.get_slice(k)
+                dtype, shape = sl.get_dtype(), sl.get_shape()
+                n = 1
+                for d in shape:
+                    n *= int(d)
+                if dtype not in MASK_DTYPES:
+                    raise UserError(f"{where}: entry {shown(k)!r} has dtype {dtype.lower()}; {rule}")
+                if n != 1:
+                    raise UserError(f"{where}: entry {shown(k)!r} holds {n} values (shape {list(shape)}); {rule}")
+                v = int(f.get_tensor(k).reshape(-1)[0].item())
+                if v not in (0, 1):
+                    raise UserError(f"{where}: entry {shown(k)!r} is {v}; {rule}")
+                mask[k] = bool(v)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{where}: corrupt safetensors file ({(str(e).splitlines() or [''])[0][:100]})") from None
+    if not mask:
+        raise UserError(f"{where}: holds no entries (a mask has one per UNet tensor)")
     if param_names is not None:
         names = set(param_names)
         missing, extra = names - mask.keys(), mask.keys() - names
         if missing or extra:
             example = sorted(extra or missing)[0]
-            raise UserError(f"{flag} {path}: keys do not match the model's UNet parameters "
-                            f"({len(missing)} missing, {len(extra)} unknown, e.g. {example!r})")
+            raise UserError(f"{where}: keys do not match the model's UNet parameters "
+                            f"({len(missing)} missing, {len(extra)} unknown, e.g. {shown(example)!r})")
     return mask
 
 
@@ -126,6 +158,15 @@ def _tensor_digest(t) -> str:
     return f"{t.dtype}|{tuple(t.shape)}|{hashlib.sha256(data).hexdigest()}"
 
 
+def _is_flag(v) -> bool:
+    """True/False, 0/1, or a one-element bool/integer tensor holding 0 or 1 (a {name: frozen} dict's values)."""
+    if isinstance(v, (bool, int)):
+        return v in (0, 1)
+    dtype, numel = getattr(v, "dtype", None), getattr(v, "numel", lambda: 0)()
+    return dtype is not None and numel == 1 and not v.is_floating_point() and not v.is_complex() \
+        and int(v.reshape(-1)[0]) in (0, 1)
+
+
 def apply(unet, mask) -> FrozenTensors:
     """Freeze the tensors a release's mask freezes on a diffusers UNet, for any training loop:
 
@@ -143,7 +184,12 @@ def apply(unet, mask) -> FrozenTensors:
         if unknown or missing:
             raise UserError(f"freeze mask: keys do not match the UNet's parameters ({len(missing)} missing, "
                             f"{len(unknown)} unknown)")
-        flags = {k: bool(v) for k, v in mask.items()}
+        bad = next((k for k in sorted(mask) if not _is_flag(mask[k])), None)
+        if bad is not None:
+            from .outputs import shown
+
+            raise UserError(f"freeze mask: entry {shown(bad)!r} is {shown(mask[bad])}, not a bool or 0/1")
+        flags = {k: bool(int(v)) for k, v in mask.items()}
     else:
         flags = load_freeze_mask(Path(mask), names, flag="freeze mask")
     frozen = [n for n in names if flags[n]]

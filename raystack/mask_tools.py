@@ -150,12 +150,31 @@ def export_mask(rel: Release, fmt: str) -> str:
 
 
 # --- check a derivative ------------------------------------------------------------------------------------
+#
+# `mask check` judges what a loader would load from the derivative, and so reads every weight file diffusers or
+# peft could take from it: in its UNet folder every `diffusion_pytorch_model*.safetensors` (each variant:
+# `from_pretrained(..., variant="fp16")` reads `diffusion_pytorch_model.fp16.safetensors`), every shard that an
+# index (`*.index*.json`, its `weight_map`) names (diffusers loads every tensor of every such shard, in place of
+# the plain file), every adapter file (`unet.load_lora_adapter`, `load_attn_procs`); at a pipeline's root every
+# .safetensors file (`pipe.load_lora_weights(folder)` takes `pytorch_lora_weights.safetensors` or the one
+# .safetensors there). A weight file it cannot read or attribute (a pickle: .bin, .ckpt, .pt, ...; a file with no
+# tensor of the UNet) is a violation, never a pass.
+
+#: weight files diffusers or torch could load that are not safetensors: never unpickled here, so never checked
+UNREADABLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".msgpack", ".gguf", ".onnx", ".pb", ".h5",
+                      ".flashpack")
+
 
 @dataclass
-class CheckResult:
+class FileResult:
+    """One weight file of the derivative, as checked."""
+
+    file: str
+    """Its path relative to the derivative folder (its name for a single file)."""
     kind: str
-    """'full' (UNet weights compared tensor by tensor) or 'lora' (adapter modules compared with the mask)."""
-    checked: int
+    """'full' (UNet tensors compared with the release's), 'shards' (an index: the tensors of all its shards),
+    'shard' (one of them), 'lora' (adapter modules compared with the mask), 'unverifiable'."""
+    checked: int = 0
     violations: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -164,43 +183,69 @@ class CheckResult:
         return not self.violations
 
 
+@dataclass
+class CheckResult:
+    kind: str
+    """'full' (UNet weights compared tensor by tensor), 'lora' (adapter modules compared with the mask), or
+    'mixed' (files of both kinds, or unverifiable ones)."""
+    checked: int
+    violations: list[tuple[str, str]] = field(default_factory=list)
+    """(tensor / module, problem), over every file; the problem names the file when there are several."""
+    notes: list[str] = field(default_factory=list)
+    files: list[FileResult] = field(default_factory=list)
+
+    @property
+    def compliant(self) -> bool:
+        return not self.violations
+
+
+def unet_tensor_names(unet_dir: Path, flag: str = "--release") -> list[str]:
+    """The tensor names in a UNet folder's safetensors weights (read from the headers only)."""
+    names: list[str] = []
+    for f in unet_weight_files(Path(unet_dir)):
+        names += _st_keys(f, flag)
+    return names
+
+
 def _st_keys(path: Path, flag: str) -> list[str]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"{flag} {shown(str(path))}: not a readable safetensors file "
                         f"({(str(e).splitlines() or [''])[0][:100]})") from None
 
 
 def _is_adapter(keys: list[str]) -> bool:
-    return any(k.startswith(("lora_", "lycoris_")) or ".lora" in k or ".hada_" in k or ".lokr_" in k
-               for k in keys)
+    return any(k.startswith(("lora_", "lycoris_")) or ".lora" in k or "_lora." in k or ".hada_" in k
+               or ".lokr_" in k for k in keys)
 
 
-def _derivative_files(path: Path, flag: str) -> tuple[str, list[Path]]:
-    """('full', UNet weight files) or ('lora', [adapter file]) for a pipeline folder, a unet folder, a LoRA
-    folder or one safetensors file."""
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise UserError(f"{flag} {shown(str(path))}: weights are read from .safetensors only (nothing is unpickled)")
-        return ("lora" if _is_adapter(_st_keys(path, flag)) else "full"), [path]
-    if not path.is_dir():
-        raise UserError(f"{flag} {shown(str(path))}: no such file or folder")
-    for unet_dir in (path / "unet", path):
-        files = unet_weight_files(unet_dir) if unet_dir.is_dir() else []
-        if files:
-            return "full", files
-    adapters = sorted(path.glob("*.safetensors"))
-    if len(adapters) == 1:
-        return _derivative_files(adapters[0], flag)
-    if len(adapters) > 1:
-        raise UserError(f"{flag} {shown(str(path))}: {len(adapters)} .safetensors files; name the one to check")
-    raise UserError(f"{flag} {shown(str(path))}: no UNet weights (unet/diffusion_pytorch_model*.safetensors) and "
-                    "no adapter .safetensors file")
+class _Released:
+    """The release's UNet tensors, read one at a time from its weight files (kept open while checking)."""
+
+    def __init__(self, rel: Release):
+        import contextlib
+
+        from safetensors import safe_open
+
+        self._stack = contextlib.ExitStack()
+        self._where = {}
+        for f in unet_weight_files(rel.folder / "unet"):
+            h = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            self._where.update({k: h for k in h.keys()})
+        self.rel = rel
+
+    def get(self, name: str):
+        if name not in self._where:
+            raise UserError(f"--release {shown(str(self.rel.folder))}: the mask names {shown(name)}, which its "
+                            "weights lack")
+        return self._where[name].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
 
 
 def _bitwise_equal(a, b) -> bool:
@@ -210,95 +255,279 @@ def _bitwise_equal(a, b) -> bool:
         a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
-def _check_full(rel: Release, files: list[Path], flag: str) -> CheckResult:
+def _compare(released: _Released, name: str, b) -> str | None:
+    """Why tensor `b` is not the released tensor `name` (None: bitwise equal)."""
+    a = released.get(name)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{b.dtype} {tuple(b.shape)} instead of the released {a.dtype} {tuple(a.shape)}"
+    if not _bitwise_equal(a, b):
+        diff = (a.float() - b.float()).abs().max().item()
+        return f"changed (max |difference| {diff:.3g})"
+    return None
+
+
+def _full_keys(rel: Release, keys: list[str]) -> tuple[str, dict[str, str]]:
+    """(prefix stripped, {UNet tensor name: key in the file}) for a file of full UNet weights."""
+    strip = "unet." if not any(k in rel.mask for k in keys) and any(k.startswith("unet.") for k in keys) else ""
+    return strip, {k[len(strip):]: k for k in keys if k.startswith(strip) and k[len(strip):] in rel.mask}
+
+
+def _check_tensors(rel: Release, released: _Released, path: Path, res: FileResult, require_all: bool,
+                   seen: set[str] | None = None) -> None:
+    """Compare every frozen tensor in one safetensors file of full weights with the release's."""
     from safetensors import safe_open
 
-    released = {}
-    for f in unet_weight_files(rel.folder / "unet"):
-        released.update({k: (f, None) for k in _st_keys(f, "--release")})
-    where: dict[str, Path] = {}
-    for f in files:
-        where.update({k: f for k in _st_keys(f, flag)})
-    strip = "unet." if not any(k in where for k in rel.frozen) and any(k.startswith("unet.") for k in where) else ""
-    if strip:
-        where = {k[len(strip):]: f for k, f in where.items() if k.startswith(strip)}
-    if not set(rel.mask) & set(where):
-        raise UserError(f"{flag}: none of its tensors is a parameter of the release's UNet (another model, or a "
-                        "single-file checkpoint in the original layout: convert it to the diffusers layout first)")
-    result = CheckResult("full", len(rel.frozen))
-    for name in rel.frozen:
-        if name not in where:
-            result.violations.append((name, "missing from the derivative"))
-            continue
-        if name not in released:
-            raise UserError(f"--release {shown(str(rel.folder))}: the mask names {shown(name)}, which its weights lack")
-        with safe_open(str(released[name][0]), framework="pt") as st:
-            a = st.get_tensor(name)
-        with safe_open(str(where[name]), framework="pt") as st:
-            b = st.get_tensor(strip + name)
-        if a.dtype != b.dtype or a.shape != b.shape:
-            result.violations.append((name, f"{b.dtype} {tuple(b.shape)} instead of the released "
-                                            f"{a.dtype} {tuple(a.shape)}"))
-        elif not _bitwise_equal(a, b):
-            diff = (a.float() - b.float()).abs().max().item()
-            result.violations.append((name, f"changed (max |difference| {diff:.3g})"))
-    return result
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            keys = list(st.keys())
+            _, found = _full_keys(rel, keys)
+            if not found:
+                res.violations.append((res.file, "none of its tensors is a parameter or adapter of the release's "
+                                                  "UNet (cannot be checked)"))
+                return
+            for name in rel.frozen:
+                if name not in found:
+                    if require_all:
+                        res.violations.append((name, "missing from the derivative"))
+                    continue
+                res.checked += 1
+                if seen is not None:
+                    seen.add(name)
+                why = _compare(released, name, st.get_tensor(found[name]))
+                if why:
+                    res.violations.append((name, why))
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
+        res.violations.append((res.file, f"not a readable safetensors file (cannot be checked: "
+                                          f"{(str(e).splitlines() or [''])[0][:80]})"))
 
 
 _ADAPTER_SUFFIX = re.compile(
-    r"\.(lora_[AB](\.[^.]+)?\.(weight|bias)|lora_(down|up|mid)\.weight|lora\.(down|up)\.weight|alpha|dora_scale|"
+    r"\.(lora_[AB](\.[^.]+)?\.(weight|bias)|lora_(down|up|mid)\.weight|lora\.(down|up)\.weight|"
+    r"lora_linear_layer\.(down|up)\.weight|alpha|dora_scale|"
     r"lora_magnitude_vector(\.[^.]+)?|hada_[wt]\d_[ab]|lokr_[wt]\d(_[ab])?|diff|diff_b|w_norm|b_norm|"
     r"oft_[a-z_]+|scale)$")
-_TEXT_ENCODER = ("text_encoder", "lora_te", "te1_", "te2_", "lora_te1_", "lora_te2_")
+#: diffusers' old attention-processor naming: `<attention>.processor.to_k_lora.down.weight` adapts `<attention>.to_k`
+_ATTN_PROCESSOR = re.compile(r"\.(?:processor\.)?([A-Za-z0-9_]+?)_lora\.(?:down|up)\.weight$")
+_TEXT_ENCODER = ("text_encoder", "lora_te", "te1_", "te2_", "lora_te1_", "lora_te2_", "text_model.")
+_PREFIXES = ("unet.", "base_model.model.", "model.")
 
 
 def adapter_module(key: str, kohya: dict[str, str]) -> tuple[str | None, str]:
-    """(UNet module the adapter tensor `key` patches, or None; 'unet' | 'text' | 'unknown')."""
+    """(UNet module the adapter tensor `key` patches, or None; 'unet' | 'text' | 'unknown'), in every naming
+    diffusers (new, peft-style, and the old attention-processor one), peft (`base_model.model.`) and kohya
+    (`lora_unet_`) use."""
     if key.startswith(_TEXT_ENCODER):
         return None, "text"
-    m = _ADAPTER_SUFFIX.search(key)
-    stem = key[: m.start()] if m else key
-    if stem.startswith(KOHYA_PREFIX):
-        return kohya.get(stem), "unet" if stem in kohya else "unknown"
-    for prefix in ("unet.", "base_model.model.", "model."):
+    if key.startswith(KOHYA_PREFIX):
+        m = _ADAPTER_SUFFIX.search(key)
+        stem = key[: m.start()] if m else key
+        return (kohya[stem], "unet") if stem in kohya else (None, "unknown")
+    stem = key
+    for prefix in _PREFIXES:
         if stem.startswith(prefix):
             stem = stem[len(prefix):]
-    return stem, "unet"
+            break
+    if stem.startswith(_TEXT_ENCODER):
+        return None, "text"
+    old = _ATTN_PROCESSOR.search(stem)
+    if old:
+        layer = "to_out.0" if old.group(1) == "to_out" else old.group(1)
+        return stem[: old.start()].replace(".processor", "") + "." + layer, "unet"
+    m = _ADAPTER_SUFFIX.search(stem)
+    return (stem[: m.start()] if m else stem), "unet"
 
 
-def _check_adapter(rel: Release, path: Path, flag: str) -> CheckResult:
+def _check_adapter(rel: Release, released: _Released, path: Path, res: FileResult) -> None:
+    from safetensors import safe_open
+
     kohya = {kohya_name(m): m for m in rel.layers}
-    keys = _st_keys(path, flag)
-    result = CheckResult("lora", 0)
     text, unknown = 0, set()
     adapted: dict[str, set[str]] = {}
-    for k in keys:
-        module, where = adapter_module(k, kohya)
-        if where == "text":
-            text += 1
-            continue
-        if module is None or module not in rel.layers and f"{module}.weight" not in rel.mask:
-            unknown.add(module or k)
-            continue
-        adapted.setdefault(module, set()).add("bias" if k.endswith(BIAS_SUFFIXES) else "weight")
-    result.checked = len(adapted)
+    with safe_open(str(path), framework="pt") as st:
+        for k in st.keys():
+            module, where = adapter_module(k, kohya)
+            if where == "text":
+                text += 1
+                continue
+            if module is not None and module in rel.mask:  # a whole tensor of the UNet inside an adapter file
+                res.checked += 1
+                why = _compare(released, module, st.get_tensor(k)) if rel.mask[module] else None
+                if why:
+                    res.violations.append((module, f"a full tensor replacing a frozen one: {why}"))
+                continue
+            if module is None or module not in rel.layers and f"{module}.weight" not in rel.mask:
+                unknown.add(module or k)
+                continue
+            adapted.setdefault(module, set()).add("bias" if k.endswith(BIAS_SUFFIXES) else "weight")
+    res.checked += len(adapted)
     for module, parts in sorted(adapted.items()):
         hit = [p for p in sorted(parts) if rel.mask.get(f"{module}.{p}", False)]
         if hit:
-            result.violations.append((module, f"an adapter on a frozen {' and '.join(hit)}"))
+            res.violations.append((module, f"an adapter on a frozen {' and '.join(hit)}"))
     for u in sorted(unknown):
-        result.violations.append((u, "not a layer of the release's UNet (cannot be checked)"))
+        res.violations.append((u, "not a layer of the release's UNet (cannot be checked)"))
     if text:
-        result.notes.append(f"{text} adapter tensor(s) on the text encoder(s): the mask covers the UNet only")
-    if not adapted and not unknown:
-        result.notes.append("no UNet adapter in the file")
-    return result
+        res.notes.append(f"{text} adapter tensor(s) on the text encoder(s): the mask covers the UNet only")
+    if not adapted and not unknown and not res.checked:
+        res.notes.append("no UNet adapter in the file")
+
+
+def _check_weight_file(rel: Release, released: _Released, path: Path, label: str, standalone: bool,
+                       flag: str) -> FileResult:
+    """One .safetensors file: an adapter, or full UNet weights (all frozen tensors required when `standalone`)."""
+    res = FileResult(label, "full")
+    try:
+        keys = _st_keys(path, flag)
+    except UserError as e:
+        res.kind = "unverifiable"
+        res.violations.append((label, str(e).split(": ", 1)[-1] + " (cannot be checked)"))
+        return res
+    if _is_adapter(keys):
+        res.kind = "lora"
+        _check_adapter(rel, released, path, res)
+        return res
+    _check_tensors(rel, released, path, res, require_all=standalone)
+    return res
+
+
+def _check_index(rel: Release, released: _Released, index: Path, label: str, base: Path) -> list[FileResult]:
+    """An index and every shard its weight_map names: diffusers loads every tensor of every such shard."""
+    res = FileResult(label, "shards")
+    try:
+        doc = json.loads(index.read_text())
+        weight_map = doc["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        res.kind = "unverifiable"
+        res.violations.append((label, "an index with no readable weight_map (cannot be checked)"))
+        return [res]
+    out = [res]
+    seen: set[str] = set()
+    for shard in sorted(set(weight_map.values())):
+        shard_label = f"{label} -> {shard}"
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            res.violations.append((shard_label, "a shard outside the index's folder (cannot be checked)"))
+            continue
+        f = index.parent / shard
+        if not f.is_file():
+            res.violations.append((shard_label, "a shard the index names is missing (cannot be checked)"))
+            continue
+        sub_label = str(f.relative_to(base)) if base in f.parents else shard
+        if not shard.endswith(".safetensors"):
+            res.violations.append((sub_label, "a shard that is not safetensors (never unpickled: cannot be checked)"))
+            continue
+        part = FileResult(sub_label, "shard")
+        _check_tensors(rel, released, f, part, require_all=False, seen=seen)
+        if any(why.startswith("none of its tensors") for _, why in part.violations):
+            part.violations = []  # a shard may hold none of the frozen tensors; the index is judged as a whole
+        out.append(part)
+    res.checked = len(seen)
+    res.violations += [(n, "missing from the shards the index names") for n in rel.frozen if n not in seen]
+    return out
+
+
+def _is_index(path: Path) -> bool:
+    """A weight index (`diffusion_pytorch_model.safetensors.index[.fp16].json`, or any JSON with a weight_map)."""
+    if not path.name.endswith(".json") or path.name in ("config.json", "model_index.json"):
+        return False
+    if re.search(r"\.index(\.[^.]+)?\.json$", path.name):
+        return True
+    try:
+        return path.stat().st_size < 64 << 20 and "weight_map" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def _is_mask_of(rel: Release, path: Path) -> bool:
+    """A freeze mask (strictly read) over exactly the release's UNet tensors: not weights a loader would take."""
+    try:
+        load_freeze_mask(path, list(rel.mask), flag="mask")
+    except UserError:
+        return False
+    return True
+
+
+#: the files diffusers' `from_pretrained` reads by name (`variant=V`: diffusion_pytorch_model.V.safetensors)
+STANDALONE = re.compile(r"diffusion_pytorch_model(\.[^.]+)?\.safetensors")
+
+
+def _weight_units(rel: Release, released: _Released, folder: Path, files: list[Path], base: Path, flag: str,
+                  unet_folder: bool) -> list[FileResult]:
+    """Every weight file among `files` (one folder's): indexes with their shards, standalone UNet files (all
+    frozen tensors required), adapters and other safetensors files, and files that cannot be read here."""
+    out: list[FileResult] = []
+    shards: set[Path] = set()
+    for index in (f for f in files if _is_index(f)):
+        found = _check_index(rel, released, index, str(index.relative_to(base)), base)
+        shards |= {base / r.file for r in found if r.kind == "shard"}
+        out += found
+    for f in files:
+        label = str(f.relative_to(base))
+        if f.name == MASK_FILE and not unet_folder and _is_mask_of(rel, f):
+            continue  # the release's own kind of file: a mask naming exactly the UNet's tensors, no weights
+        if f.suffix == ".safetensors":
+            standalone = unet_folder and f.parent == folder and bool(STANDALONE.fullmatch(f.name))
+            if f in shards and not standalone:
+                continue  # judged with its index
+            out.append(_check_weight_file(rel, released, f, label, standalone, flag))
+        elif f.name.lower().endswith(UNREADABLE_WEIGHTS):
+            out.append(FileResult(label, "unverifiable", violations=[
+                (label, f"a {f.suffix} weight file, never unpickled or read here (cannot be checked)")]))
+    return out
+
+
+def _derivative_results(rel: Release, released: _Released, path: Path, flag: str) -> list[FileResult]:
+    path = Path(path)
+    if path.is_file():
+        if path.name.endswith(".json"):
+            if _is_index(path):
+                return _check_index(rel, released, path, path.name, path.parent)
+            raise UserError(f"{flag} {shown(str(path))}: a JSON file that is no weight index")
+        if path.suffix != ".safetensors":
+            raise UserError(f"{flag} {shown(str(path))}: weights are read from .safetensors only (nothing is unpickled)")
+        keys = _st_keys(path, flag)
+        if not _is_adapter(keys) and not _full_keys(rel, keys)[1]:
+            raise UserError(f"{flag}: none of its tensors is a parameter of the release's UNet (another model, or a "
+                            "single-file checkpoint in the original layout: convert it to the diffusers layout first)")
+        return [_check_weight_file(rel, released, path, path.name, True, flag)]  # the UNet: all frozen tensors
+    if not path.is_dir():
+        raise UserError(f"{flag} {shown(str(path))}: no such file or folder")
+
+    def regular(folder: Path, deep: bool) -> list[Path]:
+        found = folder.rglob("*") if deep else folder.glob("*")
+        return sorted(p for p in found if p.is_file())
+
+    unet_dir = path / "unet" if (path / "unet").is_dir() else path if (
+        (path / "config.json").is_file() or any(path.glob("diffusion_pytorch_model*"))) else None
+    results: list[FileResult] = []
+    if unet_dir is not None:
+        results += _weight_units(rel, released, unet_dir, regular(unet_dir, deep=True), path, flag, unet_folder=True)
+    if unet_dir != path:
+        results += _weight_units(rel, released, path, regular(path, deep=False), path, flag, unet_folder=False)
+    if not results:
+        raise UserError(f"{flag} {shown(str(path))}: no UNet weights (unet/diffusion_pytorch_model*.safetensors) and "
+                        "no adapter .safetensors file")
+    return results
 
 
 def check_derivative(rel: Release, derivative: Path, flag: str = "--derivative") -> CheckResult:
-    """Does a derivative keep the release's frozen tensors? Full weights: every frozen tensor bitwise equal to the
-    release's. Adapter (peft/diffusers or kohya naming): no adapter on a module whose weight (or bias) is frozen."""
-    kind, files = _derivative_files(derivative, flag)
-    if kind == "lora":
-        return _check_adapter(rel, files[0], flag)
-    return _check_full(rel, files, flag)
+    """Does a derivative keep the release's frozen tensors, in every weight file a loader would read from it?
+    Full weights: every frozen tensor bitwise equal to the release's (a standalone UNet file must hold them all;
+    an index's shards together). Adapter (diffusers, peft or kohya naming): no adapter on a module whose weight
+    (or bias) is frozen. A weight file that cannot be read or attributed is a violation."""
+    released = _Released(rel)
+    try:
+        files = _derivative_results(rel, released, derivative, flag)
+    finally:
+        released.close()
+    kinds = {f.kind for f in files if f.kind != "shard"}
+    kind = "full" if kinds <= {"full", "shards"} else "lora" if kinds == {"lora"} else "mixed"
+    result = CheckResult(kind, sum(f.checked for f in files if f.kind != "shard"), files=files)
+    several = len(files) > 1
+    for f in files:
+        result.violations += [(n, f"{why} (in {f.file})" if several else why) for n, why in f.violations]
+        result.notes += [f"{f.file}: {n}" if several else n for n in f.notes]
+    return result

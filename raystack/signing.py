@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .errors import RunFailed, UserError
+from .outputs import shown
 
 SIGNATURE_FILE = "manifest.sig"
 MAX_KEY_BYTES = 16 * 1024
@@ -21,10 +22,12 @@ MAX_KEY_BYTES = 16 * 1024
 
 def _read_key_file(path: Path, flag: str) -> bytes:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {shown(str(path))}: is a folder; give the key file (PEM)")
     if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file")
+        raise UserError(f"{flag} {shown(str(path))}: no such file")
     if path.stat().st_size > MAX_KEY_BYTES:
-        raise UserError(f"{flag} {path}: not a PEM key (too large)")
+        raise UserError(f"{flag} {shown(str(path))}: not a PEM key (too large)")
     return path.read_bytes()
 
 
@@ -36,11 +39,11 @@ def load_private_key(path: Path, flag: str = "--sign-key"):
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise UserError(f"{flag} {path}: the key is encrypted; give an unencrypted Ed25519 PEM key") from None
+        raise UserError(f"{flag} {shown(str(path))}: the key is encrypted; give an unencrypted Ed25519 PEM key") from None
     except (ValueError, Exception):  # noqa: BLE001 - cryptography raises several kinds for a bad file
-        raise UserError(f"{flag} {path}: not a PEM private key") from None
+        raise UserError(f"{flag} {shown(str(path))}: not a PEM private key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise UserError(f"{flag} {path}: not an Ed25519 key ({type(key).__name__.replace('_', '')})")
+        raise UserError(f"{flag} {shown(str(path))}: not an Ed25519 key ({type(key).__name__.replace('_', '')})")
     return key
 
 
@@ -52,9 +55,9 @@ def load_public_key(path: Path, flag: str = "--public-key"):
     try:
         key = serialization.load_pem_public_key(data)
     except Exception:  # noqa: BLE001
-        raise UserError(f"{flag} {path}: not a PEM public key") from None
+        raise UserError(f"{flag} {shown(str(path))}: not a PEM public key") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise UserError(f"{flag} {path}: not an Ed25519 public key")
+        raise UserError(f"{flag} {shown(str(path))}: not an Ed25519 public key")
     return key
 
 

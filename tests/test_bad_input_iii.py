@@ -94,6 +94,8 @@ def cases(r: Path):
                                                  str(users / "grid.png")], "already exists"),
         ("mask export: --out replaces a file", ["mask", "export", m, "--format", "names", "--out",
                                                 str(users / "results.json")], "--out"),
+        ("mask check: --json replaces a file", ["mask", "check", "--release", m, "--derivative", m, "--json",
+                                                str(users / "results.json")], "--json"),
         # 6. URIs as --out or inputs are refused before anything is made (object storage is its own issue)
         ("evaluate: s3 out", ev + ["--out", "s3://bucket/report"], "a URI"),
         ("world clip: s3 out", ["world", "clip", "--out", "s3://bucket/clip"], "a URI"),
