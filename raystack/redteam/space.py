@@ -152,3 +152,76 @@ def load_attack_space(path, overrides: list[str] | None = None, flag: str = "--s
         raise UserError(f"{flag} {shown(str(path))}: no such file")
     return build_spec(AttackSpace, apply_overrides(read_yaml(path, flag), overrides or []),
                       source=f"{flag} {shown(str(path))}" if flag != "--space" else str(path))
+
+
+#: The settings a person tries first against a release, whatever the search does: the knobs that make an attack
+#: stronger (longest steps, largest rank, the loss tricks of the diffusers examples) at their strong end.
+_STRONG_END = {"steps": max, "rank": max, "num_vectors": max, "num_class_images": max}
+
+
+def strong_corners(space: AttackSpace) -> list[dict]:
+    """The space's strong corners, in the order the sweep tries them: each method at its longest steps, at the
+    top of the learning-rate range and a decade below it (the top often ruins the model, which the guard then
+    rejects), with and without min-SNR weighting and offset noise together; other choices at their strong end
+    (steps, rank), or as AdamW / the whole UNet / no prior preservation where the space offers them.
+
+    A red team's worst case is never below one of these (they are its first trials, before the search draws),
+    so an attack a person could guess cannot beat the declared worst case."""
+    import math
+
+    search = space.search
+
+    def values(key):
+        kind, vals = next(iter(search[key].items()))
+        return kind, list(vals)
+
+    methods = values("method")[1] if "method" in search else [space.fixed.get("method", "lora")]
+    base: dict = {}
+    for key in search:
+        if key in ("method", "lr", "snr_gamma", "noise_offset"):
+            continue
+        kind, vals = values(key)
+        if kind in ("grid", "choice"):
+            if key in _STRONG_END:
+                base[key] = _STRONG_END[key](vals)
+            elif key == "optimizer" and "adamw" in vals:
+                base[key] = "adamw"
+            elif key in ("cross_attention_only", "prior_preservation") and False in vals:
+                base[key] = False
+            else:
+                base[key] = vals[0]
+        elif kind == "uniform":
+            base[key] = vals[1] if key in _STRONG_END else (vals[0] + vals[1]) / 2
+        else:
+            base[key] = vals[1] if key in _STRONG_END else math.sqrt(vals[0] * vals[1])
+        if key in _STRONG_END and kind in ("uniform", "loguniform"):
+            base[key] = int(base[key])
+    lrs: list = [None]
+    if "lr" in search:
+        kind, vals = values("lr")
+        top = max(vals)
+        if kind in ("grid", "choice"):
+            lower = [v for v in vals if v <= top / 10 * 1.0001]
+            lrs = [top] + ([max(lower)] if lower else [])
+        else:
+            lrs = [top] + ([top / 10] if top / 10 >= vals[0] else [])
+    tricks: list[dict] = [{}]
+    trick_keys = [k for k in ("snr_gamma", "noise_offset") if k in search]
+    if trick_keys:
+        on = {k: max(values(k)[1]) for k in trick_keys}
+        off = {k: min(values(k)[1]) for k in trick_keys}
+        tricks = [on, off] if on != off else [on]
+    corners = []
+    # a decade below the top first: at the top a dense fine-tune tends to ruin the model (and fail the guard)
+    for trick in tricks:
+        for lr in reversed(lrs):
+            for method in methods:
+                c = dict(base)
+                if "method" in search:
+                    c["method"] = method
+                if lr is not None:
+                    c["lr"] = lr
+                c.update(trick)
+                if c not in corners:
+                    corners.append(c)
+    return corners

@@ -141,7 +141,30 @@ def _scores(pipe, space: AttackSpace, target_name: str, judge, seed: int, target
     return target, other_concepts_accuracy(pipe, target_name, others_n, judge, seed + 1, space.eval_steps)
 
 
-_RUN_KEYS = ("space", "target", "data", "concept", "attacks")  # set by the run, not drawn ("attacks": older runs)  # config entries set by the run, not drawn
+#: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference)
+_RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others")
+
+
+def guarded_objective(target: float, others: float | None, others_unattacked: float | None, guard: float) -> float:
+    """**The attacker sweep's objective**, reported at every checkpoint: the target accuracy while the attacked
+    model passes the capability guard, and that accuracy minus 1 once it does not (so every guard-passing attack
+    ranks above every guard-failing one, and failing ones still rank among themselves). The search (TPE) and the
+    early stopping (ASHA) therefore optimise what the red team declares, the strongest *guarded* attack, not
+    the target alone with the guard applied afterwards. Without a reference (an older run) it is the target."""
+    if others is None or others_unattacked is None:
+        return target
+    return target if passes_guard(others, others_unattacked, guard) else target - 1.0
+
+
+def attack_scheduler(space: AttackSpace):
+    """ASHA whose rungs are fractions of each trial's *own* length (25%, 50%, then the end): an 1600-step attack
+    is compared with a 200-step one when both have run a quarter of their steps, not after 200 steps each, so a
+    slow, strong attack is not stopped for being slow."""
+    if space.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="progress", grace_period=25, reduction_factor=2, max_t=100)
 _WARM: dict = {}  # per trial process (Tune reuses it across trials): the judge and each model's pipeline, loaded once
 
 
@@ -168,7 +191,9 @@ def _warm_judge():
 def attack_trial(config: dict) -> None:
     """Ray Tune function trainable: one attack from the space on one model, scored along the way.
 
-    Reports the objective (`target_running`) at every checkpoint and, at the end, where the trial's time went:
+    Reports, at every checkpoint, the target accuracy (`target_running`), the other concepts' (`others_running`),
+    the guarded objective (`guarded_objective`) and the share of its own steps done (`progress`, ASHA's clock);
+    at the end also where the trial's time went:
     `setup_s` (from entering this function to the end of the first attack step: pipeline copy, data encoding), `score_s`
     (sampling and judging) and `attack_s` (the optimizer steps)."""
     entered = time.time()
@@ -208,28 +233,38 @@ def attack_trial(config: dict) -> None:
         return {"trial_seconds": round(now - entered, 2), "setup_s": round(setup, 2),
                 "score_s": round(clock["score"], 2), "attack_s": round(now - entered - setup - clock["score"], 2)}
 
+    reference = config.get("unattacked_others")
+
+    def scored(step: int) -> dict:
+        acc, others = score(space.other_samples if reference is not None or step == spec.steps else 0)
+        return {"target_running": acc, "others_running": others, "attack_step": step,
+                "progress": round(100.0 * step / spec.steps, 3),
+                "objective": guarded_objective(acc, others, reference, space.guard)}
+
     def on_step(step, loss):
         if clock["first_step"] is None:
             clock["first_step"] = time.time()
         if step % spec.checkpoint_every == 0 and step != spec.steps:
-            acc, _ = score(0)
-            ray.tune.report({"target_running": acc, "attack_step": step, **timing()})
+            ray.tune.report({**scored(step), **timing()})
 
     run_attack(spec, on_step=on_step, pipe=pipe)
-    acc, others = score(space.other_samples)
-    ray.tune.report({"target_running": acc, "attack_step": spec.steps, "target": acc, "others": others, **timing(),
+    final = scored(spec.steps)
+    ray.tune.report({**final, "target": final["target_running"], "others": final["others_running"], **timing(),
                      "done_all": True})
 
 
 def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
-               resume: bool = False):
+               resume: bool = False, others_unattacked: float | None = None):
     """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished and errored
-    ones rerun; a finished sweep is read back)."""
+    ones rerun; a finished sweep is read back). The search starts from the space's strong corners
+    (`space.strong_corners`, as many as the trials allow) and optimises `guarded_objective` against
+    `others_unattacked`, the unattacked model's accuracy on the other concepts."""
     from ray import tune
 
     from ..outputs import confined_rmtree
     from ..tuning.space import param_space
-    from ..tuning.sweep import make_scheduler, make_search_alg, quiet_trial_errors, trial_dirname
+    from ..tuning.sweep import make_search_alg, quiet_trial_errors, trial_dirname
+    from .space import strong_corners
 
     name = f"{space.name}-{target.name}"
     trainable = tune.with_resources(attack_trial, {"cpu": 1})
@@ -240,11 +275,14 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
-                       "target": target.__dict__, "data": str(data), "concept": concept})
+                       "target": target.__dict__, "data": str(data), "concept": concept,
+                       "unattacked_others": others_unattacked})
+    points = strong_corners(space)[:space.samples] if space.algorithm != "grid" else None
     tuner = tune.Tuner(
         trainable, param_space=space_dict,
-        tune_config=tune.TuneConfig(metric="target_running", mode="max", scheduler=make_scheduler(space),
-                                    search_alg=make_search_alg(space, max_concurrent, seed=space.seed),
+        tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=attack_scheduler(space),
+                                    search_alg=make_search_alg(space, max_concurrent, seed=space.seed,
+                                                               points=points),
                                     num_samples=space.samples, max_concurrent_trials=max_concurrent,
                                     trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # warm trial processes: imports, judge, pipeline
@@ -483,7 +521,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         sweep_name = f"{space.name}-{t.name}"
         resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
             (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
-        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume),
+        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume,
+                                base_others),
                      attacks_dir(out, sweep_name))
         sweep_seconds = _sweep_wall(out / "tune", sweep_name, time.time() - started)
         for r in rows:

@@ -220,13 +220,14 @@ def make_scheduler(space):
     return ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2, max_t=10_000)
 
 
-def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = None):
+def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = None, points: list[dict] | None = None):
     """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch; random with a `seed`:
-    Tune's generator seeded. With a seed a sweep draws the same settings again."""
-    if space.algorithm == "random" and seed is not None:
+    Tune's generator seeded. With a seed a sweep draws the same settings again. `points`: settings tried first,
+    in order, before anything is drawn (the red team's strong corners)."""
+    if space.algorithm == "random" and (seed is not None or points):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent, points_to_evaluate=points)
     if space.algorithm != "optuna":
         return None
     try:
@@ -236,7 +237,8 @@ def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = No
         import optuna  # noqa: F401 - OptunaSearch only fails later without it
     except ImportError:
         raise UserError("algorithm optuna: the optuna package is not installed (pip install optuna)") from None
-    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=max_concurrent)
+    return ConcurrencyLimiter(OptunaSearch(seed=seed, points_to_evaluate=points or None),
+                              max_concurrent=max_concurrent)
 
 
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
