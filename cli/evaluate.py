@@ -22,6 +22,9 @@ def _parse_runs(values: list[str]) -> dict[str, Path]:
         check_plain_name(name, "--run: the name")
         if name in runs:
             raise UserError(f"--run {shown(v)}: the name {name!r} is used twice")
+        from raystack.outputs import check_local_path
+
+        check_local_path(path, f"--run {name}")
         p = Path(path)
         if not p.is_dir():
             raise UserError(f"--run {shown(v)}: no such folder")
@@ -63,6 +66,10 @@ def evaluate(
                                      "prompt of an alternative; an image counts for the concept whose prompt "
                                      "CLIP finds closest. The alternatives are the other concepts (legal use)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda: where the runs are sampled."),
+    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Any model: score by CLIP zero-shot (needs "
+                                            "--clip) the concepts of a concept file (see concepts/): the target "
+                                            "(--target is its name), its alternatives and the other concepts, as "
+                                            "redteam and tune do with --judge clip:DIR."),
 ):
     """Generate from attacked models, score accuracy and similarity, compute SGR/RSGR, write a report."""
     from raystack.errors import UserError
@@ -80,6 +87,18 @@ def evaluate(
             raise UserError("--device cuda: no GPU is visible here (use --device cpu or auto)")
     device = pick_device(device)
     runs = _parse_runs(run)
+    concepts_content = None
+    if concepts is not None:
+        from raystack.judges import load_concept_file
+
+        if clip is None:
+            raise UserError("--concepts: CLIP zero-shot scoring needs a local CLIP folder (--clip DIR)")
+        if versus:
+            raise UserError("--versus: the alternatives and the other concepts come from --concepts; give one of them")
+        concepts_content = load_concept_file(concepts)
+        if target != [concepts_content["name"]]:
+            raise UserError(f"--target {shown(' '.join(target))}: with --concepts, the target is the concept file's "
+                            f"name {concepts_content['name']!r}")
     if versus:
         if clip is None:
             raise UserError("--versus: CLIP zero-shot scoring needs a local CLIP folder (--clip DIR)")
@@ -101,12 +120,15 @@ def evaluate(
         if len(target) > 1:
             raise UserError("--redteam: a red team attacks one concept; evaluate it with that one --target")
         redteam_report, winners = load_redteam(redteam, target[0])
+        from raystack.report import redteam_sample_counts
+
+        redteam_report["samples"] = redteam_sample_counts(redteam)  # the images behind its scores: intervals
         if set(winners) & set(runs):
             raise UserError(f"--run: the names {', '.join(sorted(set(winners) & set(runs)))} are taken by --redteam")
         runs.update(winners)
     if not runs and redteam_report is None:
         raise UserError("--run or --redteam: nothing to evaluate")
-    if classifier is None and not versus:  # the tiny world's own classifier: the tiny world's models only
+    if classifier is None and not versus and concepts is None:  # the tiny world's classifier: its models only
         import json
 
         from raystack.models.pipeline_io import check_tiny_world_judge
@@ -126,19 +148,20 @@ def evaluate(
         if folder is not None:
             check_embedder_folder(kind, folder)  # before any sampling: a wrong folder is found in a second
     check_disjoint(out, [*((f"--run {n}", p) for n, p in runs.items()), ("--redteam", redteam),
-                         ("--reference", reference), ("--clip", clip),
+                         ("--reference", reference), ("--clip", clip), ("--concepts", concepts),
                          ("--dino", dino), ("--classifier", classifier or default_classifier_path())])
     check_new_output(out, overwrite)
     if baseline is not None and baseline not in runs:
         raise UserError(f"--baseline {shown(baseline)}: not one of the --run names ({', '.join(runs)})")
     with output_lock(out):
         _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
-                         curves, clip, dino, classifier, overwrite, redteam_report, other_samples, versus, device)
+                         curves, clip, dino, classifier, overwrite, redteam_report, other_samples, versus, device,
+                         concepts_content)
 
 
 def _evaluate_locked(runs, target, out, baseline, reference, token, samples, curve_samples, steps, guidance, seed,
                      curves, clip, dino, classifier, overwrite, redteam_report=None, other_samples=None, versus=(),
-                     device="cpu"):
+                     device="cpu", concept_file=None):
     quiet_libraries()
     from rich.table import Table
 
@@ -152,7 +175,13 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
     import numpy as np
 
     configure_threads()
-    if versus:  # any model: CLIP zero-shot over the target prompt(s) and the alternatives
+    if concept_file:  # any model: CLIP zero-shot over a concept file's labels (raystack.judges)
+        from raystack.judges import ClipJudge
+
+        judge = ClipJudge.from_concepts(clip, concept_file, flag=f"--clip {clip}")
+        concept, others, ref = judge.target, judge.others, None
+        embedders = [judge.embedder]
+    elif versus:  # any model: CLIP zero-shot over the target prompt(s) and the alternatives
         from raystack.evaluation import prompt_concepts
         from raystack.metrics import ClipZeroShot
 
@@ -179,6 +208,9 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
                                   baseline, on_progress=lambda s: status.update(s))
     if redteam_report is not None:
         report["redteam"] = redteam_report
+    from raystack.report import with_intervals, with_release_hashes
+
+    report = with_intervals(with_release_hashes(report))
     write_report(out, report, images, ref, overwrite=overwrite)
     several = len(target) > 1
     table = Table(title=f"target {report['target']}")
@@ -194,4 +226,5 @@ def _evaluate_locked(runs, target, out, baseline, reference, token, samples, cur
                       *([fmt(r["target_accuracy_max"])] if several else []), fmt(r["other_accuracy_mean"]),
                       fmt(r["similarity_to_reference"].get(sim)), fmt(gap.get("SGR")), fmt(gap.get("RSGR")))
     console.print(table)
+    console.print(report["summary"], markup=False, highlight=False)
     console.print(f"report: {out / 'report.html'}")

@@ -1,12 +1,14 @@
 """Open a report in headless Chromium, the way a person would, and list the images that did not load.
 
 The report folder is served on loopback; a same-origin checker page loads report.html in an iframe
-and records, for every <img>, whether the browser decoded it (complete and naturalWidth > 0).
+and records, for every <img>, whether the browser decoded it (complete and naturalWidth > 0), and what
+a reader sees first: the title, the summary line (#summary) and the 95% intervals (.ci) as rendered.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import http.server
 import json
 import re
@@ -23,7 +25,17 @@ document.getElementById('f').addEventListener('load', function () {{
   var imgs = Array.from(this.contentDocument.images);
   var bad = imgs.filter(function (i) {{ return !(i.complete && i.naturalWidth > 0); }})
                .map(function (i) {{ return i.getAttribute('src'); }});
-  document.getElementById('result').textContent = 'RESULT' + JSON.stringify({{total: imgs.length, bad: bad}}) + 'END';
+  var doc = this.contentDocument, summary = doc.getElementById('summary'), h1 = doc.querySelector('h1');
+  var shown = function (e) {{ var r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; }};
+  var cis = Array.from(doc.querySelectorAll('.ci'));
+  document.getElementById('result').textContent = 'RESULT' + JSON.stringify({{
+    total: imgs.length, bad: bad, title: h1 ? h1.innerText : null,
+    summary: summary && shown(summary) ? summary.innerText : null,
+    summary_intervals: summary ? Array.from(summary.querySelectorAll('.ci')).filter(shown)
+                                   .map(function (e) {{ return e.innerText; }}) : [],
+    intervals: cis.filter(shown).length, hidden_intervals: cis.length - cis.filter(shown).length,
+    marks: Array.from(doc.querySelectorAll('.mark')).filter(shown).map(function (e) {{ return e.innerText; }})
+  }}) + 'END';
 }});
 </script></body></html>"""
 
@@ -36,7 +48,10 @@ def find_chromium() -> str | None:
 
 
 def check_images(html_file: Path, chromium: str | None = None, timeout: float = 60.0) -> dict:
-    """{'total': N, 'bad': [src, ...]} as seen by a real browser."""
+    """As seen by a real browser: {'total': N images, 'bad': [src that did not load, ...], 'title': the h1's
+    text, 'summary': the summary line's text (None: absent or not displayed), 'summary_intervals': its intervals'
+    texts, 'intervals': how many .ci are displayed, 'hidden_intervals': how many are not, 'marks': the verdict
+    marks (✓ / ✗) displayed over the paired samples}."""
     html_file = Path(html_file).resolve()
     chromium = chromium or find_chromium()
     if chromium is None:
@@ -73,12 +88,12 @@ def check_images(html_file: Path, chromium: str | None = None, timeout: float = 
     m = re.search(r"RESULT(.*?)END", dom, re.S)
     if not m:
         raise RuntimeError("the browser did not finish loading the report")
-    return json.loads(m.group(1).replace("&quot;", '"'))
+    return json.loads(html.unescape(m.group(1)))
 
 
 if __name__ == "__main__":  # python tests/browser_check.py runs/report/report.html
     import sys
 
     res = check_images(Path(sys.argv[1]))
-    print(json.dumps(res))
-    sys.exit(0 if res["total"] > 0 and not res["bad"] else 1)
+    print(json.dumps(res, ensure_ascii=False))
+    sys.exit(0 if res["total"] > 0 and not res["bad"] and res["summary"] and res["intervals"] else 1)

@@ -137,6 +137,10 @@ def cases(r: Path):
         ("world score: 300-byte --json name", ["world", "score", "--images", good, "--json", str(r / LONG)],
          "--json"),
         ("attack: 300-byte --out name", a + ["--out", str(r / LONG)], "at most 200"),
+        ("evaluate: a 300-byte --run folder", ["evaluate", "--run", f"x={r / LONG}", "--target", "sunset"],
+         "--run x"),
+        ("redteam: a 300-byte --model folder", ["redteam", "--space", TINY_ATTACK_SPACE, "--model", f"a={r / LONG}",
+                                                "--data", good, "--target", "sunset"], "--model a"),
         # 9. wrong or unclear lines
         ("erase: --anchor is the concept", ["erase", "--method", "ablation", "--concept", "sunset", "--anchor",
                                             "sunset"] + t + ["--legal", good], "--anchor sunset: the same as"),

@@ -1,6 +1,7 @@
 """attack -> evaluate -> report, end to end, and the report opened in a real headless browser."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -40,12 +41,30 @@ def test_evaluate_writes_report_with_grids_and_curves(two_attacks, tmp_path):
     assert gap["SGR"] == pytest.approx(
         1 - report["runs"]["weak"]["similarity_to_reference"]["classifier"]
         / report["runs"]["strong"]["similarity_to_reference"]["classifier"])
-    assert report["crossed"] == {"none": {"lora": report["runs"]["strong"]["target_accuracy"]}} or \
-        set(report["crossed"]["none"]) == {"lora"}
+    # one attacked model (the original), two lora runs of it: each keeps its own cell
+    assert report["crossed"] == {"none": {"lora": report["runs"]["weak"]["target_accuracy"],
+                                          "lora (strong)": report["runs"]["strong"]["target_accuracy"]}}
     images = report["images"]
-    assert {"reference.png", "weak_target.png", "strong_target.png", "curves.png"} <= set(images)
+    assert {"reference.png", "weak-r0_target0_1.png", "strong-r1_target0_1.png", "curves.png"} <= set(images)
     html = (out / "report.html").read_text()
     assert all(src in html for src in images.values())
+    # the summary on top: both runs attack the unhardened model; --baseline names one, none is hardened
+    assert report["summary"].startswith("sunset: no run of a hardened model to compare with the baseline strong "
+                                        "(lora, 6 steps): ")
+    assert report["summary"].endswith("Red team not run. Brackets: 95% intervals.")
+    assert html.index("id='summary'") < html.index("id='settings'") and "<title>Evaluation report</title>" in html
+    from raystack.atomic import sha256_file
+    from raystack.models.pipeline_io import default_model_path
+    from raystack.redteam.sweep import wilson_interval
+
+    unet = sha256_file(next((default_model_path() / "unet").glob("*.safetensors")))
+    for r in report["runs"].values():  # every accuracy with its image count and 95% interval; the judge's verdicts
+        assert r["n"]["target"] == 8 and len(r["verdicts"]["targets"]["sunset"]) == 8
+        assert r["target_accuracy"] == pytest.approx(sum(r["verdicts"]["targets"]["sunset"]) / 8)
+        assert r["ci95"]["target_accuracy"] == pytest.approx(list(wilson_interval(r["target_accuracy"], 8)))
+        assert all(c["n"] == 4 and c["ci95"] for c in r["curve"])
+        assert r["release"]["unet_sha256"] == unet and r["release"]["from"] == "computed"
+    assert unet in html
 
 
 def test_several_targets_are_scored_one_by_one(tmp_path, tiny_model_path):
@@ -77,6 +96,16 @@ def test_report_images_load_in_headless_chromium(two_attacks, tmp_path):
     assert res.exit_code == 0, res.output
     seen = check_images(out / "report.html", chromium)
     assert seen["total"] >= 4 and seen["bad"] == []
+    # what a reader sees first: the title, the summary line with its intervals, every percentage's interval
+    assert seen["title"] == "Evaluation report: target sunset"
+    assert seen["summary"].startswith("Summary. sunset: no run of a hardened model to compare with the baseline a "
+                                      "(lora, 6 steps): ")
+    assert "Red team not run." in seen["summary"]
+    assert seen["summary_intervals"] and all(re.fullmatch(r"\[\d+\.\d–\d+\.\d%\]", c)
+                                             for c in seen["summary_intervals"])
+    assert seen["intervals"] >= 4 and seen["hidden_intervals"] == 0
+    others = json.loads((out / "report.json").read_text())["runs"]["a"]["other_accuracy"]
+    assert len(seen["marks"]) == 4 + 4 * len(others) and set(seen["marks"]) <= {"✓", "✗"}  # 4 per concept
     (out / "images" / "curves.png").write_bytes(b"not a png")  # and the check can fail
     assert check_images(out / "report.html", chromium)["bad"] == ["images/curves.png"]
 

@@ -228,11 +228,17 @@ class Judge:
                 for i in range(len(images))]
 
 
-def concept_accuracy(pred: dict[str, np.ndarray], shape: str | None = None, colour: str | None = None,
-                     style: str | None = None, emblem: str | None = None) -> float:
-    """Share of images that are not junk and match every attribute asked for."""
+def concept_hits(pred: dict[str, np.ndarray], shape: str | None = None, colour: str | None = None,
+                 style: str | None = None, emblem: str | None = None) -> np.ndarray:
+    """Per image: not junk and matching every attribute asked for (the judge's verdict, image by image)."""
     ok = pred["junk"] < 0.5
     for head, want in (("shape", shape), ("colour", colour), ("style", style), ("emblem", emblem)):
         if want is not None:
             ok &= pred[head] == HEADS[head].index(want)
-    return float(ok.mean())
+    return ok
+
+
+def concept_accuracy(pred: dict[str, np.ndarray], shape: str | None = None, colour: str | None = None,
+                     style: str | None = None, emblem: str | None = None) -> float:
+    """Share of images that are not junk and match every attribute asked for."""
+    return float(concept_hits(pred, shape, colour, style, emblem).mean())
