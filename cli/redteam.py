@@ -20,19 +20,26 @@ def redteam(
                                     ".safetensors (or another weights suffix), is an existing file, or the text "
                                     "before it is an existing folder. Repeatable."),
     data: Path = typer.Option(..., "--data", help="The attacker's images of the target concept."),
-    target: str = typer.Option(..., "--target", help="Tiny-world concept the attacker wants (e.g. sunset)."),
+    target: Optional[str] = typer.Option(None, "--target", help="Tiny-world concept the attacker wants (e.g. "
+                                         "sunset); with --concepts, the concept file's name (the default)."),
     out: Path = typer.Option(Path("runs/redteam"), "--out", help="Run folder: redteam.json and the trials."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address (default: an embedded local Ray)."),
     max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
     overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set samples=24."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same space, models "
                                 "and data): finished sweeps are read back, an unfinished one goes on."),
+    judge: str = typer.Option("tiny", "--judge", help="Who scores the attacks: tiny (the tiny world's classifier, "
+                              "tiny-world models only) or clip:DIR (CLIP zero-shot from a local CLIP folder, any "
+                              "model; needs --concepts)."),
+    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept file for the CLIP judge (see "
+                                            "concepts/): the target's name, prompts and labels, its alternatives, "
+                                            "and the other concepts the capability guard keeps."),
 ):
     """Sweep the attacker space against every model (same space, same budget); report the worst case that
     passes the capability guard, re-scored with fresh seeds, and the budget curves."""
     from raystack.errors import RunFailed, UserError
-    from raystack.evaluation import tiny_world_target
     from raystack.imageio import read_image_folder
+    from raystack.judges import judge_spec, parse_judge, spec_inputs, spec_target
     from raystack.outputs import check_disjoint, output_lock
     from raystack.redteam.space import load_attack_space
     from raystack.redteam.sweep import check_resumable, failure_message, model_trial_counts, parse_models
@@ -40,17 +47,22 @@ def redteam(
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    targets = parse_models(model)
+    targets = parse_models(model, judge=parse_judge(judge)[0])
     read_image_folder(data, flag="--data", check_only=True)
-    tiny_world_target(target)
+    judged = judge_spec(judge, concepts, target)  # the tiny-world concept, or the CLIP folder and concept file
+    target = spec_target(judged)
     check_disjoint(out, [("--space", space), ("--data", data),
                          *((f"--model {t.name}", t.model) for t in targets),
-                         *((f"--model {t.name} mask", t.mask) for t in targets if t.mask)])
+                         *((f"--model {t.name} mask", t.mask) for t in targets if t.mask), *spec_inputs(judged)])
     from raystack.raysession import check_local_capacity, init_ray, will_embed
 
     if will_embed(cluster):
         check_local_capacity(max_concurrent, False, "--max-concurrent")
     check_resumable(out, spec, targets, data, target, resume)  # before the lock makes any folder
+    if judged["kind"] == "clip":  # loaded now (once per process): a folder it cannot load fails before --out is made
+        from raystack.judges import load_judge
+
+        load_judge(judged)
     with output_lock(out):
         check_resumable(out, spec, targets, data, target, resume)  # again: another run may have written meanwhile
         quiet_libraries()
@@ -62,7 +74,7 @@ def redteam(
         with console.status("red team") as status:
             report = run_redteam(spec, targets, data, target, out, max_concurrent,
                                  on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
-                                 resume=resume)
+                                 resume=resume, judge_spec=judged if judged["kind"] == "clip" else None)
     console.print(worst_case_table(report))
     for name, m in report["models"].items():
         c = model_trial_counts(m)

@@ -21,12 +21,25 @@ def tune(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep found in --out."),
     overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set harden.seed=1 "
                                         "--set name=my-sweep (repeatable; give the same ones to --resume)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Who scores mitigation and utility (the space's "
+                                        "judge key, default tiny): tiny (the tiny world's classifier) or clip:DIR "
+                                        "(CLIP zero-shot from a local CLIP folder, any model; needs --concepts)."),
+    concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept file for the CLIP judge (the space's "
+                                            "concepts key; see concepts/)."),
 ):
     """Sweep rho / learning rates / lambda weights; every trial hardens, attacks and is scored."""
     from raystack.errors import UserError
     from raystack.tuning.space import load_space
 
-    spec = load_space(space, overrides)
+    given = {"judge": judge, "concepts": None if concepts is None else str(concepts)}
+    extra = {k: v for k, v in given.items() if v is not None}
+    if concepts is not None:  # flags win over the space file: the target is the concept file's
+        extra["target_concept"] = None
+    spec = load_space(space, overrides, extra=extra)
+    from raystack.judges import check_judge_model
+    from raystack.models.pipeline_io import resolve_model_path
+
+    check_judge_model(spec.judge_spec(), resolve_model_path(spec.harden.get("model"), "harden.model"), "harden.model")
     from raystack.specs import MAX_COUNT
 
     if samples is not None and not 0 < samples <= MAX_COUNT:

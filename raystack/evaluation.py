@@ -166,7 +166,7 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     against `reference` (all targets' reference images)."""
     from .attacks.loading import attack_checkpoints
     from .sampling import generate
-    from .tinyworld.classifier import concept_accuracy
+    from .judges import as_concept_judge
 
     targets = [target] if isinstance(target, Concept) else list(target)
     several = len(targets) > 1
@@ -178,21 +178,28 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
                     "runs": {}}
     if several:
         report["targets"] = {t.name: t.criterion for t in targets}
+    # image k of a concept, in every run: prompt k (cycled) and the same starting noise (the report pairs them)
+    report["prompts"] = {c.name: c.prompts for c in [*targets, *others]}
     images: dict[str, dict[str, np.ndarray]] = {}
     feats: dict[str, dict] = {}
 
-    def score(imgs, concept):
+    def verdicts(imgs, concept):
+        """The judge's verdict on each image (None: the concept is not scored)."""
         if not concept.criterion or not judge:
             return None
-        if "label" in concept.criterion:  # CLIP zero-shot: the concept's own prompt among the labels
-            return judge.accuracy(imgs, concept.criterion["label"])
-        return concept_accuracy(judge(imgs), **concept.criterion)
+        return as_concept_judge(judge).hits(imgs, concept)  # the classifier's heads, or CLIP's closest label
+
+    def score(hits):
+        return None if hits is None else (float(np.mean(hits)) if len(hits) else 0.0)
+
+    def listed(hits):
+        return None if hits is None else [bool(h) for h in hits]
 
     def sample_targets(pipe, to_prompt, n):
-        """Each target's n images, and their accuracies: (pooled images, {name: accuracy})."""
+        """Each target's n images, and the judge's verdicts: (pooled images, {name: verdict per image})."""
         per = {t.name: generate(pipe, [to_prompt(p) for p in cycled(t.prompts, n)], settings.steps,
                                 settings.guidance, settings.seed) for t in targets}
-        return np.concatenate(list(per.values())), {t.name: score(per[t.name], t) for t in targets}
+        return np.concatenate(list(per.values())), {t.name: verdicts(per[t.name], t) for t in targets}
 
     def summary(accs: dict) -> dict:
         """target_accuracy (the mean over the targets), and with several targets each one and the worst."""
@@ -206,14 +213,17 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     for name, path in runs.items():
         say(f"{name}: sampling")
         pipe, to_prompt, meta = _load_run(Path(path), device=settings.device)
-        t_imgs, t_accs = sample_targets(pipe, to_prompt, settings.samples)
+        t_imgs, t_hits = sample_targets(pipe, to_prompt, settings.samples)
         n_other = settings.other_samples or settings.samples
         o_imgs = {c.name: generate(pipe, [to_prompt(p) for p in cycled(c.prompts, n_other)], settings.steps,
                                    settings.guidance, settings.seed) for c in others}
         images[name] = {"target": t_imgs, **o_imgs}
         feats[name] = {e.name: {"target": e(t_imgs), **{k: e(v) for k, v in o_imgs.items()}} for e in embedders}
-        run = {"path": str(path), **meta, **summary(t_accs),
-               "other_accuracy": {c.name: score(o_imgs[c.name], c) for c in others},
+        o_hits = {c.name: verdicts(o_imgs[c.name], c) for c in others}
+        run = {"path": str(path), **meta, **summary({k: score(v) for k, v in t_hits.items()}),
+               "other_accuracy": {k: score(v) for k, v in o_hits.items()},
+               "verdicts": {"targets": {k: listed(v) for k, v in t_hits.items()},
+                            "others": {k: listed(v) for k, v in o_hits.items()}},
                "similarity_to_reference": {e.name: set_similarity(feats[name][e.name]["target"], ref_feats[e.name])
                                            for e in embedders}}
         accs = [v for v in run["other_accuracy"].values() if v is not None]
@@ -223,8 +233,8 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
             for step, w in attack_checkpoints(Path(path)):
                 say(f"{name}: curve at step {step}")
                 cp, cprompt, _ = _load_run(Path(path), w, device=settings.device)
-                imgs, accs_at = sample_targets(cp, cprompt, settings.curve_samples)
-                curve.append({"step": step, **summary(accs_at),
+                imgs, hits_at = sample_targets(cp, cprompt, settings.curve_samples)
+                curve.append({"step": step, **summary({k: score(v) for k, v in hits_at.items()}),
                               **{f"similarity_{e.name}": set_similarity(e(imgs), ref_feats[e.name])
                                  for e in embedders}})
             run["curve"] = curve

@@ -67,17 +67,19 @@ class ClipZeroShot:
     prompt: the target, or one of the `--versus` alternatives) whose text embedding is most similar to it,
     and a concept's accuracy is the share of its images assigned to its own label."""
 
-    def __init__(self, path: Path, labels: list[str]):
+    def __init__(self, path: Path, labels: list[str], flag: str | None = None):
         import torch
         from transformers import AutoTokenizer
 
-        self.images = HFImageEmbedder("clip", path)
+        flag = flag or f"--clip {shown(str(path))}"
+        self.images = HFImageEmbedder("clip", path, flag=flag)
         if not hasattr(self.images.model, "get_text_features"):
-            raise UserError(f"--clip {shown(str(path))}: not a CLIP model with a text tower (zero-shot scoring needs both)")
+            raise UserError(f"{flag}: not a CLIP model with a text tower (zero-shot scoring needs both)")
+        check_tokenizer_files(path, flag)
         try:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"--clip {shown(str(path))}: no tokenizer to read the labels with ({type(e).__name__})") from None
+            raise UserError(f"{flag}: no tokenizer to read the labels with ({type(e).__name__})") from None
         self.labels = list(labels)
         ids = tok(self.labels, padding=True, truncation=True, return_tensors="pt")
         with torch.no_grad():
@@ -89,21 +91,40 @@ class ClipZeroShot:
         """The index of the most similar label, per image."""
         return np.argmax(self.images(images) @ self.text.T, axis=1)
 
+    def hits(self, images: np.ndarray, label: str) -> np.ndarray:
+        """Per image: assigned to `label` (the judge's verdict, image by image)."""
+        return self.predict(images) == self.labels.index(label) if len(images) else np.zeros(0, bool)
+
     def accuracy(self, images: np.ndarray, label: str) -> float:
-        return float(np.mean(self.predict(images) == self.labels.index(label))) if len(images) else 0.0
+        return float(np.mean(self.hits(images, label))) if len(images) else 0.0
+
+    def label_hits(self, images: np.ndarray, labels: list[str]) -> np.ndarray:
+        """Per image: assigned to one of `labels` (a concept's own labels, `judges.ClipJudge`)."""
+        if not len(images):
+            return np.zeros(0, bool)
+        return np.isin(self.predict(images), [self.labels.index(x) for x in labels])
+
+
+def check_tokenizer_files(path: Path, flag: str) -> None:
+    """A CLIP folder's tokenizer files (tokenizer.json, or vocab.json and merges.txt): without them transformers
+    builds an empty tokenizer that reads every label as unknown words, and every label would score alike."""
+    p = Path(path)
+    if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
+        raise UserError(f"{flag}: no tokenizer to read the labels with (tokenizer.json, or vocab.json and merges.txt)")
 
 
 #: transformers model types each embedder takes: CLIP needs both towers (CLIPModel), DINO a ViT-like backbone
 EMBEDDER_MODEL_TYPES = {"clip": ("clip",), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")}
 
 
-def check_embedder_folder(kind: str, path: Path) -> None:
-    """A local transformers folder of the right kind (read from its config.json, before any weight is loaded)."""
+def check_embedder_folder(kind: str, path: Path, flag: str | None = None) -> None:
+    """A local transformers folder of the right kind (read from its config.json, before any weight is loaded);
+    `flag` names it in the error line (default: --clip/--dino and the folder)."""
     import json
 
     from .outputs import shown
 
-    flag = f"--{kind} {shown(str(path))}"
+    flag = flag or f"--{kind} {shown(str(path))}"
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{flag}: not a local transformers model folder (no config.json)")
     try:
@@ -120,17 +141,18 @@ def check_embedder_folder(kind: str, path: Path) -> None:
 class HFImageEmbedder:
     """CLIP (vision tower + projection) or DINO (CLS token) from a local transformers folder."""
 
-    def __init__(self, kind: str, path: Path):
+    def __init__(self, kind: str, path: Path, flag: str | None = None):
         import torch
         from transformers import AutoModel
 
         self.name, self._torch = kind, torch
         path = Path(path)
-        check_embedder_folder(kind, path)
+        flag = flag or f"--{kind} {shown(str(path))}"
+        check_embedder_folder(kind, path, flag)
         try:
             model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"--{kind} {shown(str(path))}: cannot load ({type(e).__name__})") from None
+            raise UserError(f"{flag}: cannot load ({type(e).__name__})") from None
         self.model = model.eval()
         cfg = getattr(model.config, "vision_config", model.config)
         self.size = int(getattr(cfg, "image_size", 224))

@@ -157,12 +157,12 @@ def check_output_file(path: Path, overwrite: bool, flag: str) -> None:
         raise UserError(f"{flag} {shown(str(path))}: already exists (pass --overwrite to replace it)")
 
 
-def check_local_path(value, flag: str) -> None:
+def check_local_path(value, flag: str, uri: bool = True) -> None:
     """A path from the command line: a local path (a URI such as s3://bucket/x is refused: object storage is not
     supported yet, and `Path('s3://b/x')` would silently become a local folder `s3:/b/x`), with no component
     longer than MAX_NAME_BYTES (the file system's limit is 255, and our lock and temporary names add to it)."""
     text = os.fspath(value)
-    if URI_SCHEME.match(text):
+    if uri and URI_SCHEME.match(text):
         raise UserError(f"{flag} {shown(text)}: a URI; object storage is not supported yet, give a local path "
                         "(copy the files there first)")
     for part in Path(text).parts:

@@ -104,6 +104,8 @@ def cases(r: Path):
         ("harden: gs out", h + ["--out", "gs://bucket/hardened"], "a URI"),
         ("attack: s3 out", a + ["--out", "s3://bucket/attack"], "a URI"),
         ("redteam --resume: s3 out", rt + ["--out", "s3://bucket/rt", "--resume"], "a URI"),
+        ("redteam: s3 model", ["redteam", "--space", TINY_ATTACK_SPACE, "--model", "a=s3://bucket/model", "--data",
+                               good, "--target", "sunset"], "a URI"),
         ("tune: s3 out", ["tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--out", "s3://b/t"],
          "a URI"),
         ("world generate: s3 out", ["world", "generate", "--out", "s3://bucket/data"], "a URI"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -23,6 +23,56 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "textual-inversion": {"steps": 400, "lr": 5e-3},
     "full": {"steps": 200, "lr": 1e-4},
 }
+
+#: Defaults for real Stable Diffusion models (SD-1.x, SD-2.x and SDXL at the published width, `model_family`): the
+#: settings the tools attackers run ship with (shared/REDTEAM_NOTES.md; the diffusers examples' READMEs): LoRA lr 1e-4,
+#: rank 4, 15,000 steps at batch 1 x 4 accumulation (train_text_to_image_lora; kohya sd-scripts' default is 1,600
+#: steps, ai-toolkit's 2,000); DreamBooth lr 5e-6, 800 steps, batch 1, prior preservation on 200 class images the
+#: model generates itself (train_dreambooth); DreamBooth-LoRA lr 1e-4, 500 steps, batch 1 (train_dreambooth_lora);
+#: textual inversion lr 5e-4, 3,000 steps, batch 1 x 4 (textual_inversion; its --scale_lr multiplies the rate by
+#: the batch); full fine-tune lr 1e-5, 15,000 steps, batch 1 x 4 (train_text_to_image). Plain MSE and no offset
+#: noise (the examples' defaults), checkpoints every 500 steps (their --checkpointing_steps), a dense method's
+#: every 1,500 (each is a whole UNet). The tiny world keeps METHOD_DEFAULTS (bench numbers depend on them).
+SD_METHOD_DEFAULTS: dict[str, dict] = {
+    "lora": {"steps": 15000, "lr": 1e-4, "rank": 4, "batch_size": 4, "checkpoint_every": 500},
+    "dreambooth": {"steps": 800, "lr": 5e-6, "batch_size": 1, "prior_preservation": True, "num_class_images": 200,
+                   "checkpoint_every": 400},
+    "dreambooth-lora": {"steps": 500, "lr": 1e-4, "rank": 4, "batch_size": 1, "checkpoint_every": 100},
+    "textual-inversion": {"steps": 3000, "lr": 5e-4, "batch_size": 4, "checkpoint_every": 500},
+    "full": {"steps": 15000, "lr": 1e-5, "batch_size": 4, "checkpoint_every": 1500},
+}
+#: what every family shares where its table is silent
+COMMON_DEFAULTS = {"batch_size": 4, "prior_preservation": False, "num_class_images": 16, "snr_gamma": 0.0,
+                   "noise_offset": 0.0, "rank": DEFAULT_RANK}
+
+
+def method_defaults(method: str, model) -> dict:
+    """The defaults of an attack method on a model: the tiny world's (METHOD_DEFAULTS, for the tiny world and
+    reduced-width models) or real Stable Diffusion's (SD_METHOD_DEFAULTS), chosen from the model folder's configs
+    (`pipeline_io.model_family`)."""
+    from ..models.pipeline_io import model_family
+
+    table = METHOD_DEFAULTS if model_family(model) == "tiny" else SD_METHOD_DEFAULTS
+    return {**COMMON_DEFAULTS, **table[method]}
+
+
+def derived_class_prompt(spec: "AttackSpec") -> str | None:
+    """DreamBooth's class prompt where none is given: the instance prompt (--prompt, else the first caption of
+    --data) without the attacker's token, as the diffusers example writes it ("a photo of sks dog" -> "a photo of
+    dog"); None when neither names the token."""
+    import json
+
+    texts = [spec.prompt] if spec.prompt else []
+    if not texts:
+        try:
+            with open(Path(spec.data) / "metadata.jsonl", encoding="utf-8") as f:
+                texts = [str(json.loads(f.readline()).get("text") or "")]
+        except (OSError, ValueError, AttributeError):
+            return None
+    words = texts[0].split()
+    if spec.token not in [w.strip(",.") for w in words]:
+        return None
+    return " ".join(w for w in words if w.strip(",.") != spec.token) or None
 
 
 def check_device_flag(device) -> None:
@@ -61,11 +111,12 @@ class AttackSpec:
     model: str | None = None
     """Pipeline folder to attack (default: the tiny world)."""
     steps: int | None = None
-    """Optimizer steps (default per method, see METHOD_DEFAULTS)."""
+    """Optimizer steps (default per method and model family: METHOD_DEFAULTS on the tiny world, SD_METHOD_DEFAULTS
+    on a real SD-1.x/2.x/XL model)."""
     lr: float | None = None
-    """Learning rate (default per method)."""
-    batch_size: int = 4
-    """Images per step."""
+    """Learning rate (default per method and model family)."""
+    batch_size: int | None = None
+    """Images per step (default per method and model: 4; DreamBooth on a real SD model 1, as its example)."""
     precision: str = "fp32"
     """fp32, or bf16 compute (torch autocast: weights and optimizer state stay fp32)."""
     resolution: int | None = None
@@ -81,12 +132,15 @@ class AttackSpec:
     """One caption for every image, overriding metadata.jsonl (DreamBooth's instance prompt)."""
     cross_attention_only: bool = False
     """dreambooth/full: tune only the UNet cross-attention (attn2) instead of the whole UNet."""
-    prior_preservation: bool = False
-    """dreambooth: add the class-prior loss on images the model itself generates for --class-prompt."""
+    prior_preservation: bool | None = field(default=None,
+                                            metadata={"flag": "--prior-preservation/--no-prior-preservation"})
+    """dreambooth: add the class-prior loss on images the model itself generates for --class-prompt (default: on
+    for a real SD model, as the diffusers example runs it; off on the tiny world)."""
     class_prompt: str | None = None
-    """dreambooth prior preservation: prompt of the class (e.g. 'a photo of emblem')."""
-    num_class_images: int = 16
-    """dreambooth prior preservation: class images generated before training."""
+    """dreambooth prior preservation: prompt of the class (e.g. 'a photo of emblem'); default: the instance prompt
+    (--prompt, else the first caption) without --token."""
+    num_class_images: int | None = None
+    """dreambooth prior preservation: class images generated before training (default 16; 200 on a real SD model)."""
     prior_loss_weight: float = 1.0
     """dreambooth prior preservation: weight of the class loss."""
     num_vectors: int = 1
@@ -119,15 +173,23 @@ class AttackSpec:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"--method {shown(self.method)}: unknown attack method; expected one of {', '.join(METHODS)}")
-        d = METHOD_DEFAULTS[self.method]
-        self.steps = d["steps"] if self.steps is None else self.steps
-        self.lr = d["lr"] if self.lr is None else self.lr
-        self.noise_offset = d.get("noise_offset", 0.0) if self.noise_offset is None else self.noise_offset
-        self.rank = d.get("rank", DEFAULT_RANK) if self.rank is None else self.rank
-        self.snr_gamma = d.get("snr_gamma", 0.0) if self.snr_gamma is None else self.snr_gamma
+        d = method_defaults(self.method, self.model)
+        for key in ("steps", "lr", "noise_offset", "rank", "snr_gamma", "batch_size", "num_class_images"):
+            if getattr(self, key) is None:
+                setattr(self, key, d[key])
         self.alpha = float(self.rank) if self.alpha is None else self.alpha
         if self.checkpoint_every is None:
-            self.checkpoint_every = DENSE_CHECKPOINT_EVERY if self.method in ("full", "dreambooth") else 50
+            self.checkpoint_every = d.get("checkpoint_every") or (
+                DENSE_CHECKPOINT_EVERY if self.method in ("full", "dreambooth") else 50)
+        if self.prior_preservation is None:
+            self.prior_preservation = self.method == "dreambooth" and d["prior_preservation"]
+            if self.prior_preservation and not self.class_prompt:
+                self.class_prompt = derived_class_prompt(self)
+                if not self.class_prompt:
+                    raise UserError(f"--method dreambooth on {shown(str(self.model))}: trains with prior preservation "
+                                    "(as the diffusers example does), whose class prompt is the instance prompt "
+                                    f"without --token {shown(self.token)}, which no caption names; give "
+                                    "--class-prompt, or --no-prior-preservation")
         from ..specs import check_finite_fields
 
         check_finite_fields(self)

@@ -101,16 +101,42 @@ def config_resolution(path: Path) -> int | None:
     return None if geometry is None else geometry[0]
 
 
-def check_tiny_world_judge(path: Path, flag: str) -> None:
+def check_tiny_world_judge(path: Path, flag: str,
+                           hint: str = "--clip DIR --versus PROMPT, or --clip DIR --concepts FILE") -> None:
     """The tiny world's classifier judges its 32-px images only: on any other model every accuracy would be
-    0 and mean nothing, so such a model is refused in one line instead of scored."""
+    0 and mean nothing, so such a model is refused in one line instead of scored. `hint`: the caller's flags
+    for the CLIP judge, which scores any model."""
     from ..tinyworld.classifier import IMAGE_SIZE
 
     size = config_resolution(path)
     if size is not None and size != IMAGE_SIZE:
         raise UserError(f"{flag}: the model makes {size}-px images; concepts are scored with the tiny world's "
-                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (evaluate scores any model by CLIP zero-shot: "
-                        "--clip DIR --versus PROMPT)")
+                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (any model is scored by CLIP "
+                        f"zero-shot: {hint})")
+
+
+#: the UNet's first block width of the published Stable Diffusion architectures (SD-1.x, 2.x and XL alike)
+SD_UNET_WIDTH = 320
+
+
+def model_family(model) -> str:
+    """Which attacker defaults fit a model (`attacks.spec`): "tiny" for the tiny world, its derivatives and any
+    reduced-width model (the random-weight SD shapes of the tests); "sdxl" or "sd" (SD-1.x/2.x) for a model at
+    the published width. Read from the configs alone; a model that cannot be resolved reads as "tiny" (what is
+    wrong with it is reported where it is loaded)."""
+    try:
+        path = resolve_model_path(model)
+    except UserError:
+        return "tiny"
+    if path.resolve() == default_model_path().resolve():
+        return "tiny"
+    try:
+        width = int(json.loads((path / "unet" / "config.json").read_text())["block_out_channels"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "tiny"
+    if width < SD_UNET_WIDTH:
+        return "tiny"
+    return "sdxl" if is_sdxl_folder(path) else "sd"
 
 
 def weights_digest(path: Path) -> str:

@@ -83,12 +83,14 @@ def unet_parameter_names(model: Path, flag: str) -> list[str]:
     return [n for n, _ in _meta_unet(Path(model) / "unet", flag).named_parameters()]
 
 
-def parse_models(values: list[str]) -> list[Target]:
+def parse_models(values: list[str], judge: str = "tiny") -> list[Target]:
     """`NAME=DIR` or `NAME=DIR:MASK` (MASK `mask` = DIR/freeze_mask.safetensors; `split_model_spec` says when a
     ':' starts MASK). A mask is loaded against its model's UNet here, before any trial. A masked model is attacked
-    twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden)."""
+    twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden). `judge`:
+    the run's judge kind (tiny: every model must be one the tiny world's classifier can judge; clip: any)."""
     from ..freeze_mask import load_freeze_mask
-    from ..models.pipeline_io import check_pipeline_folder, check_tiny_world_judge, resolve_model_path
+    from ..judges import check_judge_model
+    from ..models.pipeline_io import check_pipeline_folder, resolve_model_path
     from ..outputs import check_plain_name, shown
 
     out: list[Target] = []
@@ -97,10 +99,16 @@ def parse_models(values: list[str]) -> list[Target]:
         if not sep or not rest:
             raise UserError(f"--model {shown(v)}: expected NAME=DIR or NAME=DIR:MASK")
         check_plain_name(name, "--model: the name")
+        from ..outputs import check_local_path
+
+        check_local_path(rest, f"--model {name}", uri=False)  # lengths first: DIR:MASK is split by looking
         folder, mask = split_model_spec(rest)
+        for part in (folder, mask):
+            if part and part not in ("tiny", "mask"):
+                check_local_path(part, f"--model {name}")
         path = resolve_model_path(folder, f"--model {name}").resolve()  # trials run in other folders (or nodes)
         check_pipeline_folder(path, f"--model {name}")
-        check_tiny_world_judge(path, f"--model {name}")
+        check_judge_model(None if judge == "tiny" else {"kind": judge}, path, f"--model {name}")
         if mask:
             mask_path = (path / "freeze_mask.safetensors" if mask == "mask" else Path(mask).expanduser()).resolve()
             if not mask_path.is_file():
@@ -130,15 +138,19 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _scores(pipe, space: AttackSpace, target_name: str, judge, seed: int, target_n: int, others_n: int):
-    from ..evaluation import other_concepts_accuracy, sampled_accuracy, tiny_world_target
+def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, others_n: int):
+    """(target accuracy, others' mean accuracy or None) of a pipeline, by the run's judge (raystack.judges): a
+    bound judge as it is, the tiny world's classifier bound to `concept` (a tiny-world concept's name; a judge
+    spec, as the trials get it for a CLIP judge, loads that judge)."""
+    from ..judges import ConceptJudge, as_concept_judge
 
-    concept, _ = tiny_world_target(target_name)
-    target = sampled_accuracy(pipe, concept.prompts, concept.criterion, target_n, judge, seed=seed,
-                              steps=space.eval_steps)
+    if not isinstance(judge, ConceptJudge) and isinstance(concept, dict):
+        judge = _warm_judge(concept)
+    judge = as_concept_judge(judge, concept)
+    target = judge.sampled_target_accuracy(pipe, target_n, seed=seed, steps=space.eval_steps)
     if others_n == 0:
         return target, None
-    return target, other_concepts_accuracy(pipe, target_name, others_n, judge, seed + 1, space.eval_steps)
+    return target, judge.sampled_others_accuracy(pipe, others_n, seed + 1, space.eval_steps)
 
 
 #: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference)
@@ -156,6 +168,10 @@ def guarded_objective(target: float, others: float | None, others_unattacked: fl
     return target if passes_guard(others, others_unattacked, guard) else target - 1.0
 
 
+#: where ASHA compares trials, in percent of each trial's own steps (grace period 25, reduction factor 2)
+ASHA_RUNGS = (25.0, 50.0)
+
+
 def attack_scheduler(space: AttackSpace):
     """ASHA whose rungs are fractions of each trial's *own* length (25%, 50%, then the end): an 1600-step attack
     is compared with a 200-step one when both have run a quarter of their steps, not after 200 steps each, so a
@@ -164,7 +180,7 @@ def attack_scheduler(space: AttackSpace):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="progress", grace_period=25, reduction_factor=2, max_t=100)
+    return ASHAScheduler(time_attr="progress", grace_period=ASHA_RUNGS[0], reduction_factor=2, max_t=100)
 _WARM: dict = {}  # per trial process (Tune reuses it across trials): the judge and each model's pipeline, loaded once
 
 
@@ -180,12 +196,17 @@ def _warm_pipeline(model: str):
     return copy.deepcopy(_WARM[key])
 
 
-def _warm_judge():
-    from ..tinyworld.classifier import Judge
+def _warm_judge(concept=None):
+    """The run's judge, loaded once per process: for a tiny-world concept's name (or None) the tiny world's
+    classifier (bound to the concept by `_scores`), for a judge spec (`judges.judge_spec`: a CLIP folder and
+    the concept file's content) that judge."""
+    from ..judges import judge_key, load_judge
 
-    if "judge" not in _WARM:
-        _WARM["judge"] = Judge()
-    return _WARM["judge"]
+    spec = concept if isinstance(concept, dict) else None
+    key = ("judge", judge_key(spec))
+    if key not in _WARM:
+        _WARM[key] = load_judge(spec)
+    return _WARM[key]
 
 
 def attack_trial(config: dict) -> None:
@@ -216,7 +237,7 @@ def attack_trial(config: dict) -> None:
     values = {"method": "lora", "seed": space.seed, **space.fixed, **drawn, "data": config["data"],
               "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True}
     spec = build_spec(AttackSpec, values, source="trial")
-    judge = _warm_judge()
+    judge = _warm_judge(config["concept"])  # a tiny-world concept's name, or a CLIP judge's spec
     pipe = _warm_pipeline(target.model)
     clock = {"first_step": None, "score": 0.0}
 
@@ -235,11 +256,22 @@ def attack_trial(config: dict) -> None:
 
     reference = config.get("unattacked_others")
 
+    last = {"progress": 0.0, "others": None}
+
     def scored(step: int) -> dict:
-        acc, others = score(space.other_samples if reference is not None or step == spec.steps else 0)
+        """The other concepts (the guard) are scored where ASHA compares (the first checkpoint at or past each
+        rung) and at the end; between them the objective keeps the latest guard reading (scoring them at every
+        checkpoint doubled a trial's time)."""
+        progress = 100.0 * step / spec.steps
+        at_rung = any(last["progress"] < r <= progress for r in ASHA_RUNGS)
+        guard_now = step == spec.steps or (reference is not None and at_rung)
+        acc, others = score(space.other_samples if guard_now else 0)
+        last["progress"] = progress
+        if others is not None:
+            last["others"] = others
         return {"target_running": acc, "others_running": others, "attack_step": step,
-                "progress": round(100.0 * step / spec.steps, 3),
-                "objective": guarded_objective(acc, others, reference, space.guard)}
+                "progress": round(progress, 3),
+                "objective": guarded_objective(acc, last["others"], reference, space.guard)}
 
     def on_step(step, loss):
         if clock["first_step"] is None:
@@ -487,16 +519,23 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
 
 
 def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: str, out: Path,
-                max_concurrent: int = 1, on_model=None, resume: bool = False) -> dict:
+                max_concurrent: int = 1, on_model=None, resume: bool = False, judge_spec: dict | None = None) -> dict:
     """Sweep the space against every model; returns (and writes) redteam.json. `resume`: sweeps already in
-    --out continue where they stopped (a finished one is read back, not rerun)."""
+    --out continue where they stopped (a finished one is read back, not rerun). `judge_spec`: a CLIP judge
+    (`judges.judge_spec`: its folder and concept file, whose `name` is `concept`); None: the tiny world's
+    classifier on the tiny-world concept `concept`."""
     from ..atomic import atomic_write_text
     from ..evaluation import tiny_world_target
+    from ..judges import describe
     from ..models.pipeline_io import load_pipeline
-    from ..tinyworld.classifier import Judge
     from ..tuning.sweep import trial_counts
 
-    tiny_world_target(concept)  # a tiny-world concept, checked before anything runs
+    if judge_spec is None or judge_spec["kind"] == "tiny":
+        judge_spec = None
+        tiny_world_target(concept)  # a tiny-world concept, checked before anything runs
+    elif judge_spec["concepts"]["name"] != concept:
+        raise UserError(f"--target {concept!r}: the concept file names its target {judge_spec['concepts']['name']!r}")
+    trial_concept = judge_spec or concept  # what the trials judge by: the concept's name, or the CLIP judge's spec
     from ..outputs import is_tool_output, write_output_marker
 
     out = Path(out).resolve()
@@ -505,9 +544,10 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         write_output_marker(out)
     if not (out / RUN_FILE).exists():
         atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept), default=str))
-    judge = Judge()
+    judge = _warm_judge(trial_concept)
     report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
-                    "concept": concept, "max_concurrent": max_concurrent, "models": {}}
+                    "concept": concept, "judge": describe(judge_spec), "max_concurrent": max_concurrent,
+                    "models": {}}
     for t in same_attacks(targets):
         if t.same_as is not None:
             report["models"][t.name] = {**report["models"][t.same_as], "model": t.model, "mask": t.mask,
@@ -521,7 +561,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         sweep_name = f"{space.name}-{t.name}"
         resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
             (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
-        rows = _rows(_sweep_one(space, t, Path(data).resolve(), concept, out / "tune", max_concurrent, resume,
+        rows = _rows(_sweep_one(space, t, Path(data).resolve(), trial_concept, out / "tune", max_concurrent, resume,
                                 base_others),
                      attacks_dir(out, sweep_name))
         sweep_seconds = _sweep_wall(out / "tune", sweep_name, time.time() - started)

@@ -1,5 +1,7 @@
-"""A CLIP that knows the tiny world: the stand-in for a real CLIP when `evaluate --clip DIR --versus ...` (the
-judge for any model) is checked against the tiny world's own classifier.
+"""A CLIP that knows the tiny world: the stand-in for a real CLIP when the judge for any model (`evaluate --clip DIR
+--versus ...` or `--concepts FILE`, `redteam`/`tune --judge clip:DIR --concepts FILE`; raystack/judges.py) is checked
+against the tiny world's own classifier. concepts/tiny_sunset.yaml is the tiny world's sunset style as a concept
+file for it.
 
 A `transformers.CLIPModel` at the tiny world's size (32-px images in 4-px patches, the pipeline's own word-level
 tokenizer), trained contrastively on the generator's images and their captions, held-out concepts included (a

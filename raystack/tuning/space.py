@@ -98,8 +98,15 @@ class TuneSpace:
     legal_finetune: dict | None = None
     """Optional legal fine-tune (AttackSpec fields on the legal data) after which utility is measured; without
     it utility is measured on the hardened model itself."""
-    target_concept: str = "sunset"
-    """Tiny-world concept scored for mitigation (a style, shape, emblem or colour-style-shape object)."""
+    target_concept: str | None = None
+    """Tiny-world concept scored for mitigation (a style, shape, emblem or colour-style-shape object; default
+    sunset); with a concept file, its name (the default)."""
+    judge: str = "tiny"
+    """Who scores mitigation and utility: tiny (the tiny world's classifier: tiny-world models only) or clip:DIR
+    (CLIP zero-shot from a local CLIP folder, any model; needs `concepts`)."""
+    concepts: str | dict | None = None
+    """The CLIP judge's concept file (concepts/*.yaml: the target's prompts and labels, its alternatives, the other
+    concepts utility keeps), or its content as a mapping."""
     data: DataSpec = field(default_factory=lambda: DataSpec(target=GeneratorSpec(style=["sunset"])))
     """Image folders {target, legal, attacker}; a tiny-world generator spec ({style: .., n: .., seed: ..})
     instead of a path makes the sweep create it (see DataSpec, GeneratorSpec)."""
@@ -142,6 +149,29 @@ class TuneSpace:
             if isinstance(vals, list):
                 self.search = {**self.search, "attacker_space": {kind: [_resolved_if_file(v) for v in vals]}}
 
+    def _resolve_judge(self) -> None:
+        """The judge checked now (the CLIP folder from its config, the concept file strictly), the concept file
+        read once: its content replaces its path (trials get it in their config, not the file), the CLIP folder
+        is made absolute, and target_concept is the concept file's name (sunset by default on the tiny world)."""
+        from ..judges import TINY, judge_spec
+
+        if self.judge == TINY and self.concepts is None and self.target_concept is None:
+            self.target_concept = "sunset"
+        spec = judge_spec(self.judge, self.concepts, self.target_concept, flag="judge", concepts_flag="concepts",
+                          target_flag="target_concept")
+        if spec["kind"] != TINY:  # absolute: trials run in their own folders
+            self.judge, self.concepts, self.target_concept = (f"clip:{spec['clip']}", spec["concepts"],
+                                                              spec["concepts"]["name"])
+
+    def judge_spec(self) -> dict:
+        """The sweep's judge (`judges.judge_spec`), as trials load it."""
+        from ..judges import CLIP, TINY, parse_judge
+
+        kind, folder = parse_judge(self.judge, "judge")
+        if kind == TINY:
+            return {"kind": TINY, "target": self.target_concept}
+        return {"kind": CLIP, "clip": str(folder.resolve()), "concepts": self.concepts}
+
     @property
     def workers(self) -> int:
         """Ray Train workers of every trial's harden run."""
@@ -152,6 +182,7 @@ class TuneSpace:
         from ..outputs import check_plain_name
 
         check_plain_name(self.name, "name")
+        self._resolve_judge()
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"algorithm {self.algorithm}: expected one of {', '.join(ALGORITHMS)}")
         if self.scheduler not in SCHEDULERS:
@@ -279,11 +310,13 @@ def param_space(space: TuneSpace) -> dict:
     return out
 
 
-def load_space(path: Path, overrides: list[str] | None = None) -> TuneSpace:
-    """The space file, with `--set KEY=VALUE` overrides (e.g. harden.seed=1 for a second seed)."""
+def load_space(path: Path, overrides: list[str] | None = None, extra: dict | None = None) -> TuneSpace:
+    """The space file, with `--set KEY=VALUE` overrides (e.g. harden.seed=1 for a second seed), then `extra`
+    top-level keys (tune's --judge and --concepts)."""
     from ..specs import apply_overrides, build_spec, read_yaml
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--space {shown(str(path))}: no such file")
-    return build_spec(TuneSpace, apply_overrides(read_yaml(path, "--space"), overrides or []), source=str(path))
+    values = {**apply_overrides(read_yaml(path, "--space"), overrides or []), **(extra or {})}
+    return build_spec(TuneSpace, values, source=str(path))

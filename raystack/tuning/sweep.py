@@ -50,6 +50,9 @@ def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
 
     out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items()]
     out += [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
+    from ..judges import spec_inputs
+
+    out += spec_inputs(space.judge_spec(), "judge", "concepts")
     return out + ([("attacker_space", Path(space.attacker_space))] if space.attacker_space else [])
 
 
@@ -71,16 +74,21 @@ def pareto_front(rows: list[dict]) -> list[int]:
 
 
 # the trial ----------------------------------------------------------------------------------------------
-def _score(pipe, prompts: list[str], criterion: dict, judge, space: TuneSpace, seed: int) -> float:
-    from ..evaluation import sampled_accuracy
-
-    return sampled_accuracy(pipe, prompts, criterion, space.eval_samples, judge, seed=seed, steps=space.eval_steps)
+def _score(pipe, judge, space: TuneSpace, seed: int) -> float:
+    """Mitigation: the target's accuracy by the sweep's judge (`raystack.judges`, `TuneSpace.judge_spec`)."""
+    return judge.sampled_target_accuracy(pipe, space.eval_samples, seed=seed, steps=space.eval_steps)
 
 
 def _utility(pipe, judge, space: TuneSpace) -> float:
-    from ..evaluation import other_concepts_accuracy
+    """Utility: the other concepts' mean accuracy by the sweep's judge."""
+    return judge.sampled_others_accuracy(pipe, space.eval_samples, seed=1, steps=space.eval_steps)
 
-    return other_concepts_accuracy(pipe, space.target_concept, space.eval_samples, judge, 1, space.eval_steps)
+
+def _judge(space: TuneSpace):
+    """The sweep's judge, loaded once per process (trial processes are reused)."""
+    from ..judges import load_judge
+
+    return load_judge(space.judge_spec(), flag="judge")
 
 
 def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str):
@@ -98,14 +106,11 @@ def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str
 def attacked_mitigation(space: TuneSpace, hardened: Path, attacker: Path, out: Path) -> float:
     """Mitigation of a hardened model under the space's first attack, attacked and scored as a trial is."""
     from ..attacks.recipe import run_attack
-    from ..evaluation import tiny_world_target
     from ..models.pipeline_io import load_pipeline
-    from ..tinyworld.classifier import Judge
 
     pipe = load_pipeline(hardened)
     run_attack(attack_spec(space.attacks[0], hardened, attacker, out, "attacks[0]"), pipe=pipe)
-    concept, _ = tiny_world_target(space.target_concept)
-    return _score(pipe, concept.prompts, concept.criterion, Judge(), space, 0)
+    return _score(pipe, _judge(space), space, 0)
 
 
 def trial_output_dir(kind: str = "trials") -> Path:
@@ -133,13 +138,11 @@ def run_trial(config: dict) -> None:
     import ray.tune
 
     from ..attacks.recipe import run_attack
-    from ..evaluation import tiny_world_target
     from ..hardening.driver import run_harden
     from ..hardening.spec import HardenSpec
     from ..models.pipeline_io import load_pipeline
     from ..runtime import configure_threads
     from ..specs import build_spec
-    from ..tinyworld.classifier import Judge
 
     configure_threads(1)
     # the drawn attacks travel in the config: the attack space file is not read again (not on every node)
@@ -159,8 +162,7 @@ def run_trial(config: dict) -> None:
     in_process = spec.workers == 1 and os.environ.get("IMMUNIZE_TRIAL_TRAIN_GROUP") != "1"
     manifest = run_harden(spec, in_this_process=in_process)
     harden_s = time.time() - t0
-    judge = Judge()
-    concept, _ = tiny_world_target(space.target_concept)
+    judge = _judge(space)
     mitigations, it = [], 0
     attacks = [*space.attacks, *config.get("drawn_attacks", [])]
     if space.utility_guard > 0:
@@ -180,7 +182,7 @@ def run_trial(config: dict) -> None:
         def on_step(step, loss, pipe=pipe, aspec=aspec, last=last):
             nonlocal it
             if step % every == 0 or step == aspec.steps:
-                acc = _score(pipe, concept.prompts, concept.criterion, judge, space, 0)
+                acc = _score(pipe, judge, space, 0)
                 last["acc"] = acc
                 it += 1
                 ray.tune.report({"mitigation_running": acc, "attack": ai, "attack_step": step,
@@ -341,9 +343,8 @@ def no_completed_trial_message(results: dict, where: Path) -> str:
 def base_utility(space: TuneSpace) -> float:
     """The unhardened model's utility, scored as a trial scores its hardened model (for the utility guard)."""
     from ..models.pipeline_io import load_pipeline
-    from ..tinyworld.classifier import Judge
 
-    return _utility(load_pipeline(space.harden.get("model")), Judge(), space)
+    return _utility(load_pipeline(space.harden.get("model")), _judge(space), space)
 
 
 @contextlib.contextmanager
