@@ -58,13 +58,17 @@ def redteam(
 
     if will_embed(cluster):
         check_local_capacity(max_concurrent, False, "--max-concurrent")
-    check_resumable(out, spec, targets, data, target, resume)  # before the lock makes any folder
+    from raystack.redteam.space import check_budget_for_model
+
+    for t in targets:
+        check_budget_for_model(spec, t.model, f"--model {t.name}")
+    check_resumable(out, spec, targets, data, target, resume, judged)  # before the lock makes any folder
     if judged["kind"] == "clip":  # loaded now (once per process): a folder it cannot load fails before --out is made
         from raystack.judges import load_judge
 
         load_judge(judged)
     with output_lock(out):
-        check_resumable(out, spec, targets, data, target, resume)  # again: another run may have written meanwhile
+        check_resumable(out, spec, targets, data, target, resume, judged)  # again: another run may have written
         quiet_libraries()
         from raystack.redteam.sweep import run_redteam
         from raystack.runtime import configure_threads

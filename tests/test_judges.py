@@ -345,3 +345,16 @@ def test_two_trial_red_team_on_an_sd15_shaped_model_judged_by_clip(tmp_path, tin
     assert 0 <= m["unattacked"]["target"] <= 1 and 0 <= m["unattacked"]["others"] <= 1
     assert len(m["trials"]) == 2 and all(t["status"] == "done" for t in m["trials"])
     assert all(0 <= t["target"] <= 1 and 0 <= t["others"] <= 1 for t in m["trials"])
+
+
+def test_a_space_without_steps_is_checked_against_the_budget_per_model(tmp_path):
+    """On an SD model an attack the space gives no steps takes the SD default (thousands): beyond the budget,
+    which the model-free check of the space cannot see."""
+    from raystack.redteam.space import AttackSpace, check_budget_for_model
+
+    space = AttackSpace(name="s", budget=1600, search={"lr": {"loguniform": [1e-4, 1e-3]}}, fixed={"method": "lora"})
+    check_budget_for_model(space, None, "--model tiny")  # 400 steps on the tiny world
+    with pytest.raises(UserError, match="--model sd: a lora attack takes 15000 steps"):
+        check_budget_for_model(space, str(_configs_only(tmp_path / "sd")), "--model sd")
+    space.fixed["steps"] = 1000
+    check_budget_for_model(space, str(tmp_path / "sd"), "--model sd")

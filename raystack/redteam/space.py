@@ -225,3 +225,22 @@ def strong_corners(space: AttackSpace) -> list[dict]:
                 if c not in corners:
                     corners.append(c)
     return corners
+
+
+def check_budget_for_model(space: AttackSpace, model: str, flag: str) -> None:
+    """Every trial of the space stays within its budget on this model too: an attack whose steps the space does
+    not set takes its method's default for the model's family (an SD model's defaults run thousands of steps,
+    the tiny world's hundreds), which `AttackSpace.check_values` (model-free) cannot see."""
+    if "steps" in space.search:
+        return
+    from ..attacks.spec import AttackSpec
+    from ..specs import build_spec
+
+    methods = next(iter(space.search["method"].values())) if "method" in space.search else \
+        [space.fixed.get("method", "lora")]
+    for method in methods:
+        spec = build_spec(AttackSpec, {"data": ".", **space.fixed, "method": method, "model": model},
+                          source="fixed")
+        if spec.steps > space.budget:
+            raise UserError(f"{flag}: a {method} attack takes {spec.steps} steps on this model (its default), "
+                            f"beyond the space's budget of {space.budget}; set steps in the space's search or fixed")

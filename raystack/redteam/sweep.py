@@ -480,13 +480,16 @@ def _relative(path: str, out: Path) -> str:
     return os.path.relpath(path, out)
 
 
-def _run_record(space: AttackSpace, targets: list[Target], data: Path, concept: str) -> dict:
+def _run_record(space: AttackSpace, targets: list[Target], data: Path, concept: str, judge: dict | None = None) -> dict:
+    """What a resumed run must share with the first: the space, models, data, concept and judge (a CLIP judge's
+    folder and concept file; "tiny" for the tiny world's classifier)."""
     return {"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
-            "models": [t.__dict__ for t in targets], "data": str(Path(data).resolve()), "concept": concept}
+            "models": [t.__dict__ for t in targets], "data": str(Path(data).resolve()), "concept": concept,
+            "judge": judge if judge and judge.get("kind") == "clip" else "tiny"}
 
 
 def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: Path, concept: str,
-                    resume: bool) -> None:
+                    resume: bool, judge: dict | None = None) -> None:
     """--resume needs a run in --out made with the same space (its SWEEP_KEYS), models, data and target;
     without --resume --out must be new or empty (an earlier run's trials would be replaced)."""
     from ..outputs import shown
@@ -506,14 +509,15 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
         raise UserError(f"--resume: {shown(str(record))} is unreadable") from None
     if not isinstance(before, dict):
         raise UserError(f"--resume: {shown(str(record))} is not a red-team run record (hand-edited?)")
-    now = json.loads(json.dumps(_run_record(space, targets, data, concept), default=str))
+    now = json.loads(json.dumps(_run_record(space, targets, data, concept, judge), default=str))
+    before.setdefault("judge", "tiny")  # runs recorded before judges were recorded: the tiny world's
     for rec in (before, now):  # what runs after the sweeps (guard, re-scoring, reference attacks) may change
         if isinstance(rec.get("space"), dict):
             rec["space"] = {k: v for k, v in rec["space"].items() if k in SWEEP_KEYS}
         if isinstance(rec.get("models"), list):  # same_as is derived from the weights, not given: not compared
             rec["models"] = [{k: v for k, v in m.items() if k != "same_as"} if isinstance(m, dict) else m
                              for m in rec["models"]]
-    for key in ("space", "models", "data", "concept"):
+    for key in ("space", "models", "data", "concept", "judge"):
         if before.get(key) != now[key]:
             raise UserError(f"--resume: the {key} differs from the run in {shown(str(out))}; resume with the same inputs")
 
@@ -543,7 +547,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     if not is_tool_output(out):
         write_output_marker(out)
     if not (out / RUN_FILE).exists():
-        atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept), default=str))
+        atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept, judge_spec),
+                                                     default=str))
     judge = _warm_judge(trial_concept)
     report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
                     "concept": concept, "judge": describe(judge_spec), "max_concurrent": max_concurrent,
