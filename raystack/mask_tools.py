@@ -24,7 +24,7 @@ FORMATS = ("names", "regex", "peft", "kohya", "onetrainer")
 
 KOHYA_PREFIX = "lora_unet_"
 #: adapter tensors patch a module's weight, except these, which patch its bias
-BIAS_SUFFIXES = (".diff_b", ".bias")
+BIAS_SUFFIXES = (".diff_b", ".bias", ".b_norm")
 
 
 @dataclass
@@ -384,11 +384,17 @@ def _check_weight_file(rel: Release, released: _Released, path: Path, label: str
         res.kind = "unverifiable"
         res.violations.append((label, str(e).split(": ", 1)[-1] + " (cannot be checked)"))
         return res
-    if _is_adapter(keys):
+    unet_file = re.fullmatch(r"diffusion_pytorch_model.*\.safetensors", path.name) is not None
+    if _is_adapter(keys) and not unet_file:
         res.kind = "lora"
         _check_adapter(rel, released, path, res)
         return res
-    _check_tensors(rel, released, path, res, require_all=standalone)
+    # a file diffusers loads as the UNet's weights: every frozen tensor must be there and unchanged (one missing
+    # is initialised at random, with a warning only), whatever adapter-looking keys it also holds
+    _check_tensors(rel, released, path, res, require_all=standalone or unet_file)
+    if _is_adapter(keys):
+        _check_adapter(rel, released, path, res)
+        res.violations = list(dict.fromkeys(res.violations))  # a UNet tensor is compared by both checks
     return res
 
 

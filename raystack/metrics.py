@@ -114,7 +114,7 @@ def check_tokenizer_files(path: Path, flag: str) -> None:
 
 
 #: transformers model types each embedder takes: CLIP needs both towers (CLIPModel), DINO a ViT-like backbone
-EMBEDDER_MODEL_TYPES = {"clip": ("clip",), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")}
+EMBEDDER_MODEL_TYPES = {"clip": ("clip", "siglip", "siglip2"), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")}
 
 
 def check_embedder_folder(kind: str, path: Path, flag: str | None = None) -> None:

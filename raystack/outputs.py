@@ -113,12 +113,65 @@ def current_command() -> str:
 
 
 def write_output_marker(folder: Path, command: str | None = None) -> None:
-    """Mark `folder` as written by this tool (so that `--overwrite` may replace it later)."""
-    (Path(folder) / OUTPUT_MARKER).write_text(output_marker(command))
+    """Mark `folder` as written by this tool (so that `--overwrite` may replace it later); never through a link."""
+    path = Path(folder) / OUTPUT_MARKER
+    if path.is_symlink():
+        raise UserError(f"{shown(str(path))}: is a symbolic link; refusing to write through it")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(output_marker(command))
 
 
 def is_tool_output(folder: Path) -> bool:
-    return (Path(folder) / OUTPUT_MARKER).is_file()
+    """The folder holds this tool's marker as a regular file (a link to one elsewhere does not count), or is an
+    output of an earlier version (written before the marker), recognised by what only this tool writes."""
+    import stat
+
+    try:
+        if stat.S_ISREG(os.lstat(Path(folder) / OUTPUT_MARKER).st_mode):
+            return True
+    except OSError:
+        pass
+    return _earlier_version_output(Path(folder))
+
+
+def _earlier_version_output(folder: Path) -> bool:
+    """Outputs of versions before the marker: a release (manifest.json naming immunize-cli's version), an attack
+    (attack.json with the method, base model and spec this tool records), a red-team run (redteam_run.json with
+    its space), a sweep (tune/ with its results.json), or harden's run folder (only Ray Train's `harden/`).
+    Each file is read only if it is a regular file of at most 16 MiB."""
+    import json
+    import stat
+
+    def doc(name):
+        try:
+            st = os.lstat(folder / name)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > 16 << 20:
+                return None
+            value = json.loads((folder / name).read_text())
+            return value if isinstance(value, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    manifest = doc("manifest.json")
+    if manifest and isinstance(manifest.get("versions"), dict) and "immunize-cli" in manifest["versions"] \
+            and "files" in manifest:
+        return True
+    attack = doc("attack.json")
+    if attack and {"method", "base_model", "spec"} <= attack.keys():
+        return True
+    run = doc("redteam_run.json")
+    if run and {"space", "models", "data", "concept"} <= run.keys():
+        return True
+    results = doc("results.json")
+    if results and {"trials", "objective"} <= results.keys() and (folder / "tune").is_dir():
+        return True
+    try:
+        entries = [p.name for p in folder.iterdir()]
+    except OSError:
+        return False
+    return folder.name.endswith(".run") and entries == ["harden"] and (folder / "harden").is_dir() \
+        and not (folder / "harden").is_symlink()
 
 
 def check_new_output(out: Path, overwrite: bool, flag: str = "--out") -> None:
@@ -162,7 +215,7 @@ def check_local_path(value, flag: str, uri: bool = True) -> None:
     supported yet, and `Path('s3://b/x')` would silently become a local folder `s3:/b/x`), with no component
     longer than MAX_NAME_BYTES (the file system's limit is 255, and our lock and temporary names add to it)."""
     text = os.fspath(value)
-    if uri and URI_SCHEME.match(text):
+    if uri and URI_SCHEME.match(text) and not Path(text.split(":", 1)[0] + ":").exists():  # not a local `x:`
         raise UserError(f"{flag} {shown(text)}: a URI; object storage is not supported yet, give a local path "
                         "(copy the files there first)")
     for part in Path(text).parts:

@@ -222,3 +222,39 @@ def test_a_release_marker_is_not_part_of_its_manifest(tmp_path):
     (tmp_path / "unet" / "w.safetensors").write_bytes(b"x")
     (tmp_path / OUTPUT_MARKER).write_text("{}")
     assert list(hash_tree(tmp_path)) == ["unet/w.safetensors"]
+
+
+def test_outputs_of_earlier_versions_stay_replaceable_and_a_linked_marker_does_not_count(tmp_path):
+    """Folders written before the marker are recognised by what only this tool writes (a manifest naming its
+    version, an attack.json with its keys, harden's run folder holding only Ray Train's `harden/`); a user's
+    folder with a look-alike file, or a marker that is a link, is not ours."""
+    from raystack.errors import UserError
+    from raystack.outputs import check_replaceable, is_tool_output, write_output_marker
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "manifest.json").write_text(json.dumps({"files": {}, "versions": {"immunize-cli": "0.1"}}))
+    attack = tmp_path / "attack"
+    attack.mkdir()
+    (attack / "attack.json").write_text(json.dumps({"method": "lora", "base_model": "/m", "spec": {}}))
+    run = tmp_path / "rel.run"
+    (run / "harden").mkdir(parents=True)
+    for folder in (release, attack, run):
+        assert is_tool_output(folder)
+        check_replaceable(folder)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text(json.dumps({"files": {}}))
+    (mine / "attack.json").write_text(json.dumps({"method": "lora"}))
+    (run / "notes.txt").write_text("the only copy")
+    outside = tmp_path / "outside.json"
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "x").write_text("mine")
+    (tmp_path / "linked" / OUTPUT_MARKER).symlink_to(outside)
+    for folder in (mine, run, tmp_path / "linked"):
+        assert not is_tool_output(folder)
+        with pytest.raises(UserError, match="did not write"):
+            check_replaceable(folder)
+    with pytest.raises(UserError, match="symbolic link"):
+        write_output_marker(tmp_path / "linked")
+    assert not outside.exists()

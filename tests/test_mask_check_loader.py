@@ -205,6 +205,22 @@ def test_a_lora_in_the_unet_folder_counts_too(world):
     assert code == 1 and layer in json.dumps(found["violations"])
 
 
+def test_unet_weights_with_an_adapter_key_still_need_every_frozen_tensor(world):
+    """A UNet weight file without its frozen tensors but with one adapter-looking key on a free layer: diffusers
+    loads it with the frozen tensors initialised at random (a warning only); it must not pass as 'a LoRA'."""
+    from diffusers import UNet2DConditionModel
+
+    d = _derivative(world, "unet_minus_frozen")
+    w = {k: v for k, v in world["weights"].items() if not world["mask"][k]}
+    free = next(n for n in _free(world) if n.endswith(".weight") and world["weights"][n].dim() == 2)
+    w[free[: -len(".weight")] + ".lora_A.weight"] = torch.zeros(4, world["weights"][free].shape[1])
+    save_file(w, str(d / UNET_FILE))
+    unet = UNet2DConditionModel.from_pretrained(str(d / "unet"), low_cpu_mem_usage=False, local_files_only=True)
+    assert _changed_frozen(world, unet)
+    code, found, _ = _check(world, d)
+    assert code == 1 and "missing from the derivative" in json.dumps(found["violations"])
+
+
 # 4. weight files nothing here may read: a violation, never a pass --------------------------------------------
 
 @pytest.mark.parametrize("name", ["unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin",

@@ -235,7 +235,11 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) 
             raise disk_full(spec.out, e) from None
         raise
     if not spec.keep_run and (spec.out / MANIFEST).is_file():
-        remove_finished_run(run_dir_for(spec))  # --out is written: nothing left to resume
+        try:
+            remove_finished_run(run_dir_for(spec))  # --out is written: nothing left to resume
+        except (UserError, OSError) as e:  # the release is complete: a leftover run folder is only untidy
+            if on_info is not None:
+                on_info(f"left {run_dir_for(spec)} in place ({str(e).splitlines()[0][:120]})")
     return manifest
 
 

@@ -239,8 +239,8 @@ def check_budget_for_model(space: AttackSpace, model: str, flag: str) -> None:
     methods = next(iter(space.search["method"].values())) if "method" in space.search else \
         [space.fixed.get("method", "lora")]
     for method in methods:
-        spec = build_spec(AttackSpec, {"data": ".", **space.fixed, "method": method, "model": model},
-                          source="fixed")
+        spec = build_spec(AttackSpec, {"data": ".", "prior_preservation": False, **space.fixed, "method": method,
+                                       "model": model}, source="fixed")  # steps only: no class prompt needed
         if spec.steps > space.budget:
             raise UserError(f"{flag}: a {method} attack takes {spec.steps} steps on this model (its default), "
                             f"beyond the space's budget of {space.budget}; set steps in the space's search or fixed")
