@@ -182,6 +182,7 @@ def test_capacity_hints_name_the_commands_own_flags(monkeypatch, tmp_path):
     from raystack.errors import UserError
 
     monkeypatch.setattr(rs, "local_cpus", lambda: 2)
+    monkeypatch.setattr(rs, "will_embed", lambda cluster: True)  # as from a shell, even if this test session runs Ray
     with pytest.raises(UserError) as e:
         rs.check_local_capacity(8, False, "--max-concurrent")
     assert "use --max-concurrent 2 or less" in str(e.value) and "--workers" not in str(e.value)
