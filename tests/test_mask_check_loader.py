@@ -15,18 +15,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from cli.main import app
+from test_mask_tools import write_manifest
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
-
-
-def write_manifest(folder: Path, method: str = "freezeasguard", frozen_ratio: float | None = None) -> None:
-    """A manifest as `harden` writes it (the keys `verify` requires, every file's SHA-256), without a run."""
-    from raystack.hardening.driver import hash_tree
-
-    manifest = {"method": method, "spec": {"method": method}, "seed": 0, "source_model": "tinyworld",
-                "changed_tensors": [], "frozen_ratio": frozen_ratio, "versions": {"immunize-cli": "test"}}
-    manifest["files"] = {k: v for k, v in hash_tree(folder).items() if k != "manifest.json"}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 @pytest.fixture(scope="module")
