@@ -36,12 +36,10 @@ def export(
     if format not in FORMATS:
         raise UserError(f"--format {shown(format)}: expected one of {', '.join(FORMATS)}")
     if out is not None:
+        from raystack.outputs import check_output_file
+
         check_disjoint(out, [("RELEASE", release), ("--mask", mask)])
-        if out.is_dir() or (out.exists() and not overwrite):
-            raise UserError(f"--out {shown(str(out))}: " + ("is a folder; name a file" if out.is_dir() else
-                                                           "already exists (pass --overwrite to replace it)"))
-        if not out.parent.is_dir():
-            raise UserError(f"--out {shown(str(out))}: the folder {shown(str(out.parent))} does not exist")
+        check_output_file(out, overwrite, "--out")
     text = export_mask(load_release(release, mask, flag="RELEASE"), format)
     if out is None:
         typer.echo(text, nl=False)

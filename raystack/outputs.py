@@ -122,6 +122,15 @@ def write_output_marker(folder: Path, command: str | None = None) -> None:
         f.write(output_marker(command))
 
 
+def make_output_dir(folder: Path) -> Path:
+    """Make a folder this tool writes in place (a sweep, a red-team run, harden's run folder), marked as ours."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not is_tool_output(folder):
+        write_output_marker(folder)
+    return folder
+
+
 def is_tool_output(folder: Path) -> bool:
     """The folder holds this tool's marker as a regular file (a link to one elsewhere does not count), or is an
     output of an earlier version (written before the marker), recognised by what only this tool writes."""

@@ -129,12 +129,6 @@ def _manifest_problem(manifest) -> str | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    from .atomic import sha256_file
-
-    return sha256_file(path)
-
-
 def _weight_problems(root: Path, rel: str) -> list[tuple[str, str]]:
     """('NOT FINITE', 'file: tensor') for every floating-point tensor holding NaN or inf (one tensor in memory at
     a time), or [('UNREADABLE', 'file (why)')] for a file that is not readable safetensors."""
@@ -156,6 +150,7 @@ def _weight_problems(root: Path, rel: str) -> list[tuple[str, str]]:
 def check_release(folder: Path, public_key: Path | None = None, flag: str = "") -> Verification:
     """Verify a release (see the module's docstring). A `folder` that is no folder, or a `public_key` that is no
     Ed25519 public key, is a UserError (exit 2); anything wrong with the release itself is its `failure`."""
+    from .atomic import sha256_file
     from .freeze_mask import MASK_FILE
     from .outputs import OUTPUT_MARKER
     from .signing import SIGNATURE_FILE, check_signature, load_public_key
@@ -211,7 +206,7 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "") 
     actual: dict[str, str] = {}
     for rel in listed:
         try:
-            actual[rel] = _sha256(folder / rel)
+            actual[rel] = sha256_file(folder / rel)
         except OSError as e:
             v.problems.append(("UNREADABLE", rel))
             return fail(f"{shown(rel)} cannot be read ({e.strerror or type(e).__name__})")

@@ -281,16 +281,16 @@ def test_verify_and_mask_check_table(world):
 
 def test_an_unreadable_file_is_one_line_naming_it(world, monkeypatch):
     """Tests run as root, where chmod 000 does not stop a read: the read itself is made to fail."""
-    import raystack.verification as verification
+    import raystack.atomic as atomic
 
-    real = verification._sha256
+    real = atomic.sha256_file
 
     def denied(path):
         if str(path).endswith("vae/config.json"):
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(verification, "_sha256", denied)
+    monkeypatch.setattr(atomic, "sha256_file", denied)  # verify hashes each file with it
     for argv in (["verify", str(world["root"] / "good")],
                  ["mask", "check", "--release", str(world["root"] / "good"), "--derivative",
                   str(world["root"] / "good")]):

@@ -12,8 +12,8 @@ from typing import Callable
 
 from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
-from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, is_tool_output,
-                       output_lock, shown, write_output_marker)
+from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, make_output_dir,
+                       output_lock, shown)
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
@@ -43,13 +43,7 @@ def validate_inputs(spec: HardenSpec) -> None:
     check_disjoint(spec.out, [("--model", model), *(("--target", t) for t in spec.target), ("--legal", spec.legal)],
                    with_run_dir=True)
     check_replaceable(spec.out)
-    run_dir = run_dir_for(spec)
-    if run_dir.is_symlink() or run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out's run folder {shown(str(run_dir))}: not a folder of this tool's; remove it or choose "
-                        "another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_tool_output(run_dir):
-        raise UserError(f"--out's run folder {shown(str(run_dir))}: holds files this tool did not write (no "
-                        f"{OUTPUT_MARKER}); remove it yourself or choose another --out")
+    check_replaceable(run_dir_for(spec), "--out's run folder")
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
     from ..models.pipeline_io import is_sdxl_folder
@@ -269,9 +263,7 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     for k, v in {**TRAIN_ENV, **(EMBEDDED_TRAIN_ENV if embedded_here() else {})}.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer.fit here and passed on to its controller
     name = "harden"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not is_tool_output(run_dir):
-        write_output_marker(run_dir)
+    make_output_dir(run_dir)
     if (run_dir / name).exists() and not spec.resume:
         confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
     progress = _progress_actor()

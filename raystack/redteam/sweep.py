@@ -540,12 +540,9 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     elif judge_spec["concepts"]["name"] != concept:
         raise UserError(f"--target {concept!r}: the concept file names its target {judge_spec['concepts']['name']!r}")
     trial_concept = judge_spec or concept  # what the trials judge by: the concept's name, or the CLIP judge's spec
-    from ..outputs import is_tool_output, write_output_marker
+    from ..outputs import make_output_dir
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if not is_tool_output(out):
-        write_output_marker(out)
+    out = make_output_dir(Path(out).resolve())
     if not (out / RUN_FILE).exists():
         atomic_write_text(out / RUN_FILE, json.dumps(_run_record(space, targets, data, concept, judge_spec),
                                                      default=str))

@@ -247,12 +247,9 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
               resume: bool = False) -> dict:
     from ray import tune
 
-    from ..outputs import is_tool_output, write_output_marker
+    from ..outputs import make_output_dir
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if not is_tool_output(out):
-        write_output_marker(out)
+    out = make_output_dir(Path(out).resolve())
     data = prepare_data(space, out)
     storage, name = out / "tune", space.name
     trainable = tune.with_resources(run_trial, {"cpu": 1})
