@@ -34,6 +34,10 @@ def redteam(
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept file for the CLIP judge (see "
                                             "concepts/): the target's name, prompts and labels, its alternatives, "
                                             "and the other concepts the capability guard keeps."),
+    noncompliant: bool = typer.Option(True, "--noncompliant/--compliant-only", help="A masked model is attacked "
+                                      "twice: respecting its mask and ignoring it. --compliant-only skips the "
+                                      "second (its attacker faces the source's weights, e.g. when the original "
+                                      "was red-teamed in another run)."),
 ):
     """Sweep the attacker space against every model (same space, same budget); report the worst case that
     passes the capability guard, re-scored with fresh seeds, and the budget curves."""
@@ -47,7 +51,7 @@ def redteam(
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    targets = parse_models(model, judge=parse_judge(judge)[0])
+    targets = parse_models(model, judge=parse_judge(judge)[0], noncompliant=noncompliant)
     read_image_folder(data, flag="--data", check_only=True)
     judged = judge_spec(judge, concepts, target)  # the tiny-world concept, or the CLIP folder and concept file
     target = spec_target(judged)
@@ -62,6 +66,9 @@ def redteam(
 
     for t in targets:
         check_budget_for_model(spec, t.model, f"--model {t.name}")
+    from raystack.redteam.sweep import concept_word
+
+    concept_word(spec, target, data)  # TI and DreamBooth's class prompt need the concept's word in the captions
     check_resumable(out, spec, targets, data, target, resume, judged)  # before the lock makes any folder
     if judged["kind"] == "clip":  # loaded now (once per process): a folder it cannot load fails before --out is made
         from raystack.judges import load_judge

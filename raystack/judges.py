@@ -234,18 +234,22 @@ class ConceptJudge:
         """The prompts that ask for a concept (default: the target)."""
         return list((concept or self.target).prompts)
 
-    def sampled_accuracy(self, pipe, concept, n: int, seed: int = 0, steps: int = 25) -> float:
-        """Accuracy of n images sampled from the concept's prompts (cycled)."""
+    def sampled_accuracy(self, pipe, concept, n: int, seed: int = 0, steps: int = 25, to_prompt=None) -> float:
+        """Accuracy of n images sampled from the concept's prompts (cycled); `to_prompt` rewrites each prompt as
+        the attacker writes it (textual inversion: its new token, `attacks.loading.attacked_prompt`)."""
         from .sampling import generate
 
-        return self.accuracy(generate(pipe, cycled(list(concept.prompts), n), steps=steps, seed=seed), concept)
+        prompts = cycled(list(concept.prompts), n)
+        if to_prompt is not None:
+            prompts = [to_prompt(p) for p in prompts]
+        return self.accuracy(generate(pipe, prompts, steps=steps, seed=seed), concept)
 
-    def sampled_target_accuracy(self, pipe, n: int, seed: int = 0, steps: int = 25) -> float:
-        return self.sampled_accuracy(pipe, self.target, n, seed, steps)
+    def sampled_target_accuracy(self, pipe, n: int, seed: int = 0, steps: int = 25, to_prompt=None) -> float:
+        return self.sampled_accuracy(pipe, self.target, n, seed, steps, to_prompt)
 
-    def sampled_others_accuracy(self, pipe, n: int, seed: int = 1, steps: int = 25) -> float:
+    def sampled_others_accuracy(self, pipe, n: int, seed: int = 1, steps: int = 25, to_prompt=None) -> float:
         """The mean over the other concepts, n images each, every concept sampled with the same seed."""
-        return float(np.mean([self.sampled_accuracy(pipe, c, n, seed, steps) for c in self.others]))
+        return float(np.mean([self.sampled_accuracy(pipe, c, n, seed, steps, to_prompt) for c in self.others]))
 
 
 class TinyWorldJudge(ConceptJudge):

@@ -95,6 +95,8 @@ def test_a_masked_model_is_attacked_compliant_and_not(tmp_path, tiny_model_path,
     t = parse_models(["orig=tiny", f"hard=tiny:{tmp_path / 'm.safetensors'}"])
     assert [(x.name, x.mask is not None) for x in t] == [("orig", False), ("hard.compliant", True),
                                                          ("hard.noncompliant", False)]
+    only = parse_models(["orig=tiny", f"hard=tiny:{tmp_path / 'm.safetensors'}"], noncompliant=False)
+    assert [x.name for x in only] == ["orig", "hard.compliant"]  # --compliant-only
     import os
 
     monkeypatch.chdir(tmp_path)  # paths are made absolute: the trials run in their own folders
@@ -163,16 +165,19 @@ def test_the_sweep_starts_from_the_strong_corners_a_person_would_guess():
 
     space = load_attack_space(ROOT / "attack_spaces" / "default.yaml")
     corners = strong_corners(space)
-    assert len(corners) == 12 and len({json.dumps(c, sort_keys=True) for c in corners}) == 12
+    assert len(corners) == 20 and len({json.dumps(c, sort_keys=True) for c in corners}) == 20
     assert {"method": "full", "steps": 1600, "lr": 1e-3, "snr_gamma": 5.0, "noise_offset": 0.1}.items() <= \
         corners[2].items()  # a decade below the top lr comes first
     for c in corners:  # every corner lies in the space and within its budget
         assert c["steps"] == 1600 <= space.budget and c["rank"] == 32 and c["optimizer"] == "adamw"
         assert c["method"] in space.search["method"]["choice"] and 1e-4 <= c["lr"] <= 1e-2
     assert {(c["method"], c["lr"], c["snr_gamma"]) for c in corners} == {
-        (m, lr, g) for m in ("lora", "dreambooth-lora", "full") for lr in (1e-2, 1e-3) for g in (0.0, 5.0)}
+        (m, lr, g) for m in ("lora", "dreambooth-lora", "full", "dreambooth", "textual-inversion")
+        for lr in (1e-2, 1e-3) for g in (0.0, 5.0)}
+    assert space.samples >= len(corners) + 8  # the search still draws after the corners
     tiny = strong_corners(load_attack_space(ROOT / "attack_spaces" / "tiny_4.yaml"))
-    assert tiny == [{"steps": 40, "method": m, "lr": lr} for lr in (1e-3, 1e-2) for m in ("lora", "full")]
+    assert tiny == [{"steps": 40, "method": m, "lr": lr} for lr in (1e-3, 1e-2)
+                    for m in ("lora", "full", "dreambooth", "textual-inversion")]
 
 
 def test_the_objective_ranks_every_guarded_attack_above_every_ruinous_one():
@@ -213,7 +218,7 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
     from raystack.redteam.space import strong_corners
 
     corners = sorted(json.dumps(c, sort_keys=True) for c in strong_corners(load_attack_space(
-        ROOT / "attack_spaces" / "tiny_4.yaml")))
+        ROOT / "attack_spaces" / "tiny_4.yaml"))[:4])  # one per method: LoRA, full, DreamBooth (prior), TI
     for name, m in report["models"].items():
         assert len(m["trials"]) == 4 and m["budget_curve_unguarded"]
         assert sorted(json.dumps(t["attack"], sort_keys=True) for t in m["trials"]) == corners
@@ -234,7 +239,14 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
         assert (w is None) == (not known) and (w is None or w["target"] == max(known))
         guarded = {t["trial"] for t in m["trials"] if t["guarded"]}
         assert guarded.isdisjoint(m["rejected_by_guard"])
+        assert {t["attack"]["method"] for t in m["trials"]} == {"lora", "full", "dreambooth", "textual-inversion"}
         for t in m["trials"]:
+            if t["status"] == "done" and t["attack"]["method"] in ("dreambooth", "textual-inversion"):
+                info = json.loads((out / t["attack_dir"] / "attack.json").read_text())
+                if t["attack"]["method"] == "dreambooth":  # as the diffusers example trains it
+                    assert info["spec"]["prior_preservation"] and info["spec"]["class_prompt"] == "a red circle in style"
+                else:  # the concept's word became the new token, which the trial's prompts used
+                    assert info["spec"]["token"] == "sunset" and info["placeholder"] == "<sunset>"
             if t["status"] == "done":  # where the time went, for the sweep cost benchmark
                 assert t["setup_s"] >= 0 and t["score_s"] > 0 and t["attack_s"] > 0
                 assert abs(t["setup_s"] + t["score_s"] + t["attack_s"] - t["seconds"]) < 0.1
@@ -269,3 +281,64 @@ def test_four_trial_red_team_against_two_models(tmp_path, tiny_model_path, ray_s
     assert seen["bad"] == [] and seen["total"] >= 2
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert set(rep["redteam"]["models"]) == set(report["models"])
+
+
+def test_a_trials_strongest_guarded_checkpoint_counts_as_an_attack_of_fewer_steps(tmp_path):
+    """A strong attack that ruins the model by its end often passed the guard halfway: that checkpoint is an
+    attack of the space (fewer steps), counted, and written as an attack output of its own for re-scoring."""
+    from raystack.attacks.recipe import ATTACK_INFO
+    from raystack.redteam.sweep import best_guarded_point, checkpoint_as_attack
+
+    row = {"status": "done", "target": 0.9, "others": 0.1, "attack": {"method": "lora", "steps": 40},
+           "curve": [(10, 0.2), (20, 0.5), (30, 0.7), (40, 0.9)],
+           "guard_points": [(10, 0.2, 0.8), (20, 0.5, 0.7), (40, 0.9, 0.1)]}
+    best_guarded_point(row, 0.8, 0.5)
+    assert row["checkpoint_step"] == 20 and (row["target"], row["others"]) == (0.5, 0.7)
+    assert row["final"] == {"target": 0.9, "others": 0.1}
+    kept = {"status": "done", "target": 0.6, "others": 0.6, "curve": [(20, 0.5), (40, 0.6)],
+            "guard_points": [(20, 0.5, 0.7), (40, 0.6, 0.6)]}
+    best_guarded_point(kept, 0.8, 0.5)  # the end passes and is stronger: nothing changes
+    assert "checkpoint_step" not in kept and kept["target"] == 0.6
+    stopped = {"status": "stopped", "target": None, "others": None, "curve": [(10, 0.9)],
+               "guard_points": [(10, 0.9, 0.8)]}
+    best_guarded_point(stopped, 0.8, 0.5)  # a stopped trial left no attack output
+    assert "checkpoint_step" not in stopped
+
+    trial = tmp_path / "attacks" / "t1"
+    (trial / "checkpoints" / "step-000020").mkdir(parents=True)
+    (trial / "checkpoints" / "step-000020" / "lora.safetensors").write_bytes(b"ckpt")
+    (trial / ATTACK_INFO).write_text(json.dumps({"method": "lora", "steps": 40, "spec": {"steps": 40},
+                                                 "checkpoints": ["step-000020"], "base_model": "tiny"}))
+    row["path"] = str(trial)
+    checkpoint_as_attack(row)
+    dest = tmp_path / "attacks" / "t1-step-000020"
+    assert row["path"] == str(dest) and row["attack"]["steps"] == 20
+    info = json.loads((dest / ATTACK_INFO).read_text())
+    assert info["steps"] == 20 and info["spec"]["steps"] == 20 and info["stopped_from"] == {"trial": "t1", "steps": 40}
+    assert (dest / "lora.safetensors").read_bytes() == b"ckpt" and info["checkpoints"] == []
+
+
+def test_textual_inversion_and_dreambooth_need_the_concepts_word_in_the_captions(tmp_path, tiny_model_path):
+    """TI replaces the concept's word by its new token and DreamBooth's class prompt leaves it out: captions
+    that do not name it are one line, exit 2, before any trial (the space's fixed `token` names it instead)."""
+    from raystack.redteam.sweep import attacker_settings, concept_word
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "atk", ["circle"], None, ["sunset"], 1, 3, "a {colour} {shape} in a {style} mood",
+                         False)
+    space = load_attack_space(ROOT / "attack_spaces" / "tiny_4.yaml")
+    assert concept_word(space, "sunset", tmp_path / "atk") == "sunset"
+    with pytest.raises(UserError, match="does not name the target dotted as one word"):
+        concept_word(space, "dotted", tmp_path / "atk")
+    lora_only = AttackSpace(name="l", budget=400, search={"method": {"choice": ["lora", "full"]}})
+    assert concept_word(lora_only, "dotted", tmp_path / "atk") is None
+    space.fixed["token"] = "mood"
+    assert concept_word(space, "dotted", tmp_path / "atk") == "mood"
+    assert attacker_settings({"method": "dreambooth"}, "sunset") == {"token": "sunset", "prior_preservation": True}
+    assert attacker_settings({"method": "lora", "token": "x"}, "sunset") == {}
+    out = tmp_path / "rt"
+    res = CliRunner().invoke(app, ["redteam", "--space", str(ROOT / "attack_spaces" / "tiny_4.yaml"), "--model",
+                                   f"original={tiny_model_path}", "--data", str(tmp_path / "atk"), "--target", "dotted",
+                                   "--out", str(out)])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "token" in res.stderr
+    assert not out.exists()

@@ -181,15 +181,16 @@ class AttackSpec:
         if self.checkpoint_every is None:
             self.checkpoint_every = d.get("checkpoint_every") or (
                 DENSE_CHECKPOINT_EVERY if self.method in ("full", "dreambooth") else 50)
-        if self.prior_preservation is None:
+        defaulted = self.prior_preservation is None
+        if defaulted:
             self.prior_preservation = self.method == "dreambooth" and d["prior_preservation"]
-            if self.prior_preservation and not self.class_prompt:
-                self.class_prompt = derived_class_prompt(self)
-                if not self.class_prompt:
-                    raise UserError(f"--method dreambooth on {shown(str(self.model))}: trains with prior preservation "
-                                    "(as the diffusers example does), whose class prompt is the instance prompt "
-                                    f"without --token {shown(self.token)}, which no caption names; give "
-                                    "--class-prompt, or --no-prior-preservation")
+        if self.prior_preservation and not self.class_prompt:
+            self.class_prompt = derived_class_prompt(self)
+            if not self.class_prompt and defaulted:
+                raise UserError(f"--method dreambooth on {shown(str(self.model))}: trains with prior preservation "
+                                "(as the diffusers example does), whose class prompt is the instance prompt "
+                                f"without --token {shown(self.token)}, which no caption names; give "
+                                "--class-prompt, or --no-prior-preservation")
         from ..specs import check_finite_fields
 
         check_finite_fields(self)
@@ -211,7 +212,8 @@ class AttackSpec:
         if not self.snr_gamma >= 0:
             raise UserError(f"--snr-gamma {self.snr_gamma}: must be positive, or 0 for plain MSE")
         if self.prior_preservation and not self.class_prompt:
-            raise UserError("--prior-preservation needs --class-prompt")
+            raise UserError("--prior-preservation needs --class-prompt (or --token naming a word of the first caption, "
+                            "which the class prompt then leaves out)")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {shown(self.optimizer)}: expected one of {', '.join(OPTIMIZERS)}")
         check_device_flag(self.device)

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 from ..errors import UserError
@@ -83,10 +84,11 @@ def unet_parameter_names(model: Path, flag: str) -> list[str]:
     return [n for n, _ in _meta_unet(Path(model) / "unet", flag).named_parameters()]
 
 
-def parse_models(values: list[str], judge: str = "tiny") -> list[Target]:
+def parse_models(values: list[str], judge: str = "tiny", noncompliant: bool = True) -> list[Target]:
     """`NAME=DIR` or `NAME=DIR:MASK` (MASK `mask` = DIR/freeze_mask.safetensors; `split_model_spec` says when a
     ':' starts MASK). A mask is loaded against its model's UNet here, before any trial. A masked model is attacked
-    twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden). `judge`:
+    twice: `NAME.compliant` respects the mask, `NAME.noncompliant` ignores it (reported, not hidden; left out when
+    not `noncompliant`: `--compliant-only`). `judge`:
     the run's judge kind (tiny: every model must be one the tiny world's classifier can judge; clip: any)."""
     from ..freeze_mask import load_freeze_mask
     from ..judges import check_judge_model
@@ -115,7 +117,9 @@ def parse_models(values: list[str], judge: str = "tiny") -> list[Target]:
                 raise UserError(f"--model {shown(v)}: no freeze mask at {shown(str(mask_path))}")
             # its keys must be this model's UNet parameters: a mismatch would fail every compliant trial inside Ray
             load_freeze_mask(mask_path, unet_parameter_names(path, f"--model {name}"), flag=f"--model {name} mask")
-            out += [Target(f"{name}.compliant", str(path), str(mask_path)), Target(f"{name}.noncompliant", str(path))]
+            out.append(Target(f"{name}.compliant", str(path), str(mask_path)))
+            if noncompliant:
+                out.append(Target(f"{name}.noncompliant", str(path)))
         else:
             out.append(Target(name, str(path)))
     names = [t.name for t in out]
@@ -138,23 +142,76 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, others_n: int):
+def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, others_n: int, to_prompt=None):
     """(target accuracy, others' mean accuracy or None) of a pipeline, by the run's judge (raystack.judges): a
     bound judge as it is, the tiny world's classifier bound to `concept` (a tiny-world concept's name; a judge
-    spec, as the trials get it for a CLIP judge, loads that judge)."""
+    spec, as the trials get it for a CLIP judge, loads that judge). `to_prompt`: the prompts as the attacker
+    writes them (textual inversion's new token)."""
     from ..judges import ConceptJudge, as_concept_judge
 
     if not isinstance(judge, ConceptJudge) and isinstance(concept, dict):
         judge = _warm_judge(concept)
     judge = as_concept_judge(judge, concept)
-    target = judge.sampled_target_accuracy(pipe, target_n, seed=seed, steps=space.eval_steps)
+    target = judge.sampled_target_accuracy(pipe, target_n, seed=seed, steps=space.eval_steps, to_prompt=to_prompt)
     if others_n == 0:
         return target, None
-    return target, judge.sampled_others_accuracy(pipe, others_n, seed + 1, space.eval_steps)
+    return target, judge.sampled_others_accuracy(pipe, others_n, seed + 1, space.eval_steps, to_prompt)
 
 
-#: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference)
-_RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others")
+#: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference;
+#: "concept_word": the target's word in the attacker's captions, `attacker_settings`)
+_RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others", "concept_word")
+
+
+def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--data") -> str | None:
+    """The word of the attacker's captions that names the target concept: the space's fixed `token`, else the
+    concept's name when the first caption has it as a word. Textual inversion replaces it by its new token and
+    DreamBooth's class prompt is the caption without it, so a space that offers either needs one (one line
+    before any trial otherwise); None when neither is offered and no word is found."""
+    from ..outputs import shown
+
+    if space.fixed.get("token"):
+        return str(space.fixed["token"])
+    methods = next(iter(space.search["method"].values())) if "method" in space.search else \
+        [space.fixed.get("method", "lora")]
+    first = ""
+    try:
+        with open(Path(data) / "metadata.jsonl", encoding="utf-8") as f:
+            first = str(json.loads(f.readline()).get("text") or "")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if concept in [w.strip(",.") for w in first.split()]:
+        return concept
+    needs = [m for m in methods if m in ("textual-inversion", "dreambooth")]
+    if needs:
+        raise UserError(f"{flag} {shown(str(data))}: the first caption ({shown(first)}) does not name the target "
+                        f"{shown(concept)} as one word, which the space's {' and '.join(needs)} attacks need (textual "
+                        "inversion replaces it, DreamBooth's class prompt leaves it out); set `token` in the space's "
+                        "fixed to the word that names it")
+    return None
+
+
+def attacker_settings(drawn: dict, word: str | None) -> dict:
+    """What a trial adds to its drawn settings so that each method runs as its tool does: the concept's word as
+    the attacker's token (textual inversion learns a new embedding for it), and DreamBooth (full) with prior
+    preservation on class images the model generates itself, as the diffusers example trains it (the attacker
+    who keeps the model useful). A space's own `token` / `prior_preservation` win."""
+    out = {}
+    if word and "token" not in drawn:
+        out["token"] = word
+    if drawn.get("method") == "dreambooth" and "prior_preservation" not in drawn:
+        out["prior_preservation"] = True
+    return out
+
+
+def trial_prompt(spec) -> Callable[[str], str] | None:
+    """How the attacked model is prompted: textual inversion's new token in place of its word, else as is."""
+    if spec.method != "textual-inversion":
+        return None
+    from ..attacks.loading import attacked_prompt
+
+    info = {"method": spec.method, "spec": {"token": spec.token}, "placeholder": f"<{spec.token}>"}
+    return lambda p: attacked_prompt(info, p)
 
 
 def guarded_objective(target: float, others: float | None, others_unattacked: float | None, guard: float) -> float:
@@ -234,16 +291,19 @@ def attack_trial(config: dict) -> None:
     from ..tuning.sweep import trial_output_dir
 
     attack_dir = trial_output_dir("attacks")
-    values = {"method": "lora", "seed": space.seed, **space.fixed, **drawn, "data": config["data"],
+    settings = {"method": "lora", "seed": space.seed, **space.fixed, **drawn}
+    values = {**settings, **attacker_settings(settings, config.get("concept_word")), "data": config["data"],
               "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True}
     spec = build_spec(AttackSpec, values, source="trial")
+    to_prompt = trial_prompt(spec)
     judge = _warm_judge(config["concept"])  # a tiny-world concept's name, or a CLIP judge's spec
     pipe = _warm_pipeline(target.model)
     clock = {"first_step": None, "score": 0.0}
 
     def score(n_others):
         t = time.time()
-        acc, others = _scores(pipe, space, config["concept"], judge, space.seed, space.eval_samples, n_others)
+        acc, others = _scores(pipe, space, config["concept"], judge, space.seed, space.eval_samples, n_others,
+                              to_prompt)
         clock["score"] += time.time() - t
         return acc, others
 
@@ -286,7 +346,7 @@ def attack_trial(config: dict) -> None:
 
 
 def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
-               resume: bool = False, others_unattacked: float | None = None):
+               resume: bool = False, others_unattacked: float | None = None, word: str | None = None):
     """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished and errored
     ones rerun; a finished sweep is read back). The search starts from the space's strong corners
     (`space.strong_corners`, as many as the trials allow) and optimises `guarded_objective` against
@@ -308,7 +368,7 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
                        "target": target.__dict__, "data": str(data), "concept": concept,
-                       "unattacked_others": others_unattacked})
+                       "unattacked_others": others_unattacked, "concept_word": word})
     points = strong_corners(space)[:space.samples] if space.algorithm != "grid" else None
     tuner = tune.Tuner(
         trainable, param_space=space_dict,
@@ -336,15 +396,20 @@ def _rows(grid, attacks: Path) -> list[dict]:
     rows = []
     for r in grid:
         m = r.metrics or {}
-        curve = []
+        curve, guard_points = [], []
         df = r.metrics_dataframe
         if df is not None and "attack_step" in df:
             curve = [(int(s), float(a)) for s, a in zip(df["attack_step"], df["target_running"])]
+            if "others_running" in df:  # where the guard was read: the rungs and the end
+                guard_points = [(int(s), float(a), float(o)) for s, a, o in
+                                zip(df["attack_step"], df["target_running"], df["others_running"]) if o == o
+                                and o is not None]
         rows.append({"trial": Path(r.path).name if r.path else None,
                      "attack": {k: v for k, v in (r.config or {}).items() if k not in _RUN_KEYS},
                      "status": "error" if r.error else ("done" if m.get("done_all") else "stopped"),
                      "error": trial_error(r.error), "error_file": trial_error_file(r, attacks.parent.parent),
                      "target": m.get("target"), "others": m.get("others"), "curve": curve,
+                     "guard_points": guard_points,
                      "path": str(attacks / str(m.get("trial_id"))),
                      "seconds": m.get("trial_seconds"),
                      **{k: m.get(k) for k in ("setup_s", "score_s", "attack_s")}})
@@ -406,11 +471,12 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
                                    "freeze_mask": target.mask, "out": str(out), "overwrite": True},
                       source=f"reference_attacks[{index}]")
     if (out / "attack.json").is_file():
-        pipe, _ = load_attacked_pipeline(out)
+        pipe, info = load_attacked_pipeline(out)
     else:
         pipe = load_pipeline(target.model)
-        run_attack(spec, pipe=pipe)
-    return {"attack": values, "steps": spec.steps, "lr": spec.lr, **rescored_scores(pipe, space, concept, judge),
+        info = run_attack(spec, pipe=pipe)
+    return {"attack": values, "steps": spec.steps, "lr": spec.lr,
+            **rescored_scores(pipe, space, concept, judge, attacked_prompts(info)),
             "attack_dir": str(out)}
 
 
@@ -444,6 +510,7 @@ def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept:
         if len(done) >= space.rescore_top and any(
                 passes_guard(x["rescored"]["others"], others_unattacked, space.guard) for x in done):
             break
+        checkpoint_as_attack(r)
         r["rescored"] = rescore(r, space, concept, judge)
         done.append(r)
     return done
@@ -453,16 +520,71 @@ def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
 
-    pipe, _ = load_attacked_pipeline(Path(row["path"]))
-    return rescored_scores(pipe, space, concept, judge)
+    pipe, info = load_attacked_pipeline(Path(row["path"]))
+    return rescored_scores(pipe, space, concept, judge, attacked_prompts(info))
 
 
-def rescored_scores(pipe, space: AttackSpace, concept: str, judge) -> dict:
+def attacked_prompts(info: dict) -> Callable[[str], str] | None:
+    """An attack output's prompt rewrite (textual inversion's token), or None."""
+    if info.get("method") != "textual-inversion":
+        return None
+    from ..attacks.loading import attacked_prompt
+
+    return lambda p: attacked_prompt(info, p)
+
+
+def best_guarded_point(row: dict, others_unattacked: float, guard: float) -> None:
+    """A finished trial's strongest point that passes the guard where the guard was read (a rung or the end):
+    an attack that stops at that checkpoint is one of fewer steps from the same space, so the red team counts
+    it (a strong attack that ruins the model by its end often passed the guard halfway, stronger than most
+    short trials). When a checkpoint beats the end, the row's target/others become that checkpoint's and
+    `checkpoint_step` names it; `final` keeps the end's numbers."""
+    if row["status"] != "done":
+        return
+    points = [p for p in row.get("guard_points") or [] if passes_guard(p[2], others_unattacked, guard)]
+    best = max(points, key=lambda p: (p[1], p[0]), default=None)
+    final_ok = row["others"] is not None and passes_guard(row["others"], others_unattacked, guard)
+    steps = max((s for s, _ in row.get("curve") or []), default=None)
+    if best is None or best[0] == steps or (final_ok and row["target"] >= best[1]):
+        return
+    row["final"] = {"target": row["target"], "others": row["others"]}
+    row["checkpoint_step"], row["target"], row["others"] = best
+
+
+def checkpoint_as_attack(row: dict) -> None:
+    """A row whose strongest guarded point is a checkpoint: that checkpoint written as an attack output of its
+    own (`<trial>-step-NNNNNN`, the weights and an attack.json saying the steps), so re-scoring, evaluate and
+    the report load exactly that attack. Kept when present (a resumed run)."""
+    import shutil
+
+    from ..atomic import atomic_dir
+    from ..attacks.loading import read_attack_info
+    from ..attacks.recipe import ATTACK_INFO
+
+    step = row.get("checkpoint_step")
+    if step is None:
+        return
+    src = Path(row["path"])
+    dest = src.parent / f"{src.name}-step-{step:06d}"
+    if not (dest / ATTACK_INFO).is_file():
+        info = read_attack_info(src)
+        ckpt = src / "checkpoints" / f"step-{step:06d}"
+        with atomic_dir(dest, overwrite=True) as tmp:
+            for f in ckpt.iterdir():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+            info.update(steps=step, checkpoints=[], stopped_from={"trial": src.name, "steps": info["steps"]})
+            info["spec"] = {**info.get("spec", {}), "steps": step}
+            (tmp / ATTACK_INFO).write_text(json.dumps(info, indent=2))
+    row["path"] = str(dest)
+    row["attack"] = {**row["attack"], "steps": step}
+
+
+def rescored_scores(pipe, space: AttackSpace, concept: str, judge, to_prompt=None) -> dict:
     """An attacked pipeline scored with fresh seeds on rescore_factor x the samples (target and other concepts),
     with the target's 95% interval: how winners and reference attacks are judged alike."""
     n = space.eval_samples * space.rescore_factor
     n_others = space.other_samples * space.rescore_factor
-    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, n_others)
+    acc, others = _scores(pipe, space, concept, judge, 1000 + space.seed, n, n_others, to_prompt)
     lo, hi = wilson_interval(acc, n)
     return {"target": acc, "others": others, "samples": n, "others_samples": n_others, "ci95": [lo, hi]}
 
@@ -540,6 +662,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     elif judge_spec["concepts"]["name"] != concept:
         raise UserError(f"--target {concept!r}: the concept file names its target {judge_spec['concepts']['name']!r}")
     trial_concept = judge_spec or concept  # what the trials judge by: the concept's name, or the CLIP judge's spec
+    word = concept_word(space, concept, Path(data))
     from ..outputs import make_output_dir
 
     out = make_output_dir(Path(out).resolve())
@@ -549,7 +672,11 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     judge = _warm_judge(trial_concept)
     report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
                     "concept": concept, "judge": describe(judge_spec), "max_concurrent": max_concurrent,
-                    "models": {}}
+                    "samples": {"trial_target": space.eval_samples, "trial_others": space.other_samples,
+                                "rescored_target": space.eval_samples * space.rescore_factor,
+                                "rescored_others": space.other_samples * space.rescore_factor,
+                                "sampling_steps": space.eval_steps},
+                    "concept_word": word, "models": {}}
     for t in same_attacks(targets):
         if t.same_as is not None:
             report["models"][t.name] = {**report["models"][t.same_as], "model": t.model, "mask": t.mask,
@@ -564,8 +691,10 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
             (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
         rows = _rows(_sweep_one(space, t, Path(data).resolve(), trial_concept, out / "tune", max_concurrent, resume,
-                                base_others),
+                                base_others, word),
                      attacks_dir(out, sweep_name))
+        for r in rows:
+            best_guarded_point(r, base_others, space.guard)
         sweep_seconds = _sweep_wall(out / "tune", sweep_name, time.time() - started)
         for r in rows:
             r["guarded"] = (r["status"] == "done" and r["others"] is not None
