@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
+
+
+#: samplers the red team and tune may score with: the model's own scheduler, or diffusers' multistep DPM-Solver++
+SAMPLERS = ("default", "dpm-solver")
+
+
+@contextmanager
+def sampler(pipe, name: str = "default"):
+    """The pipeline sampling with `name` (one of SAMPLERS) inside the block, its own scheduler again after."""
+    if name == "default":
+        yield pipe
+        return
+    from diffusers import DPMSolverMultistepScheduler
+
+    own = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(own.config)
+    try:
+        yield pipe
+    finally:
+        pipe.scheduler = own
 
 
 def generate(pipe, prompts: list[str], steps: int = 25, guidance: float = 4.0, seed: int = 0,

@@ -34,6 +34,9 @@ class AttackSpace:
     """Images per other concept for the capability guard (8 concepts)."""
     eval_steps: int = 15
     """Sampler steps when scoring."""
+    eval_sampler: str = "default"
+    """The sampler when scoring: default (the model's own scheduler) or dpm-solver (diffusers' multistep
+    DPM-Solver++, which needs fewer steps for the same images: `raystack.sampling.SAMPLERS`)."""
     rescore_top: int = 2
     """The strongest guarded trials re-scored with fresh seeds before the worst case is declared; if none of
     them passes the guard on its re-scored numbers, the next ones are re-scored (up to rescore_limit)."""
@@ -61,6 +64,10 @@ class AttackSpace:
             raise UserError(f"budget {self.budget}: must be a positive number of steps")
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"algorithm {shown(self.algorithm)}: expected one of {', '.join(ALGORITHMS)}")
+        from ..sampling import SAMPLERS
+
+        if self.eval_sampler not in SAMPLERS:
+            raise UserError(f"eval_sampler {shown(self.eval_sampler)}: expected one of {', '.join(SAMPLERS)}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"scheduler {shown(self.scheduler)}: expected one of {', '.join(SCHEDULERS)}")
         for key, n in (("samples", self.samples), ("eval_samples", self.eval_samples),

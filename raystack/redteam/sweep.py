@@ -151,11 +151,15 @@ def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, 
 
     if not isinstance(judge, ConceptJudge) and isinstance(concept, dict):
         judge = _warm_judge(concept)
+    from ..sampling import sampler
+
     judge = as_concept_judge(judge, concept)
-    target = judge.sampled_target_accuracy(pipe, target_n, seed=seed, steps=space.eval_steps, to_prompt=to_prompt)
-    if others_n == 0:
-        return target, None
-    return target, judge.sampled_others_accuracy(pipe, others_n, seed + 1, space.eval_steps, to_prompt)
+    with sampler(pipe, space.eval_sampler):
+        target = judge.sampled_target_accuracy(pipe, target_n, seed=seed, steps=space.eval_steps,
+                                               to_prompt=to_prompt)
+        if others_n == 0:
+            return target, None
+        return target, judge.sampled_others_accuracy(pipe, others_n, seed + 1, space.eval_steps, to_prompt)
 
 
 #: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference;
@@ -592,7 +596,7 @@ def rescored_scores(pipe, space: AttackSpace, concept: str, judge, to_prompt=Non
 RUN_FILE = "redteam_run.json"
 #: The space keys that decide the trials; a resume must keep them (the rest is applied after the sweeps).
 SWEEP_KEYS = ("name", "budget", "search", "fixed", "samples", "eval_samples", "other_samples", "eval_steps",
-              "algorithm", "scheduler", "seed")
+              "eval_sampler", "algorithm", "scheduler", "seed")
 
 
 def _relative(path: str, out: Path) -> str:
@@ -635,7 +639,8 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
     before.setdefault("judge", "tiny")  # runs recorded before judges were recorded: the tiny world's
     for rec in (before, now):  # what runs after the sweeps (guard, re-scoring, reference attacks) may change
         if isinstance(rec.get("space"), dict):
-            rec["space"] = {k: v for k, v in rec["space"].items() if k in SWEEP_KEYS}
+            rec["space"] = {"eval_sampler": "default",  # recorded since the sampler could be chosen
+                            **{k: v for k, v in rec["space"].items() if k in SWEEP_KEYS}}
         if isinstance(rec.get("models"), list):  # same_as is derived from the weights, not given: not compared
             rec["models"] = [{k: v for k, v in m.items() if k != "same_as"} if isinstance(m, dict) else m
                              for m in rec["models"]]
