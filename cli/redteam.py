@@ -68,7 +68,14 @@ def redteam(
         check_budget_for_model(spec, t.model, f"--model {t.name}")
     from raystack.redteam.sweep import concept_word
 
-    concept_word(spec, target, data)  # TI and DreamBooth's class prompt need the concept's word in the captions
+    if judged["kind"] == "clip":
+        target_prompts = list(judged["concepts"]["prompts"])
+    else:
+        from raystack.evaluation import tiny_world_target
+
+        target_prompts = tiny_world_target(target)[0].prompts
+    # TI and DreamBooth's class prompt need the concept's word in the captions (and TI in the target's prompts)
+    concept_word(spec, target, data, prompts=target_prompts)
     check_resumable(out, spec, targets, data, target, resume, judged)  # before the lock makes any folder
     if judged["kind"] == "clip":  # loaded now (once per process): a folder it cannot load fails before --out is made
         from raystack.judges import load_judge

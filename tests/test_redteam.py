@@ -342,3 +342,21 @@ def test_textual_inversion_and_dreambooth_need_the_concepts_word_in_the_captions
                                    "--out", str(out)])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "token" in res.stderr
     assert not out.exists()
+
+
+def test_textual_inversion_needs_its_word_in_the_judges_target_prompts(tmp_path):
+    """The attacked model is prompted with TI's new token in place of the word: a target prompt without the
+    word would never ask for what TI learnt (a CLIP concept file phrased apart from the captions)."""
+    from raystack.redteam.sweep import concept_word
+    from raystack.tinyworld.folder import write_concept_folder
+
+    write_concept_folder(tmp_path / "atk", ["circle"], None, ["sunset"], 1, 3, None, False)
+    space = load_attack_space(ROOT / "attack_spaces" / "tiny_4.yaml")
+    ok = ["a red circle in sunset style"]
+    assert concept_word(space, "sunset", tmp_path / "atk", prompts=ok) == "sunset"
+    with pytest.raises(UserError, match="never be prompted"):
+        concept_word(space, "sunset", tmp_path / "atk", prompts=ok + ["a sunset-like circle"])
+    space.fixed["token"] = "circle"
+    assert concept_word(space, "sunset", tmp_path / "atk", prompts=ok) == "circle"
+    with pytest.raises(UserError, match="fixed.token circle: the judge's target prompt"):
+        concept_word(space, "sunset", tmp_path / "atk", prompts=["a red square in sunset style"])

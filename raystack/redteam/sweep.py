@@ -167,17 +167,27 @@ def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, 
 _RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others", "concept_word")
 
 
-def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--data") -> str | None:
+def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--data",
+                 prompts: list[str] | None = None) -> str | None:
     """The word of the attacker's captions that names the target concept: the space's fixed `token`, else the
     concept's name when the first caption has it as a word. Textual inversion replaces it by its new token and
     DreamBooth's class prompt is the caption without it, so a space that offers either needs one (one line
-    before any trial otherwise); None when neither is offered and no word is found."""
+    before any trial otherwise); None when neither is offered and no word is found. With the judge's target
+    `prompts`, a space with textual inversion also needs the word in every one of them (the attacked model is
+    prompted with the new token in its place; a prompt without the word would never ask for what it learnt)."""
     from ..outputs import shown
 
-    if space.fixed.get("token"):
-        return str(space.fixed["token"])
     methods = next(iter(space.search["method"].values())) if "method" in space.search else \
         [space.fixed.get("method", "lora")]
+    if space.fixed.get("token"):
+        word = str(space.fixed["token"])
+        if prompts and "textual-inversion" in methods:
+            missing = [p for p in prompts if word not in [w.strip(",.") for w in p.split()]]
+            if missing:
+                raise UserError(f"fixed.token {shown(word)}: the judge's target prompt {shown(missing[0])} does not "
+                                "name it, so textual inversion's new token would never be prompted; use a word of "
+                                "every target prompt (and of the captions)")
+        return word
     first = ""
     try:
         with open(Path(data) / "metadata.jsonl", encoding="utf-8") as f:
@@ -185,6 +195,11 @@ def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--da
     except (OSError, ValueError, AttributeError):
         pass
     if concept in [w.strip(",.") for w in first.split()]:
+        missing = [p for p in prompts or [] if concept not in [w.strip(",.") for w in p.split()]]
+        if missing and "textual-inversion" in methods:
+            raise UserError(f"--target {shown(concept)}: the judge's target prompt {shown(missing[0])} does not name "
+                            "it as one word, so textual inversion's new token would never be prompted; set `token` "
+                            "in the space's fixed to a word of every target prompt and of the captions")
         return concept
     needs = [m for m in methods if m in ("textual-inversion", "dreambooth")]
     if needs:
