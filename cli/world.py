@@ -82,8 +82,8 @@ def pretrain(
 ):
     """Pretrain the tiny world from scratch (VAE, then text encoder + UNet, then the classifier).
 
-    Resumable: rerun the same command after an interruption. The README gives the exact commands
-    that made the shipped model.
+    Resumable: rerun the same command after an interruption. docs/tiny-world.md gives the exact
+    commands that made the shipped model.
     """
     from raystack.outputs import check_disjoint
 
