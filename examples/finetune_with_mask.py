@@ -7,6 +7,10 @@ diffusers training loop.
 
 IMAGES is a folder with metadata.jsonl (file_name, text), as `immunize-cli world generate` writes. Check the
 result with `immunize-cli mask check --release RELEASE --derivative OUT`.
+
+Needs torch, safetensors, diffusers and peft only: the mask helper (`raystack.freeze_mask`) imports neither Ray
+nor DeepSpeed, so `pip install --no-deps immunize-cli` beside those four is enough to respect a mask
+(tests/test_mask_tools.py runs this script where importing ray or deepspeed fails).
 """
 
 from __future__ import annotations

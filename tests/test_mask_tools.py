@@ -245,3 +245,35 @@ def test_bad_input_for_mask_export_and_check(release, tmp_path):
             failures.append((argv[1:3], expect, res.exit_code, res.stderr[-200:]))
     assert not failures, failures
     assert (_tree(release), _tree(tmp_path)) == before  # nothing written, nothing changed
+
+
+def test_the_example_runs_where_ray_and_deepspeed_cannot_be_imported(release, tmp_path):
+    """A user who only respects the mask needs torch, safetensors, diffusers and peft: the example fine-tunes 2
+    steps in a Python that has every installed package but ray and deepspeed (site-packages shadowed without
+    them, so `find_spec` says they are absent, as on a machine without them)."""
+    import os
+    import subprocess
+    import sys
+
+    from raystack.tinyworld.folder import write_concept_folder
+
+    data = tmp_path / "data"
+    write_concept_folder(data, ["circle"], None, ["sunset"], 1, 0, None, False)
+    site = Path(torch.__file__).resolve().parents[1]
+    shadow = tmp_path / "site-packages"
+    shadow.mkdir()
+    for entry in site.iterdir():
+        if entry.name.split("-")[0].split(".")[0].lower() not in ("ray", "deepspeed"):
+            (shadow / entry.name).symlink_to(entry)
+    script = (
+        "import sys, runpy\n"
+        f"sys.argv = ['finetune_with_mask.py', '--release', {str(release)!r}, '--data', {str(data)!r}, "
+        f"'--out', {str(tmp_path / 'out')!r}, '--steps', '2']\n"
+        f"runpy.run_path({str(ROOT / 'examples' / 'finetune_with_mask.py')!r}, run_name='__main__')\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('ray') is None and importlib.util.find_spec('deepspeed') is None\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed')]\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
