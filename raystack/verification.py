@@ -6,7 +6,12 @@ A release verifies when all of these hold, else it is refused (exit 1, one line 
   this tool has, and the files that method always releases (`required_files`: the pipeline's model_index.json,
   the UNet's config and safetensors weights; `freeze_mask.safetensors` for a mask method);
 - with a public key: `manifest.sig` is the key's Ed25519 signature over the manifest's bytes;
-- every file it lists has that SHA-256, and no other file is there (but this tool's output marker);
+- every file it lists has that SHA-256 (the manifest's `files`: what it covers). A file it does not cover fails
+  when a loader could read it (anything in a pipeline component's folder, any weight or config file:
+  `LOADED_SUFFIXES`); others (a model card, `.gitattributes`, a license a hub adds) are reported as NOT COVERED
+  and fail only with `strict`;
+- a hub cache snapshot (`.../snapshots/<rev>/`, each file a symbolic link into the repository's `blobs/`)
+  verifies through its links; any other link is refused;
 - no pickled weight file (.bin, .ckpt, .pt, ...) is there; every .safetensors file parses and every
   floating-point tensor in it is finite; a mask method's mask passes the strict mask reader against the
   UNet's tensor names.
@@ -33,6 +38,12 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 UNET_WEIGHTS = re.compile(r"unet/diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+#: files a diffusers/transformers/peft loader may read wherever they are: never allowed uncovered
+LOADED_SUFFIXES = (".safetensors", ".json", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".msgpack", ".h5",
+                   ".onnx", ".yaml", ".yml", ".py")
+#: what a release's manifest covers (written into it): every file in `files`; nothing else is part of it
+COVERS = ("every file listed in `files`, by SHA-256: the weights, configs, tokenizer and mask; not manifest.json, "
+          "manifest.sig, the model card (README.md, which publishers edit) or files a hub adds (.gitattributes)")
 
 
 @dataclass
@@ -47,6 +58,9 @@ class Verification:
     files: int = 0
     signer: str | None = None
     signed_unchecked: bool = False
+    uncovered: list[tuple[str, str]] = field(default_factory=list)
+    """Files the manifest does not cover and no loader reads (a model card, .gitattributes): listed, not failed
+    (but with `strict`)."""
 
     @property
     def ok(self) -> bool:
@@ -70,8 +84,21 @@ def required_files(method: str) -> list[str]:
     return need + ([MASK_FILE] if method in mask_methods() else [])
 
 
+def _hub_blob(folder: Path, p: Path) -> bool:
+    """A link of a hub cache snapshot (`<repo>/snapshots/<rev>/...` -> a regular file in `<repo>/blobs/`)."""
+    if folder.parent.name != "snapshots":
+        return False
+    blobs = (folder.parent.parent / "blobs").resolve()
+    try:
+        target = p.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return target.parent == blobs and stat.S_ISREG(os.stat(target).st_mode)
+
+
 def _walk(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """(every regular file, relative; [(label, relative path)] for links and special files), links not followed."""
+    """(every regular file, relative; [(label, relative path)] for links and special files), links not followed
+    (a hub cache snapshot's links into its blobs count as the files they point to)."""
     files, odd = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         for name in sorted(dirnames + filenames):
@@ -82,7 +109,9 @@ def _walk(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
             except OSError:
                 odd.append(("UNREADABLE", rel))
                 continue
-            if stat.S_ISLNK(mode):
+            if stat.S_ISLNK(mode) and _hub_blob(folder, p):
+                files.append(rel)
+            elif stat.S_ISLNK(mode):
                 odd.append(("LINK", f"{rel} -> {shown(os.readlink(p))}"))
             elif stat.S_ISREG(mode):
                 files.append(rel)
@@ -147,9 +176,31 @@ def _weight_problems(root: Path, rel: str) -> list[tuple[str, str]]:
     return out
 
 
-def check_release(folder: Path, public_key: Path | None = None, flag: str = "") -> Verification:
+def loaded_by_a_loader(rel: str, components: set[str]) -> bool:
+    """Could a diffusers/transformers/peft loader read this file of a pipeline folder? (component folders whole;
+    weight, config and tokenizer files anywhere)"""
+    return rel.split("/")[0] in components or rel.lower().endswith(LOADED_SUFFIXES)
+
+
+#: the component folders of every Stable Diffusion pipeline, whatever its model_index.json says
+KNOWN_COMPONENTS = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                    "safety_checker", "feature_extractor", "image_encoder"}
+
+
+def _components(folder: Path) -> set[str]:
+    """The component folders model_index.json names, and the known ones (`KNOWN_COMPONENTS`)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        named = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    except (OSError, ValueError, AttributeError):
+        named = set()
+    return named | KNOWN_COMPONENTS
+
+
+def check_release(folder: Path, public_key: Path | None = None, flag: str = "", strict: bool = False) -> Verification:
     """Verify a release (see the module's docstring). A `folder` that is no folder, or a `public_key` that is no
-    Ed25519 public key, is a UserError (exit 2); anything wrong with the release itself is its `failure`."""
+    Ed25519 public key, is a UserError (exit 2); anything wrong with the release itself is its `failure`.
+    `strict`: a file the manifest does not cover fails even when no loader reads it."""
     from .atomic import sha256_file
     from .freeze_mask import MASK_FILE
     from .outputs import OUTPUT_MARKER
@@ -215,7 +266,10 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "") 
             v.problems.append(("MISSING", k + (" (a folder, not a file)" if (folder / k).is_dir() else "")))
         elif actual[k] != expected[k]:
             v.problems.append(("CHANGED", k))
-    v.problems += [("EXTRA", k) for k in sorted(set(actual) - set(expected))]
+    components = _components(folder)
+    for k in sorted(set(actual) - set(expected)):
+        loaded = loaded_by_a_loader(k, components)
+        (v.problems if loaded or strict else v.uncovered).append(("EXTRA" if loaded or strict else "NOT COVERED", k))
     if v.problems:
         label, what = v.problems[0]
         return fail(f"{len(v.problems)} file(s) do not match {MANIFEST}, e.g. {label} {shown(what)}")
@@ -244,9 +298,10 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "") 
     return v
 
 
-def verified_release(folder: Path, public_key: Path | None = None, flag: str = "--release") -> Verification:
+def verified_release(folder: Path, public_key: Path | None = None, flag: str = "--release",
+                     strict: bool = False) -> Verification:
     """`check_release`, refusing (RunFailed, exit 1) a release that does not verify."""
-    v = check_release(folder, public_key, flag)
+    v = check_release(folder, public_key, flag, strict)
     if not v.ok:
         raise RunFailed(f"{v.failure} (the release does not pass `immunize-cli verify`; nothing was checked)")
     return v

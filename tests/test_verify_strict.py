@@ -108,7 +108,26 @@ def world(tmp_path_factory, tiny_model_path):
     variant("bad_json", lambda d: None, rehash=False)
     (r / "bad_json" / "manifest.json").write_text("{not json")
     variant("changed", lambda d: (d / "vae" / "config.json").write_text("{}"), rehash=False)
-    variant("extra", lambda d: (d / "notes.txt").write_text("mine"), rehash=False)
+    variant("extra", lambda d: (d / "notes.json").write_text("{}"), rehash=False)
+    variant("extra_in_unet", lambda d: (d / "unet" / "notes.md").write_text("mine"), rehash=False)
+
+    def card_added(d):  # what a hub upload adds: a model card and .gitattributes
+        (d / "README.md").write_text("---\nlicense: other\n---\n# card\n")
+        (d / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+
+    variant("card_added", card_added, rehash=False)
+    hub = r / "hub" / "models--me--release"  # a hub cache: snapshots/<rev>/ links into blobs/
+    shutil.copytree(r / "card_added", hub / "snapshots" / "abc123")
+    (hub / "blobs").mkdir()
+    for f in sorted(p for p in (hub / "snapshots" / "abc123").rglob("*") if p.is_file()):
+        blob = hub / "blobs" / f"{len(list((hub / 'blobs').iterdir())):04d}"
+        f.rename(blob)
+        f.symlink_to(os.path.relpath(blob, f.parent))
+    shutil.copytree(hub, r / "hub_changed" / "models--me--release", symlinks=True)
+    changed_blob = (r / "hub_changed" / "models--me--release" / "snapshots" / "abc123" / UNET_FILE).resolve()
+    w = load_file(str(changed_blob))
+    w[small_names[0]].view(-1)[0] += 1.0
+    save_file(w, str(changed_blob))
 
     def truncate(d):
         data = (d / UNET_FILE).read_bytes()
@@ -218,7 +237,18 @@ def cases(w) -> list[tuple[str, list[str], int, str, str]]:
         ("verify: any link inside", ["verify", str(r / "link_in")], 1, "stderr", "unet/copy.safetensors"),
         ("verify: a FIFO inside", ["verify", str(r / "fifo")], 1, "stderr", "not a regular file"),
         ("verify: changed file", ["verify", str(r / "changed")], 1, "stderr", "CHANGED vae/config.json"),
-        ("verify: extra file", ["verify", str(r / "extra")], 1, "stderr", "EXTRA notes.txt"),
+        ("verify: extra file a loader reads", ["verify", str(r / "extra")], 1, "stderr", "EXTRA notes.json"),
+        ("verify: extra file in a component folder", ["verify", str(r / "extra_in_unet")], 1, "stderr",
+         "EXTRA unet/notes.md"),
+        ("verify: a model card and .gitattributes, not covered", ["verify", str(r / "card_added")], 0, "stdout",
+         "NOT COVERED README.md"),
+        ("verify --strict: files not covered fail", ["verify", str(r / "card_added"), "--strict"], 1, "stderr",
+         "EXTRA .gitattributes"),
+        ("verify: a hub cache snapshot", ["verify", str(r / "hub" / "models--me--release" / "snapshots" / "abc123")],
+         0, "stdout", "OK"),
+        ("verify: a hub cache snapshot, one weight changed",
+         ["verify", str(r / "hub_changed" / "models--me--release" / "snapshots" / "abc123")], 1, "stderr",
+         "CHANGED unet/diffusion_pytorch_model.safetensors"),
         ("verify: truncated weights, re-hashed", ["verify", str(r / "truncated")], 1, "stderr", UNET_FILE),
         ("verify: pickle named .safetensors, re-hashed", ["verify", str(r / "pickle_named_safetensors")], 1, "stderr",
          UNET_FILE),
@@ -302,7 +332,7 @@ def test_an_unreadable_file_is_one_line_naming_it(world, monkeypatch):
 
 def test_verify_lists_each_problem_on_stdout(world):
     res = CliRunner().invoke(app, ["verify", str(world["root"] / "extra")])
-    assert res.exit_code == 1 and "EXTRA notes.txt" in res.stdout
+    assert res.exit_code == 1 and "EXTRA notes.json" in res.stdout
     res = CliRunner().invoke(app, ["verify", str(world["root"] / "nan")])
     assert res.exit_code == 1 and "NOT FINITE unet/diffusion_pytorch_model.safetensors" in " ".join(res.stdout.split())
 
