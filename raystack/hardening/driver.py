@@ -369,8 +369,11 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
     with atomic_dir(spec.out, overwrite=True) as tmp:
         if pipe is not None:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
+            left_out = keep_source_components(src, tmp)  # the safety checker and feature extractor
         else:
             copy_model_files(src, tmp)
+            left_out = []
+        travelling = copy_source_notices(src, tmp)  # license, notice and the source's own card
         ratio = None
         if mask:
             if set(mask) != set(params):
@@ -394,7 +397,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
             "method": spec.method,
             "spec": recorded_spec(spec),
             "seed": spec.seed,
-            "source_model": relative_to_out(src, spec.out),
+            "source_model": source_identity(src),
             "source_model_sha256": hash_tree(src),
             "erase": erased,
             "changed_tensors": sorted(theta),
@@ -406,9 +409,18 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
             "wall_seconds": round(wall, 2),
             "versions": _versions(),
         }
+        manifest["copied_from_source"] = travelling
+        manifest["left_out_from_source"] = left_out
         manifest["files"] = hash_tree(tmp)
+        from ..verification import COVERS
+
+        manifest["covers"] = COVERS
         manifest_bytes = json.dumps(manifest, indent=2).encode()
         (tmp / MANIFEST).write_bytes(manifest_bytes)
+        from ..release_card import CARD_FILE, make_card
+
+        # after the hashes: the card is the publisher's to edit (verify lists it as not covered)
+        (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src, travelling)))
         if spec.sign_key is not None:
             from ..signing import SIGNATURE_FILE, load_private_key, sign_manifest
 
@@ -437,7 +449,8 @@ def copyable_release(src: Path, theta: dict, mask: dict) -> list[str] | None:
 
 
 #: components a mask-only release copies (those `load_pipeline` keeps); any other named component: load + save
-COPYABLE_COMPONENTS = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
+COPYABLE_COMPONENTS = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                       "safety_checker", "feature_extractor"}
 
 
 def _plain_file(name: str) -> bool:
@@ -454,6 +467,88 @@ def _index_components(src: Path) -> list[str] | None:
     index = json.loads((src / "model_index.json").read_text())
     names = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None]
     return names if all((src / k).is_dir() and not (src / k).is_symlink() for k in names) else None
+
+
+#: top-level files of a source pipeline that are the model itself or this tool's own records (not copied as notices)
+_NOT_NOTICES = {"model_index.json", "manifest.json", "manifest.sig", ".gitattributes", "immunize_info.json",
+                "freeze_mask.safetensors", ".immunize-cli-output.json"}
+
+
+def copy_source_notices(src: Path, dest: Path) -> list[str]:
+    """The source's other top-level files (LICENSE, NOTICE, its own model card as README.source.md, ...), byte
+    for byte: a license such as SD-1.5's OpenRAIL-M must travel with derivatives. Weight files there (a
+    single-file checkpoint beside the pipeline) and links are not copied; returns what was, as named in dest."""
+    import shutil
+
+    from ..verification import PICKLED_SUFFIXES
+
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_symlink() or not f.is_file() or f.name in _NOT_NOTICES or \
+                f.name.lower().endswith((".safetensors", *PICKLED_SUFFIXES)):
+            continue
+        name = "README.source.md" if f.name == "README.md" else f.name
+        shutil.copyfile(f, dest / name)
+        copied.append(name)
+    return copied
+
+
+def source_license_id(src: Path, copied: list[str]) -> str:
+    """The release card's license: the source card's, apache-2.0 for the shipped tiny world (this project's),
+    else "other" (the copied license file says which)."""
+    from ..models.pipeline_io import default_model_path
+    from ..release_card import source_license
+
+    found = source_license(src)
+    if found:
+        return found
+    if os.path.realpath(str(src)) == os.path.realpath(str(default_model_path())):
+        return "apache-2.0"
+    return "other"
+
+
+def source_identity(src: Path) -> str:
+    """What the manifest records as the source: "tinyworld" for the shipped model, else the source folder's name
+    (a hub snapshot: the repository id and revision) — never a path of the publisher's machine; its content is
+    `source_model_sha256`."""
+    from ..models.pipeline_io import default_model_path
+
+    real = Path(os.path.realpath(str(src)))
+    if real == Path(os.path.realpath(str(default_model_path()))):
+        return "tinyworld"
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return f"{real.parent.parent.name[len('models--'):].replace('--', '/')}@{real.name}"
+    return real.name
+
+
+def keep_source_components(src: Path, dest: Path) -> list[str]:
+    """A loaded-and-saved release keeps the source's safety checker and feature extractor (loading leaves them
+    out): their folders copied byte for byte and model_index.json naming them as the source does. A folder with
+    pickled weights is left out (a release holds safetensors only); returns what was left out, and why."""
+    import shutil
+
+    from ..verification import PICKLED_SUFFIXES
+
+    index_src = json.loads((Path(src) / "model_index.json").read_text())
+    index = json.loads((dest / "model_index.json").read_text())
+    changed, left_out = False, []
+    for name in ("safety_checker", "feature_extractor"):
+        entry = index_src.get(name)
+        folder = Path(src) / name
+        if not (isinstance(entry, list) and entry and entry[0] is not None and folder.is_dir()):
+            continue
+        files = [f for f in folder.rglob("*") if f.is_file() or f.is_symlink()]
+        if folder.is_symlink() or any(f.is_symlink() or f.name.lower().endswith(PICKLED_SUFFIXES) for f in files):
+            left_out.append(f"{name}: pickled weights or links (convert it to safetensors to keep it)")
+            continue
+        shutil.copytree(folder, dest / name, dirs_exist_ok=True)
+        index[name] = entry
+        changed = True
+    if changed:
+        if "requires_safety_checker" in index_src:
+            index["requires_safety_checker"] = index_src["requires_safety_checker"]
+        (dest / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return left_out
 
 
 def copy_model_files(src: Path, dest: Path) -> None:
