@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     import click
 
 from .attack import attack
+from .card import card
 from .erase import erase
 from .evaluate import evaluate
 from .harden import harden
@@ -62,6 +63,7 @@ app.command(name="evaluate")(evaluate)
 app.command(name="tune")(tune)
 app.command(name="redteam")(redteam)
 app.command(name="verify")(verify)
+app.command(name="card")(card)
 app.add_typer(world_app, name="world")
 app.add_typer(mask_app, name="mask")
 

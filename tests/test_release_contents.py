@@ -130,3 +130,36 @@ def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte
     weights.write_bytes(bytes(raw))
     res = CliRunner().invoke(app, ["verify", str(snap)])
     assert res.exit_code == 1 and "CHANGED unet/diffusion_pytorch_model.safetensors" in res.stdout
+
+
+def test_card_adds_the_red_team_and_report_and_the_release_still_verifies(data, tmp_path):
+    out = tmp_path / "release"
+    _harden("random-freeze", "tiny", out, data, rho=0.3)
+    redteam = {"space": "default", "budget": 1600, "guard": 0.5, "seed": 1, "concept": "sunset",
+               "judge": {"kind": "tiny"}, "samples": {"rescored_target": 48},
+               "models": {"hardened.compliant": {
+                   "unattacked": {"target": 0.0, "others": 0.6},
+                   "reference_attacks": [{"attack": {"method": "full"}, "target": 0.04, "others": 0.8, "steps": 200}],
+                   "worst_case": {"target": 0.271, "others": 0.41, "ci95": [0.16, 0.41],
+                                  "attack": {"method": "full", "lr": 0.001, "steps": 800}, "attack_dir": "a"}}}}
+    (tmp_path / "rt").mkdir()
+    (tmp_path / "rt" / "redteam.json").write_text(json.dumps(redteam))
+    (tmp_path / "report.json").write_text(json.dumps({"summary": "sunset after the attack: 37.5% -> 4.2%"}))
+    res = CliRunner().invoke(app, ["card", str(out), "--redteam", str(tmp_path / "rt"), "--report",
+                                   str(tmp_path / "report.json"), "--out", str(out / "README.md"), "--overwrite"])
+    assert res.exit_code == 0, res.output + res.stderr
+    card = _card(out)
+    assert card["license"] == "apache-2.0"  # kept from the card harden wrote
+    assert "27.1% [16.0%–41.0%]" in card["text"] and "budget 1600 steps" in card["text"]
+    assert "full 4.0%" in card["text"] and "37.5% -> 4.2%" in card["text"]
+    assert CliRunner().invoke(app, ["verify", str(out)]).exit_code == 0
+    before = (out / "README.md").read_bytes()
+    (tmp_path / "not_rt").mkdir()
+    (tmp_path / "not_rt" / "redteam.json").write_text(json.dumps({"models": 3}))
+    for argv, why in (([str(out), "--redteam", str(tmp_path / "not_rt"), "--out", str(out / "README.md"),
+                        "--overwrite"], "not a redteam.json"),
+                      ([str(out), "--out", str(out / "README.md")], "already exists"),
+                      ([str(out), "--out", str(out / "model_index.json"), "--overwrite"], "a model card")):
+        res = CliRunner().invoke(app, ["card", *argv])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, res.stderr
+    assert (out / "README.md").read_bytes() == before
