@@ -17,7 +17,8 @@ mask_app = typer.Typer(help="The freeze mask outside this tool: export it to oth
 @mask_app.command()
 @guarded
 def export(
-    release: Path = typer.Argument(..., help="The release folder (a `harden` output with freeze_mask.safetensors)."),
+    release: Path = typer.Argument(..., help="The release folder (a `harden` output with freeze_mask.safetensors), or "
+                                   "a hub id in the local hub cache (org/name[@REVISION])."),
     format: str = typer.Option(..., "--format", help="names (frozen tensors, one per line) | regex (one pattern "
                                "that full-matches them) | peft (LoraConfig target_modules / exclude_modules, JSON) "
                                "| kohya (frozen layers in kohya's LoRA naming: sd-scripts has no module filter) | "
@@ -35,6 +36,9 @@ def export(
 
     if format not in FORMATS:
         raise UserError(f"--format {shown(format)}: expected one of {', '.join(FORMATS)}")
+    from raystack.verification import release_folder
+
+    release = release_folder(release)
     if out is not None:
         from raystack.outputs import check_output_file
 
@@ -77,7 +81,9 @@ def check(
     from raystack.errors import UserError
     from raystack.mask_tools import check_derivative, load_release
     from raystack.outputs import check_disjoint, shown
-    from raystack.verification import verified_release
+    from raystack.verification import release_folder, verified_release
+
+    release = release_folder(release, "--release")
 
     if json_out is not None:
         check_disjoint(json_out, [("--release", release), ("--derivative", derivative), ("--mask", mask)],

@@ -13,7 +13,8 @@ from .common import console, guarded
 
 
 @guarded
-def verify(out: Path = typer.Argument(..., help="A folder written by `harden` or `erase` (with manifest.json)."),
+def verify(out: Path = typer.Argument(..., help="A folder written by `harden` or `erase` (with manifest.json), or "
+                                      "a hub id in the local hub cache (org/name[@REVISION])."),
            public_key: Optional[Path] = typer.Option(
                None, "--public-key", help="Ed25519 public key (PEM) of the publisher: the manifest's signature "
                "(manifest.sig) must match it."),
@@ -32,6 +33,9 @@ def verify(out: Path = typer.Argument(..., help="A folder written by `harden` or
     from raystack.verification import MANIFEST, check_release
     from raystack.signing import SIGNATURE_FILE
 
+    from raystack.verification import release_folder
+
+    out = release_folder(out)
     v = check_release(out, public_key, strict=strict)
     colors = {"EXTRA": "yellow", "NOT COVERED": "yellow"}
     for label, what in v.problems + v.uncovered:

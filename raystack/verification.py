@@ -298,6 +298,18 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "", 
     return v
 
 
+def release_folder(value: Path | str, flag: str = "release") -> Path:
+    """A release named as a folder, or as a hub id in the local hub cache (`org/name[@REVISION]`: what a hub
+    user downloaded): its snapshot folder. Nothing is downloaded."""
+    p = Path(value)
+    text = str(value)
+    if p.exists() or "/" not in text or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        return p
+    from .models.pipeline_io import resolve_model_path
+
+    return resolve_model_path(text, flag)
+
+
 def verified_release(folder: Path, public_key: Path | None = None, flag: str = "--release",
                      strict: bool = False) -> Verification:
     """`check_release`, refusing (RunFailed, exit 1) a release that does not verify."""

@@ -103,7 +103,7 @@ def test_an_sd15_release_keeps_license_notices_card_and_safety_checker(method, e
     assert pipe.safety_checker is not None
 
 
-def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte(data, tmp_path):
+def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte(data, tmp_path, monkeypatch):
     """The tiny world released, then laid out as a hub cache (snapshots/<rev>/ linking into blobs/) with the hub's
     .gitattributes added: verify passes (the card and .gitattributes listed as not covered), and one byte
     changed in the UNet's weights fails it."""
@@ -112,7 +112,10 @@ def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte
     card = _card(out)
     assert card["license"] == "apache-2.0" and "Not evaluated in this card" in card["text"]
     repo = tmp_path / "cache" / "models--publisher--tiny-hardened"
-    snap = repo / "snapshots" / "0123abcd"
+    commit = "0123abcd" * 5
+    snap = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
     shutil.copytree(out, snap)
     (snap / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
     (repo / "blobs").mkdir()
@@ -124,6 +127,18 @@ def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte
     assert res.exit_code == 0, res.output + res.stderr
     assert "NOT COVERED .gitattributes" in res.stdout and "NOT COVERED README.md" in res.stdout
     assert CliRunner().invoke(app, ["verify", str(snap), "--strict"]).exit_code == 1
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for name in ("publisher/tiny-hardened", f"publisher/tiny-hardened@{commit}", "publisher/tiny-hardened@main"):
+        res = CliRunner().invoke(app, ["verify", name])  # a hub id, from the local cache
+        assert res.exit_code == 0 and "OK" in res.stdout, res.output + res.stderr
+    res = CliRunner().invoke(app, ["mask", "check", "--release", "publisher/tiny-hardened", "--derivative", str(snap)])
+    assert res.exit_code == 0, res.output + res.stderr
+    for bad, why in (("publisher/unknown", "and publisher/unknown is not in the local hub cache"),
+                     ("publisher/tiny-hardened@v9", "revision v9 of publisher/tiny-hardened is not")):
+        res = CliRunner().invoke(app, ["verify", bad])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, res.stderr
     weights = (snap / "unet" / "diffusion_pytorch_model.safetensors").resolve()
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 1

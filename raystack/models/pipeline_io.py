@@ -39,20 +39,23 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike | None, flag: str = "--model") -> Path:
-    """A local pipeline folder for `model`: a path, an already-cached hub id, or the tiny world if None."""
+    """A local pipeline folder for `model`: a path, a hub id already in the local hub cache (`org/name`, or
+    `org/name@REVISION`: a branch, tag or commit), or the tiny world if None."""
     if model is None or str(model) in ("", "tiny", "tinyworld"):
         return default_model_path()
     p = Path(model).expanduser()
     if p.exists():
         return p
     if "/" in str(model) and not str(model).startswith((".", "/")):
+        repo, _, revision = str(model).partition("@")
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(str(model), local_files_only=True))
+            return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
         except Exception:
-            raise UserError(f"{flag} {shown(str(model))}: not a local folder and not in the local hub cache "
-                            "(nothing is downloaded; copy the pipeline to a folder)") from None
+            what = f"revision {shown(revision)} of {shown(repo)} is" if revision else f"{shown(repo)} is"
+            raise UserError(f"{flag} {shown(str(model))}: not a local folder, and {what} not in the local hub cache "
+                            "(nothing is downloaded: download it first, or copy the pipeline to a folder)") from None
     raise UserError(f"{flag} {shown(str(model))}: no such file or folder")
 
 
