@@ -115,9 +115,10 @@ def check_path_arguments(fn, kwargs: dict) -> None:
                 outputs.check_local_path(v, flags.get(name, f"--{name.replace('_', '-')}"))
 
 
-def quiet_libraries() -> None:
-    """Silence the progress bars and notices of diffusers/transformers/deepspeed; ours are rich."""
-    if not _has_cuda_hint():
+def quiet_libraries(use_gpu: bool = False) -> None:
+    """Silence the progress bars and notices of diffusers/transformers/deepspeed; ours are rich. DeepSpeed is
+    told it has no GPU only where it surely has none and the run asked for none (`use_gpu`: --use-gpu)."""
+    if not use_gpu and not _has_cuda_hint():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -141,4 +142,10 @@ def quiet_libraries() -> None:
 
 
 def _has_cuda_hint() -> bool:
-    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+    """A GPU may be here (checked without importing torch): a container's GPU need not be /dev/nvidia0."""
+    import glob
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") or \
+            os.environ.get("NVIDIA_VISIBLE_DEVICES", "void").lower() not in ("", "void", "none"):
+        return True
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))

@@ -37,7 +37,7 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
     validate_inputs(spec)
     mark("validated")
-    quiet_libraries()
+    quiet_libraries(spec.use_gpu)  # a GPU run never gets DeepSpeed's CPU accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from raystack.hardening.driver import run_harden

@@ -49,8 +49,9 @@ def tune(
     from raystack.hardening.driver import check_writable
     from raystack.outputs import check_disjoint, output_lock
     from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, local_cpus, will_embed
-    from raystack.tuning.sweep import sweep_inputs
+    from raystack.tuning.sweep import sweep_inputs, trial_resources
 
+    trial_resources(spec)  # a GPU setting is refused before Ray starts (a trial runs on one CPU)
     check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
     from raystack.outputs import check_replaceable

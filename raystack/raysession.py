@@ -125,8 +125,10 @@ def init_ray(cluster: str | None, use_gpu: bool, num_cpus: int) -> str:
 
     from .timing import ENV as TIMING_ENV
 
+    # DeepSpeed's accelerator said either way: a DS_ACCELERATOR=cpu of the driver's environment (a shell's, or
+    # quiet_libraries' guess) must not reach GPU workers, where DeepSpeed would run its CPU accelerator
     runtime_env = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-                                **({} if use_gpu else {"DS_ACCELERATOR": "cpu"}),
+                                "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
                                 **({TIMING_ENV: os.environ[TIMING_ENV]} if os.environ.get(TIMING_ENV) else {})}}
     if cluster and cluster != "auto":
         check_reachable(cluster, "--cluster")  # a named cluster must answer, even where Ray already runs

@@ -360,3 +360,13 @@ def test_textual_inversion_needs_its_word_in_the_judges_target_prompts(tmp_path)
     assert concept_word(space, "sunset", tmp_path / "atk", prompts=ok) == "circle"
     with pytest.raises(UserError, match="fixed.token circle: the judge's target prompt"):
         concept_word(space, "sunset", tmp_path / "atk", prompts=["a red square in sunset style"])
+
+
+def test_an_attack_space_asking_for_a_gpu_is_refused():
+    """A red-team trial holds one CPU: an attack set to cuda would not run where it says (issue 41, item 5)."""
+    from raystack.specs import build_spec
+
+    base = {"name": "g", "budget": 40, "search": {"lr": {"choice": [1e-3]}}}
+    for change in ({"fixed": {"device": "cuda", "steps": 20}}, {"search": {"device": {"choice": ["cpu", "cuda"]}}}):
+        with pytest.raises(UserError, match="device: a red-team trial runs on one CPU"):
+            build_spec(AttackSpace, {**base, **change}, source="space")

@@ -27,6 +27,7 @@ def world(tmp_path_factory):
     write_concept_folder(d / "l", ["square"], ["blue"], ["striped", "plain"], 1, 2, None, False)
     (d / "space.yaml").write_text(SPACE)
     (d / "ti.yaml").write_text(SPACE.replace("[lora, full]", "[lora, textual-inversion]"))
+    (d / "ti_only.yaml").write_text(SPACE.replace("[lora, full]", "[textual-inversion]"))
     return d
 
 
@@ -122,11 +123,15 @@ def test_bad_attacker_space_settings_are_refused(world, kw, says):
         _spec(world, **kw)
 
 
-def test_a_space_with_an_attack_the_pool_cannot_simulate_is_refused(world):
+def test_the_pool_draws_the_methods_it_can_simulate_and_refuses_a_space_of_none(world):
+    """Textual inversion leaves the UNet as it is and grows the tokenizer: the pool draws a space's other
+    methods (the red team judges TI), and a space that offers nothing else is refused."""
     from raystack.errors import UserError
+    from raystack.hardening.attacker_pool import draw_pool
 
+    assert {a.method for a in draw_pool(_spec(world, attacker_space=world / "ti.yaml"))} == {"lora"}
     with pytest.raises(UserError, match="method textual-inversion cannot be simulated"):
-        _spec(world, attacker_space=world / "ti.yaml")
+        _spec(world, attacker_space=world / "ti_only.yaml")
 
 
 def _fag(world, **kw):

@@ -252,10 +252,13 @@ class TextualInversion(Adaptation):
         return {"embeds": self.pipe.text_encoder.get_input_embeddings().weight.detach()[self.ids].clone()}
 
     def load_state(self, state: dict) -> None:
+        """`state` may come from a checkpoint read on the CPU: an indexed write does not move it, so it is put
+        on the embedding's device (and dtype) here."""
         import torch
 
+        w = self.pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            self.pipe.text_encoder.get_input_embeddings().weight[self.ids] = state["embeds"]
+            w[self.ids] = state["embeds"].to(w.device, w.dtype)
 
     def after_step(self) -> None:
         import torch

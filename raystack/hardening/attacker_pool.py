@@ -27,22 +27,30 @@ from ..errors import UserError
 from ..outputs import shown
 
 SIMULATED = ("lora", "dreambooth-lora", "full", "dreambooth")
-"""Attack methods the pool can simulate (textual inversion grows the tokenizer, which cannot be undone
-between turns; a space that draws it is refused)."""
+"""Attack methods the pool can simulate. Textual inversion is not (it grows the tokenizer, which cannot be undone
+between turns, and it leaves the UNet as it is): the pool draws from a space's other methods, and the red team
+judges textual inversion; a space with no other method is refused."""
 DENSE = ("full", "dreambooth")
 
 
 def draw_pool(spec) -> list:
-    """The pool's attack configurations (AttackSpecs), drawn from `spec.attacker_space` with `spec.seed`;
-    refused with one line if the space can draw something the pool cannot simulate."""
+    """The pool's attack configurations (AttackSpecs), drawn from `spec.attacker_space` with `spec.seed` among the
+    methods it can simulate (`SIMULATED`); refused with one line if the space offers none of them, or fixes one
+    it cannot simulate."""
     from ..attacks.spec import AttackSpec
     from ..redteam.space import draw_attacks, load_attack_space
     from ..specs import build_spec
 
+    import dataclasses
+
     space = load_attack_space(spec.attacker_space, flag="--attacker-space")
     methods = {space.fixed.get("method", "lora")}
     if "method" in space.search:
-        methods |= set(next(iter(space.search["method"].values())))
+        (kind, values), = space.search["method"].items()
+        simulated = [m for m in values if m in SIMULATED]
+        if simulated and len(simulated) < len(values):  # e.g. the red team's space, with textual inversion
+            space = dataclasses.replace(space, search={**space.search, "method": {kind: simulated}})
+        methods |= set(simulated or values)
     bad = sorted(str(m) for m in methods if m not in SIMULATED)
     if bad:
         raise UserError(f"--attacker-space {shown(spec.attacker_space)}: method {bad[0]} cannot be simulated "
@@ -152,7 +160,9 @@ class AttackerPool:
         out["pool/meta"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
         return out
 
-    def load_state(self, tensors: dict) -> None:
+    def load_state(self, tensors: dict, device=None) -> None:
+        """`device`: the UNet's; the checkpoint is read on the CPU, and a member's φ is used beside the UNet (its
+        moments follow φ when its optimizer loads them)."""
         from ..checkpoint import unflatten_optimizer
 
         meta = json.loads(bytes(tensors["pool/meta"].tolist()).decode())
@@ -160,6 +170,6 @@ class AttackerPool:
         for k, (m, mm) in enumerate(zip(self.members, meta["members"])):
             m.steps_taken, m.restarts = mm["steps_taken"], mm["restarts"]
             prefix = f"pool/{k}/phi/"
-            m.phi = {n[len(prefix):]: v.clone() for n, v in tensors.items() if n.startswith(prefix)}
+            m.phi = {n[len(prefix):]: v.to(device, copy=True) for n, v in tensors.items() if n.startswith(prefix)}
             m.opt = (unflatten_optimizer(f"pool/{k}/opt", tensors, {f"pool/{k}/opt": mm["opt"]})
                      if mm["opt"] is not None else None)

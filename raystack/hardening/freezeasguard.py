@@ -47,8 +47,11 @@ def _build_mask_module():
     return MaskLogits
 
 
-def new_mask_logits(n: int, seed: int = 0):
-    return _build_mask_module()(n, seed=seed)
+def new_mask_logits(n: int, seed: int = 0, device=None):
+    """Drawn on the CPU (the same logits on every device), then put on the UNet's `device`: without DeepSpeed
+    nothing else moves them, and the mask step would mix them with the couplings on the GPU."""
+    mod = _build_mask_module()(n, seed=seed)
+    return mod if device is None else mod.to(device)
 
 
 def user_steps(params: list, theta_d, m, loss_fn, lr: float, steps: int, all_reduce=None) -> float:
@@ -58,6 +61,8 @@ def user_steps(params: list, theta_d, m, loss_fn, lr: float, steps: int, all_red
     from .sharded import ShardedTensors
 
     store = ShardedTensors.wrap(theta_d)  # a list, or the copy partitioned across ranks (ZeRO-3)
+    free = 1.0 - m
+    d_rates, m_rates = (lr * free).tolist(), (lr * free * free).tolist()  # one host transfer, not two per tensor
     last = 0.0
     for _ in range(steps):
         loss = loss_fn()
@@ -66,9 +71,8 @@ def user_steps(params: list, theta_d, m, loss_fn, lr: float, steps: int, all_red
             all_reduce(grads)
         with torch.no_grad():
             for i, (p, g) in enumerate(zip(params, grads)):
-                free = 1.0 - m[i]
-                store.add_(i, g, float(lr * free))  # Eq. 9
-                p.sub_(g, alpha=float(lr * free * free))  # Eq. 10
+                store.add_(i, g, d_rates[i])  # Eq. 9
+                p.sub_(g, alpha=m_rates[i])  # Eq. 10
         last = float(loss.detach())
     return last
 
@@ -91,9 +95,10 @@ def follow_mask(params: list, theta_d, m_old, m_new) -> None:
     from .sharded import ShardedTensors
 
     store = ShardedTensors.wrap(theta_d)
+    dms = (m_new - m_old).tolist()  # one host transfer; the same on every rank (one mask), so each takes part in full()
     with torch.no_grad():
         for i, p in enumerate(params):
-            dm = float(m_new[i] - m_old[i])  # the same on every rank (one mask), so each takes part in full()
+            dm = dms[i]
             if dm:
                 p.add_(store.full(i), alpha=dm)
 
@@ -148,7 +153,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
         self.params = [p for _, p in pipe.unet.named_parameters()]
         for p in self.params:
             p.requires_grad_(True)
-        self.mask_module = new_mask_logits(len(self.params), seed=spec.seed)
+        self.mask_module = new_mask_logits(len(self.params), seed=spec.seed, device=self.params[0].device)
         self.noise = train_noise_scheduler(pipe)
         self.generator = torch.Generator().manual_seed(spec.seed * 7919 + rank)
         self.theta_d = None  # ShardedTensors after prepare() or load_state()
@@ -217,10 +222,11 @@ class FreezeAsGuardRecipe(HardeningPhase):
         if self.pool is not None:  # each drawn user starts from θ_ft and keeps its own copy of it
             self.theta_pre, self.theta_ft0 = pre, [p.detach().clone() for p in self.params]
             return {"finetune_loss": last}
+        ms = m.tolist()
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 pre.add_(i, p.detach(), -1.0)  # θ_d = θ_pre − θ_ft
-                p.add_(pre.full(i), alpha=float(m[i]))
+                p.add_(pre.full(i), alpha=ms[i])
         self.theta_d = pre
         return {"finetune_loss": last}
 
@@ -299,13 +305,14 @@ class FreezeAsGuardRecipe(HardeningPhase):
             self.user_opts[k] = opt
         kw = {"snr_gamma": member.attack.snr_gamma, "noise_offset": member.attack.noise_offset}
         self._set_relaxed(ft, m)
+        free = [1.0 - mi for mi in m.tolist()]  # one host transfer for the turn
         low = 0.0
         for _ in range(self.spec.user_steps):
             loss = self._low(**kw)
             grads = list(torch.autograd.grad(loss, self.params))
             all_reduce_mean(grads)
             for i, (t, g) in enumerate(zip(ft, grads)):
-                t.grad = (g * (1.0 - float(m[i]))).to(t.dtype) if trains[i] else None
+                t.grad = (g * free[i]).to(t.dtype) if trains[i] else None
             torch.nn.utils.clip_grad_norm_([t for t, on in zip(ft, trains) if on], GRAD_CLIP)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -324,8 +331,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
         import torch
 
         with torch.no_grad():
-            for i, (p, p0, t) in enumerate(zip(self.params, self.theta_pre, ft)):
-                mi = float(m[i])
+            for p, p0, t, mi in zip(self.params, self.theta_pre, ft, m.tolist()):  # one host transfer
                 p.copy_(p0 * mi + t * (1.0 - mi))
 
     def result(self) -> PhaseResult:
@@ -382,7 +388,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
             dev = self.params[0].device  # the checkpoint is read on the CPU
             self.theta_pre = [tensors[f"theta_pre/{n}"].to(dev, copy=True) for n in self.names]
             self.theta_ft0 = [tensors[f"theta_ft0/{n}"].to(dev, copy=True) for n in self.names]
-            self.pool.load_state(tensors)
+            self.pool.load_state(tensors, dev)
             self.user_opts = {}
             self.generator.set_state(tensors["rng/generator"])
             with self.engine.gather(self.mask_module.w, modifier_rank=0), torch.no_grad():

@@ -396,11 +396,12 @@ class IMMARecipe(HardeningPhase):
 
         load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")},
                        released_names=True)
-        if self.pool is not None:
-            self.pool.load_state(tensors)
+        if self.pool is not None:  # the checkpoint is read on the CPU: φ goes where the UNet is
+            self.pool.load_state(tensors, next(self.pipe.unet.parameters()).device)
             self.generator.set_state(tensors["rng/generator"])
             return
-        phi = {k[4:]: v for k, v in tensors.items() if k.startswith("phi/")}
+        dev = self.ad.parameters()[0].device  # the warm start lives beside φ, as in an uninterrupted run
+        phi = {k[4:]: v.to(dev, copy=True) for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
         if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):
             from .comm import indexed_param_groups

@@ -104,6 +104,9 @@ class LocalEngine:
 
     def __init__(self, phase: HardeningPhase):
         self.module = phase.engine_module()
+        unet = getattr(phase.pipe, "unet", None)
+        if self.module is not None and unet is not None:  # as DeepSpeed puts it on the rank's device
+            self.module.to(next(unet.parameters()).device)
         self.optimizer = phase.make_optimizer()
         self.params = phase.engine_params()
 

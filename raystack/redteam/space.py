@@ -87,6 +87,9 @@ class AttackSpace:
         for key in ("data", "out", "model", "freeze_mask", "overwrite"):
             if key in self.search or key in self.fixed:
                 raise UserError(f"{key}: set by the red-team run, not by the space")
+        if self.fixed.get("device") == "cuda" or "device" in self.search:
+            raise UserError("device: a red-team trial runs on one CPU (Ray gives it no GPU), so a cuda attack would "
+                            "not run where it says; leave device out")
         self.check_values()
         from ..attacks.spec import AttackSpec
         from ..specs import build_spec

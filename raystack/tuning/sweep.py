@@ -243,16 +243,31 @@ def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = No
                               max_concurrent=max_concurrent)
 
 
+def trial_resources(space: TuneSpace) -> dict:
+    """What one trial holds: one CPU. Its hardening and attacks run in the trial's own process (a one-process
+    gloo group), where Ray shows no GPU to a trial that holds none: a GPU setting would silently run on the CPU,
+    so it is refused with one line instead."""
+    asks = [("harden.use_gpu", space.harden.get("use_gpu")), ("search.use_gpu", "use_gpu" in space.search)]
+    asks += [(f"attacks[{i}].device", (a or {}).get("device") == "cuda") for i, a in enumerate(space.attacks)]
+    asks.append(("legal_finetune.device", (space.legal_finetune or {}).get("device") == "cuda"))
+    for key, on in asks:
+        if on:
+            raise UserError(f"{key}: a sweep runs each trial on one CPU, where no GPU is visible; leave it out, "
+                            "or rerun the best setting with `immunize-cli harden --config best.yaml --use-gpu`")
+    return {"cpu": 1}
+
+
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
               resume: bool = False) -> dict:
     from ray import tune
 
     from ..outputs import make_output_dir
 
+    resources = trial_resources(space)  # before any folder is made
     out = make_output_dir(Path(out).resolve())
     data = prepare_data(space, out)
     storage, name = out / "tune", space.name
-    trainable = tune.with_resources(run_trial, {"cpu": 1})
+    trainable = tune.with_resources(run_trial, resources)
     if resume:
         if not tune.Tuner.can_restore(str(storage / name)):
             raise UserError(f"--resume: no sweep to resume in {storage / name}")
