@@ -518,6 +518,14 @@ def source_identity(src: Path) -> str:
         return "tinyworld"
     if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
         return f"{real.parent.parent.name[len('models--'):].replace('--', '/')}@{real.name}"
+    from ..models.single_file import PROVENANCE_FILE
+
+    if (real / PROVENANCE_FILE).is_file():  # converted from a single-file checkpoint: that file, by name and hash
+        try:
+            prov = json.loads((real / PROVENANCE_FILE).read_text())
+            return f"{prov['single_file']} (single file, sha256 {prov['sha256']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     return real.name
 
 

@@ -40,11 +40,17 @@ def default_model_path() -> Path:
 
 def resolve_model_path(model: str | os.PathLike | None, flag: str = "--model") -> Path:
     """A local pipeline folder for `model`: a path, a hub id already in the local hub cache (`org/name`, or
-    `org/name@REVISION`: a branch, tag or commit), or the tiny world if None."""
+    `org/name@REVISION`: a branch, tag or commit), or the tiny world if None. A single-file SD-1.x/2.x/XL
+    `.safetensors` checkpoint is converted once into a cached diffusers folder, which is returned
+    (`single_file.single_file_pipeline`); a pickled checkpoint (.ckpt/.pt/...) is refused."""
     if model is None or str(model) in ("", "tiny", "tinyworld"):
         return default_model_path()
     p = Path(model).expanduser()
     if p.exists():
+        if p.is_file():
+            from .single_file import single_file_pipeline
+
+            return single_file_pipeline(p, flag)
         return p
     if "/" in str(model) and not str(model).startswith((".", "/")):
         repo, _, revision = str(model).partition("@")
