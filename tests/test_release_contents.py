@@ -178,3 +178,16 @@ def test_card_adds_the_red_team_and_report_and_the_release_still_verifies(data, 
         res = CliRunner().invoke(app, ["card", *argv])
         assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, res.stderr
     assert (out / "README.md").read_bytes() == before
+
+
+def test_a_model_not_in_the_hub_cache_is_one_line_and_nothing_is_written(data, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for model, why in (("someone/model", "someone/model is not in the local hub cache"),
+                       ("someone/model@v2", "revision v2 of someone/model is not in the local hub cache")):
+        out = tmp_path / "out"
+        res = CliRunner().invoke(app, ["harden", "--method", "random-freeze", "--model", model, "--target",
+                                       str(data / "t"), "--legal", str(data / "l"), "--out", str(out)])
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, res.stderr
+        assert not out.exists() and not (tmp_path / "out.run").exists()
