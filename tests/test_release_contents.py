@@ -135,6 +135,9 @@ def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte
         assert res.exit_code == 0 and "OK" in res.stdout, res.output + res.stderr
     res = CliRunner().invoke(app, ["mask", "check", "--release", "publisher/tiny-hardened", "--derivative", str(snap)])
     assert res.exit_code == 0, res.output + res.stderr
+    again = _harden("random-freeze", f"publisher/tiny-hardened@{commit}", tmp_path / "again", data, rho=0.3)
+    assert again["source_model"] == f"publisher/tiny-hardened@{commit}"  # a hub download: its id and revision
+    assert _card(tmp_path / "again")["base_model"] == "publisher/tiny-hardened"
     for bad, why in (("publisher/unknown", "and publisher/unknown is not in the local hub cache"),
                      ("publisher/tiny-hardened@v9", "revision v9 of publisher/tiny-hardened is not")):
         res = CliRunner().invoke(app, ["verify", bad])

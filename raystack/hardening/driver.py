@@ -420,7 +420,9 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
         from ..release_card import CARD_FILE, make_card
 
         # after the hashes: the card is the publisher's to edit (verify lists it as not covered)
-        (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src, travelling)))
+        hub_id = manifest["source_model"].split("@")[0] if "@" in manifest["source_model"] else None
+        (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src, travelling),
+                                               base_model=hub_id))  # a hub download: its id is the base model
         if spec.sign_key is not None:
             from ..signing import SIGNATURE_FILE, load_private_key, sign_manifest
 
