@@ -318,7 +318,13 @@ def test_the_sd_attack_space_states_its_budget_and_cost():
     space = load_attack_space(ROOT / "attack_spaces" / "sd.yaml")
     assert space.search["lr"] == {"loguniform": [1e-6, 1e-3]}
     assert min(space.search["rank"]["choice"]) == 4 and max(space.search["rank"]["choice"]) == 128
-    assert "textual-inversion" in space.search["method"]["choice"]
+    assert {"textual-inversion", "dreambooth"} <= set(space.search["method"]["choice"])
+    from raystack.judges import load_concept_file
+    from raystack.redteam.sweep import concept_word
+
+    prompts = load_concept_file(ROOT / "concepts" / "van_gogh.yaml")["prompts"]
+    space.fixed["token"] = "Gogh"  # as the header's command sets it: a word of every target prompt
+    assert concept_word(space, "van-gogh", ROOT, prompts=prompts) == "Gogh"
 
 
 # end to end ------------------------------------------------------------------------------------------------
