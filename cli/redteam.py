@@ -34,6 +34,10 @@ def redteam(
     concepts: Optional[Path] = typer.Option(None, "--concepts", help="Concept file for the CLIP judge (see "
                                             "concepts/): the target's name, prompts and labels, its alternatives, "
                                             "and the other concepts the capability guard keeps."),
+    use_gpu: bool = typer.Option(False, "--use-gpu/--no-use-gpu", help="Each trial holds one GPU and attacks and "
+                                 "scores on it (--max-concurrent trials at once need as many GPUs); re-scoring and "
+                                 "the reference attacks run on this machine's GPU when it has one. Without it every "
+                                 "trial runs on one CPU core."),
     noncompliant: bool = typer.Option(True, "--noncompliant/--compliant-only", help="A masked model is attacked "
                                       "twice: respecting its mask and ignoring it. --compliant-only skips the "
                                       "second (its attacker faces the source's weights, e.g. when the original "
@@ -61,7 +65,7 @@ def redteam(
     from raystack.raysession import check_local_capacity, init_ray, will_embed
 
     if will_embed(cluster):
-        check_local_capacity(max_concurrent, False, "--max-concurrent")
+        check_local_capacity(max_concurrent, use_gpu, "--max-concurrent")
     from raystack.redteam.space import check_budget_for_model
 
     for t in targets:
@@ -83,16 +87,17 @@ def redteam(
         load_judge(judged)
     with output_lock(out):
         check_resumable(out, spec, targets, data, target, resume, judged)  # again: another run may have written
-        quiet_libraries()
+        quiet_libraries(use_gpu)
         from raystack.redteam.sweep import run_redteam
         from raystack.runtime import configure_threads
 
         configure_threads()
-        console.print(f"ray: {init_ray(cluster, False, max(2, 2 * max_concurrent))}")
+        console.print(f"ray: {init_ray(cluster, use_gpu, max(2, 2 * max_concurrent))}")
         with console.status("red team") as status:
             report = run_redteam(spec, targets, data, target, out, max_concurrent,
                                  on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
-                                 resume=resume, judge_spec=judged if judged["kind"] == "clip" else None)
+                                 resume=resume, judge_spec=judged if judged["kind"] == "clip" else None,
+                                 use_gpu=use_gpu)
     console.print(worst_case_table(report))
     for name, m in report["models"].items():
         c = model_trial_counts(m)

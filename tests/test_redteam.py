@@ -370,3 +370,48 @@ def test_an_attack_space_asking_for_a_gpu_is_refused():
     for change in ({"fixed": {"device": "cuda", "steps": 20}}, {"search": {"device": {"choice": ["cpu", "cuda"]}}}):
         with pytest.raises(UserError, match="device: a red-team trial runs on one CPU"):
             build_spec(AttackSpace, {**base, **change}, source="space")
+
+
+def test_use_gpu_trials_hold_a_gpu_and_attack_and_score_on_it(monkeypatch, tmp_path, tiny_model_path):
+    """`redteam --use-gpu`: each trial asks Ray for a GPU and moves its pipeline there before the attack, which
+    runs with device cuda; without it the trial stays on the CPU (a trial once always ran on the CPU)."""
+    import ray.tune
+
+    import raystack.attacks.recipe as recipe
+    import raystack.tuning.sweep as tuning_sweep
+    from raystack.redteam import sweep
+
+    seen = {}
+
+    class Pipe:
+        def to(self, device):
+            seen["pipe_device"] = device
+            return self
+
+    monkeypatch.setattr(sweep, "_warm_pipeline", lambda model: Pipe())
+    monkeypatch.setattr(sweep, "_warm_judge", lambda concept=None: None)
+    monkeypatch.setattr(sweep, "_scores", lambda *a, **k: (0.5, 0.5))
+    monkeypatch.setattr(tuning_sweep, "trial_output_dir", lambda kind: tmp_path / "attack")
+    monkeypatch.setattr(recipe, "run_attack", lambda spec, on_step=None, pipe=None: seen.update(spec_device=spec.device))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
+    space = AttackSpace(name="g", budget=40, search={"lr": {"choice": [1e-3]}}, fixed={"steps": 20})
+    for use_gpu, device in ((True, "cuda"), (False, "cpu")):
+        sweep.attack_trial({"space": {k: getattr(space, k) for k in space.__dataclass_fields__}, "lr": 1e-3,
+                            "target": {"name": "m", "model": str(tiny_model_path)}, "data": str(tmp_path),
+                            "concept": "sunset", "use_gpu": use_gpu})
+        assert seen == {"pipe_device": device, "spec_device": device}
+    asked = []
+    monkeypatch.setattr(ray.tune, "with_resources", lambda fn, res: asked.append(res) or fn)
+
+    class Tuner:
+        def __init__(self, *a, **k):
+            pass
+
+        def fit(self):
+            return []
+
+    monkeypatch.setattr(ray.tune, "Tuner", Tuner)
+    for use_gpu in (True, False):
+        sweep._sweep_one(space, sweep.Target("m", str(tiny_model_path)), tmp_path, "sunset", tmp_path / "out" / "tune",
+                         1, use_gpu=use_gpu)
+    assert asked == [{"cpu": 1, "gpu": 1}, {"cpu": 1}]

@@ -164,7 +164,7 @@ def _scores(pipe, space: AttackSpace, concept, judge, seed: int, target_n: int, 
 
 #: config entries set by the run, not drawn ("attacks": older runs; "unattacked_others": the guard's reference;
 #: "concept_word": the target's word in the attacker's captions, `attacker_settings`)
-_RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others", "concept_word")
+_RUN_KEYS = ("space", "target", "data", "concept", "attacks", "unattacked_others", "concept_word", "use_gpu")
 
 
 def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--data",
@@ -311,12 +311,14 @@ def attack_trial(config: dict) -> None:
 
     attack_dir = trial_output_dir("attacks")
     settings = {"method": "lora", "seed": space.seed, **space.fixed, **drawn}
+    device = "cuda" if config.get("use_gpu") else "cpu"  # --use-gpu: the trial holds one GPU (Ray sets which)
     values = {**settings, **attacker_settings(settings, config.get("concept_word")), "data": config["data"],
-              "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True}
+              "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True,
+              "device": device}
     spec = build_spec(AttackSpec, values, source="trial")
     to_prompt = trial_prompt(spec)
     judge = _warm_judge(config["concept"])  # a tiny-world concept's name, or a CLIP judge's spec
-    pipe = _warm_pipeline(target.model)
+    pipe = _warm_pipeline(target.model).to(device)  # the attack, and its scoring, where the trial's device is
     clock = {"first_step": None, "score": 0.0}
 
     def score(n_others):
@@ -365,7 +367,8 @@ def attack_trial(config: dict) -> None:
 
 
 def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
-               resume: bool = False, others_unattacked: float | None = None, word: str | None = None):
+               resume: bool = False, others_unattacked: float | None = None, word: str | None = None,
+               use_gpu: bool = False):
     """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished and errored
     ones rerun; a finished sweep is read back). The search starts from the space's strong corners
     (`space.strong_corners`, as many as the trials allow) and optimises `guarded_objective` against
@@ -378,7 +381,7 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     from .space import strong_corners
 
     name = f"{space.name}-{target.name}"
-    trainable = tune.with_resources(attack_trial, {"cpu": 1})
+    trainable = tune.with_resources(attack_trial, {"cpu": 1, "gpu": 1} if use_gpu else {"cpu": 1})
     if resume and tune.Tuner.can_restore(str(storage / name)):
         with quiet_trial_errors():  # each failed trial is recorded and reported by the red team
             return tune.Tuner.restore(str(storage / name), trainable, resume_errored=True).fit()
@@ -387,7 +390,7 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
                        "target": target.__dict__, "data": str(data), "concept": concept,
-                       "unattacked_others": others_unattacked, "concept_word": word})
+                       "unattacked_others": others_unattacked, "concept_word": word, "use_gpu": use_gpu})
     points = strong_corners(space)[:space.samples] if space.algorithm != "grid" else None
     tuner = tune.Tuner(
         trainable, param_space=space_dict,
@@ -477,7 +480,7 @@ def _settings_key(values: dict, seed: int) -> str:
 
 
 def reference_attack(values: dict, index: int, target: Target, space: AttackSpace, data: Path, concept: str,
-                     judge, out: Path) -> dict:
+                     judge, out: Path, device: str = "cpu") -> dict:
     """A reference attack (e.g. the default full fine-tune) on one model, scored like the re-scored winners;
     an output already in `out` (a resumed run) is scored again, not retrained."""
     from ..attacks.loading import load_attacked_pipeline
@@ -487,12 +490,12 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
     from ..specs import build_spec
 
     spec = build_spec(AttackSpec, {"seed": space.seed, **values, "data": str(data), "model": target.model,
-                                   "freeze_mask": target.mask, "out": str(out), "overwrite": True},
+                                   "freeze_mask": target.mask, "out": str(out), "overwrite": True, "device": device},
                       source=f"reference_attacks[{index}]")
     if (out / "attack.json").is_file():
-        pipe, info = load_attacked_pipeline(out)
+        pipe, info = load_attacked_pipeline(out, device=device)
     else:
-        pipe = load_pipeline(target.model)
+        pipe = load_pipeline(target.model, device=device)
         info = run_attack(spec, pipe=pipe)
     return {"attack": values, "steps": spec.steps, "lr": spec.lr,
             **rescored_scores(pipe, space, concept, judge, attacked_prompts(info)),
@@ -520,7 +523,7 @@ def strongest_known(best: dict | None, references: list[dict], others_unattacked
 
 
 def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept: str, judge,
-                               others_unattacked: float) -> list[dict]:
+                               others_unattacked: float, device: str = "cpu") -> list[dict]:
     """Re-score the strongest guarded trials (`rescore_top` of them), then further down the list while none
     passes the guard on its re-scored numbers, at most `rescore_limit`: the strongest attacks sit on the guard's
     edge (they trade the other concepts for the target), so the first few often fail it on more samples."""
@@ -530,16 +533,16 @@ def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept:
                 passes_guard(x["rescored"]["others"], others_unattacked, space.guard) for x in done):
             break
         checkpoint_as_attack(r)
-        r["rescored"] = rescore(r, space, concept, judge)
+        r["rescored"] = rescore(r, space, concept, judge, device)
         done.append(r)
     return done
 
 
-def rescore(row: dict, space: AttackSpace, concept: str, judge) -> dict:
+def rescore(row: dict, space: AttackSpace, concept: str, judge, device: str = "cpu") -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
 
-    pipe, info = load_attacked_pipeline(Path(row["path"]))
+    pipe, info = load_attacked_pipeline(Path(row["path"]), device=device)
     return rescored_scores(pipe, space, concept, judge, attacked_prompts(info))
 
 
@@ -665,7 +668,8 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
 
 
 def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: str, out: Path,
-                max_concurrent: int = 1, on_model=None, resume: bool = False, judge_spec: dict | None = None) -> dict:
+                max_concurrent: int = 1, on_model=None, resume: bool = False, judge_spec: dict | None = None,
+                use_gpu: bool = False) -> dict:
     """Sweep the space against every model; returns (and writes) redteam.json. `resume`: sweeps already in
     --out continue where they stopped (a finished one is read back, not rerun). `judge_spec`: a CLIP judge
     (`judges.judge_spec`: its folder and concept file, whose `name` is `concept`); None: the tiny world's
@@ -683,6 +687,10 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         raise UserError(f"--target {concept!r}: the concept file names its target {judge_spec['concepts']['name']!r}")
     trial_concept = judge_spec or concept  # what the trials judge by: the concept's name, or the CLIP judge's spec
     word = concept_word(space, concept, Path(data))
+    from ..runtime import pick_device
+
+    # the trials hold a GPU each with use_gpu; this process scores and re-scores on one when it sees one
+    device = pick_device("auto") if use_gpu else "cpu"
     from ..outputs import make_output_dir
 
     out = make_output_dir(Path(out).resolve())
@@ -692,6 +700,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
     judge = _warm_judge(trial_concept)
     report: dict = {"space": space.name, "budget": space.budget, "guard": space.guard, "seed": space.seed,
                     "concept": concept, "judge": describe(judge_spec), "max_concurrent": max_concurrent,
+                    "use_gpu": use_gpu,
                     "samples": {"trial_target": space.eval_samples, "trial_others": space.other_samples,
                                 "rescored_target": space.eval_samples * space.rescore_factor,
                                 "rescored_others": space.other_samples * space.rescore_factor,
@@ -704,14 +713,14 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
             continue
         if on_model:
             on_model(t.name)
-        base_target, base_others = _scores(load_pipeline(t.model), space, concept, judge, space.seed,
+        base_target, base_others = _scores(load_pipeline(t.model, device=device), space, concept, judge, space.seed,
                                            space.eval_samples, space.other_samples)
         started = time.time()
         sweep_name = f"{space.name}-{t.name}"
         resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
             (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
         rows = _rows(_sweep_one(space, t, Path(data).resolve(), trial_concept, out / "tune", max_concurrent, resume,
-                                base_others, word),
+                                base_others, word, use_gpu),
                      attacks_dir(out, sweep_name))
         for r in rows:
             best_guarded_point(r, base_others, space.guard)
@@ -721,11 +730,11 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                             and passes_guard(r["others"], base_others, space.guard))
         done = [r for r in rows if r["status"] == "done"]
         guarded = sorted([r for r in done if r["guarded"]], key=lambda r: -r["target"])
-        rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others)
+        rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others, device)
         best = declare_worst_case(rescored, base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
-                                       out / "reference" / t.name / _settings_key(ref, space.seed))
+                                       out / "reference" / t.name / _settings_key(ref, space.seed), device)
                       for i, ref in enumerate(space.reference_attacks)]
         for r in references:
             r["attack_dir"] = _relative(r["attack_dir"], out)
