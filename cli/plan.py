@@ -43,7 +43,10 @@ def plan(
             table.add_row(f"{name}: {line.what}", gib(line.bytes), line.note)
         size, how = p["activations"][name]
         table.add_row(f"{name}: activations kept for backward", gib(size), f"counted on the meta device ({how})")
-    table.add_row("python, torch and libraries", gib(p["runtime"]), "measured on CPU; a GPU adds its CUDA context")
+    table.add_row("python, torch and libraries", gib(p["runtime"]), "measured on CPU")
+    for line in p.get("gpu", []):
+        table.add_row(f"GPU: {line.what}", gib(line.bytes), line.note)
     table.add_row("[bold]peak per rank[/bold]", f"[bold]{gib(p['peak'])}[/bold]",
-                  f"weights, runtime and the largest phase ({p['peak_phase']})")
+                  f"weights, runtime and the largest phase ({p['peak_phase']})"
+                  + (", and the GPU's own (estimates)" if p.get("gpu") else ""))
     console.print(table)

@@ -33,6 +33,19 @@ RUNTIME_BYTES = 460 * 2**20
 bench/scale.py); a GPU adds its CUDA context."""
 
 
+#: What a GPU rank holds beyond the tensors counted here. ESTIMATES, named and sourced, not measured (no GPU has run
+#: this tool yet; scripts/gpu_check.sh measures torch.cuda.max_memory_reserved plus the context beside `plan`):
+CUDA_CONTEXT_BYTES = 512 * 2**20
+"""The CUDA context and kernel images of torch, cuBLAS and cuDNN with lazy module loading (CUDA >= 11.7's
+default): a few hundred MiB on H100-class GPUs in PyTorch's and NVIDIA's own reports; 512 MiB is its upper end."""
+NCCL_BYTES = 256 * 2**20
+"""NCCL's communication buffers with more than one worker: NCCL_BUFFSIZE (4 MiB) for send and receive on each of
+up to 32 channels of a ring (NCCL's documentation), here the upper end for one node's ring."""
+ALLOCATOR_SLACK = 0.10
+"""PyTorch's caching allocator keeps freed blocks and splits them: reserved memory runs above allocated memory by a
+share that depends on the allocation pattern (5-20% in PyTorch's memory-management notes); 10% of the counted peak."""
+
+
 @dataclass
 class Line:
     what: str
@@ -171,6 +184,7 @@ def plan_harden(spec) -> dict:
     res = spec.resolution or config_resolution(model) or 512
     phases: dict = {}
     acts: dict = {}
+    engine: dict = {}  # each phase's DeepSpeed engine size (elements): its buckets are sized to it
     b = spec.batch_size
 
     def act(batch: int, trains: str) -> tuple[int, str]:
@@ -181,6 +195,7 @@ def plan_harden(spec) -> dict:
         if phase.name == "imma":
             n_s = sum(numel(s) for n, s in unet.items() if any(pt in n for pt in spec.param_patterns))
             lines += engine_lines(n_s, "IMMA's S", stage, world)
+            engine[phase.name] = n_s
             if spec.attacker_space is not None:
                 from .hardening.attacker_pool import draw_pool
 
@@ -220,20 +235,37 @@ def plan_harden(spec) -> dict:
                               f"freed before the mask steps; 1/{part} per rank" if part > 1 else
                               "freed before the mask steps; counted, as it sets the peak"))
             acts[phase.name] = act(b, "all")  # one mixed illegal + legal batch
+            engine[phase.name] = len(unet)  # one mask logit per UNet tensor
         elif phase.name in ("esd-x", "ablation"):
             n2 = sum(numel(s) for n, s in unet.items() if ".attn2." in n)
             lines += [Line("erasure teacher (a UNet copy)", F32 * P), Line("attn2 gradients and Adam", 3 * F32 * n2)]
+            engine[phase.name] = n2
             acts[phase.name] = act(b * (3 if spec.legal is not None else 1), "attn2")
         else:
             acts[phase.name] = (0, "nothing trained")
         phases[phase.name] = lines
     if spec.precision == "bf16":  # autocast keeps a bf16 cast of the weights it runs (measured: about the UNet's)
         weights.append(Line("autocast's bf16 weight copies", 2 * P, "--precision bf16: about one bf16 UNet"))
+    if spec.use_gpu:  # what a GPU rank holds beyond the tensors: the buffers DeepSpeed and NCCL allocate
+        from .hardening.engine import bucket_elements
+
+        for name, n in engine.items():
+            buffers = (2 if stage in (1, 2) else 1 if stage == 3 else 0) * F32 * bucket_elements(n)
+            if buffers:
+                phases[name].append(Line("DeepSpeed's reduce / all-gather buckets", buffers,
+                                         f"sized to the engine ({bucket_elements(n):,} elements), not DeepSpeed's 5e8"))
     base = sum(x.bytes for x in weights) + RUNTIME_BYTES
     totals = {name: sum(x.bytes for x in lines) + acts[name][0] for name, lines in phases.items()}
     top = max(totals, key=totals.get) if totals else None
+    peak = base + (totals[top] if top else 0)
+    gpu: list[Line] = []
+    if spec.use_gpu:
+        gpu.append(Line("CUDA context", CUDA_CONTEXT_BYTES, "estimate (planning.CUDA_CONTEXT_BYTES)"))
+        if world > 1:
+            gpu.append(Line("NCCL buffers", NCCL_BYTES, "estimate (planning.NCCL_BYTES)"))
+        gpu.append(Line("allocator slack", int(ALLOCATOR_SLACK * peak), "estimate: 10% of the counted peak"))
     return {"model": str(model), "resolution": res, "weights": weights, "phases": phases, "activations": acts,
-            "runtime": RUNTIME_BYTES, "peak_phase": top, "peak": base + (totals[top] if top else 0)}
+            "runtime": RUNTIME_BYTES, "gpu": gpu, "peak_phase": top, "peak": peak + sum(x.bytes for x in gpu)}
 
 
 def _inner_trains(a) -> str:

@@ -88,3 +88,27 @@ def test_imma_vs_full_attacker_moments_are_partitioned_from_zero1():
     whole = attacker(zero_stage=0, workers=2)  # gradient + AdamW's two moments over the UNet
     assert attacker(zero_stage=1, workers=1) == whole
     assert attacker(zero_stage=2, workers=2) == whole * 2 // 3  # the gradient whole, the moments halved
+
+
+def test_a_gpu_run_counts_the_context_buckets_nccl_and_allocator_slack():
+    """Issue 41 item 4: on a GPU a rank also holds the CUDA context, DeepSpeed's reduce/all-gather buckets, NCCL's
+    buffers and the allocator's slack; the buckets are sized to the engine (DeepSpeed's default 5e8 elements is a
+    1.86 GiB fp32 buffer even for FreezeAsGuard's few hundred mask logits) and the engine gets the same size."""
+    from raystack.hardening.engine import DS_DEFAULT_BUCKET, bucket_elements, ds_config
+    from raystack.planning import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, NCCL_BYTES, plan_harden
+
+    cpu = plan_harden(_spec(zero_stage=2, workers=2))
+    gpu = plan_harden(_spec(zero_stage=2, workers=2, use_gpu=True))
+    buckets = [x for x in gpu["phases"]["imma"] if "buckets" in x.what]
+    assert not cpu["gpu"] and len(buckets) == 1 and buckets[0].bytes < DS_DEFAULT_BUCKET * 4
+    extra = {x.what: x.bytes for x in gpu["gpu"]}
+    assert extra["CUDA context"] == CUDA_CONTEXT_BYTES and extra["NCCL buffers"] == NCCL_BYTES
+    counted = cpu["peak"] + buckets[0].bytes
+    assert extra["allocator slack"] == int(ALLOCATOR_SLACK * counted)
+    assert gpu["peak"] == counted + sum(extra.values())
+    one = plan_harden(_spec(zero_stage=0, workers=1, use_gpu=True))
+    assert "NCCL buffers" not in {x.what for x in one["gpu"]}  # one worker: no NCCL ring
+    spec = _spec(zero_stage=2)
+    cfg = ds_config(spec, 700)["zero_optimization"]
+    assert cfg["reduce_bucket_size"] == cfg["allgather_bucket_size"] == bucket_elements(700) == 700
+    assert bucket_elements(10**10) == DS_DEFAULT_BUCKET

@@ -9,13 +9,27 @@ from __future__ import annotations
 import contextlib
 
 
-def ds_config(spec) -> dict:
+#: DeepSpeed's default reduce / all-gather bucket (elements): 5e8, a 1.86 GiB fp32 buffer at the first backward
+#: (ZeRO-1/2) or at init (ZeRO-3), whatever the engine holds
+DS_DEFAULT_BUCKET = 500_000_000
+
+
+def bucket_elements(engine_params: int) -> int:
+    """The reduce and all-gather buckets sized to what the engine holds (at most DeepSpeed's default): a
+    FreezeAsGuard engine of ~700 mask logits then holds no 1.86 GiB buffer. `plan` counts the same size."""
+    return int(min(DS_DEFAULT_BUCKET, max(engine_params, 1)))
+
+
+def ds_config(spec, engine_params: int | None = None) -> dict:
+    bucket = bucket_elements(engine_params) if engine_params is not None else DS_DEFAULT_BUCKET
     return {
         "train_micro_batch_size_per_gpu": spec.batch_size,
         "gradient_accumulation_steps": 1,
         # ZeRO-3 would otherwise replace torch.nn.functional.linear process-wide ("memory efficient linear"):
         # every Linear of the UNet and text encoder, which the engine does not own, computing differently
-        "zero_optimization": {"stage": spec.zero_stage, "memory_efficient_linear": False},
+        "zero_optimization": {"stage": spec.zero_stage, "memory_efficient_linear": False,
+                              "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                              **({"stage3_prefetch_bucket_size": bucket} if spec.zero_stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -35,7 +49,8 @@ class Engine:
         self.stage = spec.zero_stage
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=recipe.engine_module(), optimizer=recipe.make_optimizer(),
-            model_parameters=recipe.engine_params(), config=ds_config(spec), dist_init_required=False)
+            model_parameters=recipe.engine_params(),
+            config=ds_config(spec, sum(p.numel() for p in recipe.engine_params())), dist_init_required=False)
         self.params = recipe.engine_params()
         mark("deepspeed_ready")
 
