@@ -21,19 +21,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
+from test_robust_hardening import SPACE  # the same small attacker space
+
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (str(ROOT / "raystack") + "/", str(ROOT / "tests") + "/")
 
-SPACE = """name: inner
-budget: 6
-search:
-  method: {choice: [lora, full]}
-  lr: {loguniform: [1.0e-3, 1.0e-2]}
-  steps: {choice: [2, 3]}
-  rank: {choice: [2, 4]}
-  optimizer: {choice: [adamw, adafactor]}
-fixed: {cross_attention_only: true}
-"""
 
 ERASE = dict(concept="circle", anchor="square")
 METHODS = {  # every hardening phase with a step, robust hardening (the attacker pool) included

@@ -375,19 +375,6 @@ def preflight(header: dict, family: str, path: Path, flag: str = "--model") -> N
 # --- tokenizers -------------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable character table."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77):
     """CLIP's BPE tokenizer (49,408 tokens) from the shipped merges, built as CLIP builds its vocabulary."""
     import gzip
@@ -396,6 +383,8 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
 
     with gzip.open(CONFIGS / "clip-bpe-merges.txt.gz", "rt", encoding="utf-8") as fh:
         merges = [tuple(line.split()) for line in fh.read().split("\n") if line]
+    from ..tinyworld.tokenizer import _bytes_to_unicode  # the same byte table the tiny world's BPE uses
+
     tokens = list(_bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == CLIP_VOCAB_SIZE
