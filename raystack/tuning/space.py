@@ -252,18 +252,36 @@ class TuneSpace:
             build_spec(AttackSpec, {"data": ".", **a}, source=where)
 
 
-def drawn_attacks(space: TuneSpace) -> list[dict]:
-    """The attacks every trial draws from `attacker_space` (the same for every trial)."""
+def drawn_attacks(space: TuneSpace, attacker_data=None) -> list[dict]:
+    """The attacks every trial draws from `attacker_space` (the same for every trial). With the attacker's data,
+    each runs as the red team runs it (`redteam.sweep.attacker_settings`: textual inversion on the concept's word
+    of the captions, DreamBooth with prior preservation)."""
     if not space.attacker_draws:
         return []
     from ..attacks.spec import AttackSpec
     from ..redteam.space import draw_attacks, load_attack_space
     from ..specs import build_spec
 
-    drawn = draw_attacks(load_attack_space(space.attacker_space), space.attacker_draws, space.attacker_seed)
+    attack_space = load_attack_space(space.attacker_space)
+    drawn = draw_attacks(attack_space, space.attacker_draws, space.attacker_seed)
+    if attacker_data is not None:
+        from ..redteam.sweep import attacker_settings, concept_word
+
+        concept = sweep_target(space)
+        word = concept_word(attack_space, concept, attacker_data, flag="attacker data") if concept else None
+        drawn = [{**a, **attacker_settings(a, word)} for a in drawn]
     for i, a in enumerate(drawn):
         build_spec(AttackSpec, {"data": ".", **a}, source=f"attacker_space draw {i}")
     return drawn
+
+
+def sweep_target(space: TuneSpace) -> str | None:
+    """The sweep's target concept's name (the tiny-world concept, or the concept file's name)."""
+    spec = space.judge_spec()
+    if spec.get("kind") == "tiny":
+        return spec.get("target")
+    concepts = spec.get("concepts")
+    return concepts.get("name") if isinstance(concepts, dict) else None
 
 
 def _resolved_if_file(value):

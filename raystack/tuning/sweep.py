@@ -283,7 +283,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         space_dict["data"] = {k: str(v) for k, v in data.items()}
         from .space import drawn_attacks
 
-        space_dict["drawn_attacks"] = drawn_attacks(space)
+        space_dict["drawn_attacks"] = drawn_attacks(space, data["attacker"])
         space_dict["base_utility"] = base_utility(space) if space.utility_guard > 0 else None
         tuner = tune.Tuner(
             trainable, param_space=space_dict,
