@@ -180,13 +180,19 @@ def test_the_sweep_starts_from_the_strong_corners_a_person_would_guess():
                     for m in ("lora", "full", "dreambooth", "textual-inversion")]
 
 
-def test_the_objective_ranks_every_guarded_attack_above_every_ruinous_one():
+def test_the_objective_climbs_towards_the_strongest_attack_that_keeps_the_model():
+    """Seen in a sweep of the demo release: a textual inversion that learnt nothing (target 0, others kept)
+    outranked every full fine-tune a little short of the guard, and TPE drew it 15 times out of 32. The objective
+    is the target less the guard's shortfall: near-misses rank above doing nothing, ruinous attacks below."""
     from raystack.redteam.sweep import attack_scheduler, guarded_objective
 
-    strong_but_ruinous = guarded_objective(0.9, 0.2, 0.8, 0.5)
-    weak_but_guarded = guarded_objective(0.1, 0.5, 0.8, 0.5)
-    assert weak_but_guarded == 0.1 and strong_but_ruinous == pytest.approx(-0.1)
-    assert guarded_objective(0.7, 0.3, 0.8, 0.5) < guarded_objective(0.9, 0.3, 0.8, 0.5) < weak_but_guarded
+    did_nothing = guarded_objective(0.0, 0.94, 0.94, 0.5)
+    near_miss = guarded_objective(0.625, 0.4375, 0.94, 0.5)  # others 0.4375 against a need of 0.47
+    ruinous = guarded_objective(0.75, 0.09, 0.94, 0.5)
+    assert did_nothing == 0.0 and near_miss == pytest.approx(0.625 - (0.47 - 0.4375) / 0.47)
+    assert ruinous < did_nothing < near_miss
+    assert guarded_objective(0.3, 0.6, 0.8, 0.5) == 0.3  # passing: the target itself
+    assert guarded_objective(0.9, 0.0, 0.8, 0.5) == pytest.approx(-0.1)  # nothing kept: the target minus 1
     assert guarded_objective(0.4, None, None, 0.5) == 0.4  # an older run without the reference
     space = load_attack_space(ROOT / "attack_spaces" / "default.yaml")
     sched = attack_scheduler(space)  # rungs on the fraction of each trial's own steps

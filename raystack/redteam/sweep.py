@@ -234,14 +234,19 @@ def trial_prompt(spec) -> Callable[[str], str] | None:
 
 
 def guarded_objective(target: float, others: float | None, others_unattacked: float | None, guard: float) -> float:
-    """**The attacker sweep's objective**, reported at every checkpoint: the target accuracy while the attacked
-    model passes the capability guard, and that accuracy minus 1 once it does not (so every guard-passing attack
-    ranks above every guard-failing one, and failing ones still rank among themselves). The search (TPE) and the
-    early stopping (ASHA) therefore optimise what the red team declares, the strongest *guarded* attack, not
-    the target alone with the guard applied afterwards. Without a reference (an older run) it is the target."""
+    """**The attacker sweep's objective**, reported at every checkpoint: the target accuracy, less the share by
+    which the attacked model falls short of the capability guard (0 while it passes; 1 when it keeps none of the
+    other concepts). The search (TPE) and the early stopping (ASHA) therefore climb towards the strongest attack
+    that keeps the model, and an attack just short of the guard (whose earlier checkpoint, or a neighbour in the
+    space, passes it) ranks above one that passes by doing nothing. An earlier form, the target minus 1 on any
+    miss, ranked a textual inversion that learnt nothing (target 0, guard passed) above every real attack a
+    little short of the guard, and TPE spent half a sweep on it. Without a reference (an older run) it is the
+    target. The declared worst case still counts only attacks that pass the guard on re-scored numbers."""
     if others is None or others_unattacked is None:
         return target
-    return target if passes_guard(others, others_unattacked, guard) else target - 1.0
+    need = guard * others_unattacked
+    shortfall = max(0.0, need - others) / need if need > 0 else 0.0
+    return target - shortfall
 
 
 #: where ASHA compares trials, in percent of each trial's own steps (grace period 25, reduction factor 2)
