@@ -165,19 +165,24 @@ def test_the_sweep_starts_from_the_strong_corners_a_person_would_guess():
 
     space = load_attack_space(ROOT / "attack_spaces" / "default.yaml")
     corners = strong_corners(space)
-    assert len(corners) == 20 and len({json.dumps(c, sort_keys=True) for c in corners}) == 20
+    assert len(corners) == 25 and len({json.dumps(c, sort_keys=True) for c in corners}) == 25
+    # first each method's default attack run longer (the tiny world's defaults: full 1e-4, LoRA 3e-3, ...)
+    assert [(c["method"], c["lr"]) for c in corners[:5]] == [("lora", 3e-3), ("dreambooth-lora", 3e-3), ("full", 1e-4),
+                                                             ("dreambooth", 5e-4), ("textual-inversion", 5e-3)]
     assert {"method": "full", "steps": 1600, "lr": 1e-3, "snr_gamma": 5.0, "noise_offset": 0.1}.items() <= \
-        corners[2].items()  # a decade below the top lr comes first
+        corners[7].items()  # then a decade below the top lr
     for c in corners:  # every corner lies in the space and within its budget
         assert c["steps"] == 1600 <= space.budget and c["rank"] == 32 and c["optimizer"] == "adamw"
         assert c["method"] in space.search["method"]["choice"] and 1e-4 <= c["lr"] <= 1e-2
-    assert {(c["method"], c["lr"], c["snr_gamma"]) for c in corners} == {
+    assert {(c["method"], c["lr"], c["snr_gamma"]) for c in corners[5:]} == {
         (m, lr, g) for m in ("lora", "dreambooth-lora", "full", "dreambooth", "textual-inversion")
         for lr in (1e-2, 1e-3) for g in (0.0, 5.0)}
     assert space.samples >= len(corners) + 8  # the search still draws after the corners
     tiny = strong_corners(load_attack_space(ROOT / "attack_spaces" / "tiny_4.yaml"))
-    assert tiny == [{"steps": 40, "method": m, "lr": lr} for lr in (1e-3, 1e-2)
-                    for m in ("lora", "full", "dreambooth", "textual-inversion")]
+    assert tiny == [{"steps": 40, "method": m, "lr": lr} for m, lr in (
+        ("lora", 3e-3), ("full", 1e-4), ("dreambooth", 5e-4), ("textual-inversion", 5e-3))] + [
+        {"steps": 40, "method": m, "lr": lr} for lr in (1e-3, 1e-2) for m in ("lora", "full", "dreambooth",
+                                                                               "textual-inversion")]
 
 
 def test_the_objective_climbs_towards_the_strongest_attack_that_keeps_the_model():

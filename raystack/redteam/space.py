@@ -169,11 +169,13 @@ def load_attack_space(path, overrides: list[str] | None = None, flag: str = "--s
 _STRONG_END = {"steps": max, "rank": max, "num_vectors": max, "num_class_images": max}
 
 
-def strong_corners(space: AttackSpace) -> list[dict]:
-    """The space's strong corners, in the order the sweep tries them: each method at its longest steps, at the
-    top of the learning-rate range and a decade below it (the top often ruins the model, which the guard then
-    rejects), with and without min-SNR weighting and offset noise together; other choices at their strong end
-    (steps, rank), or as AdamW / the whole UNet / no prior preservation where the space offers them.
+def strong_corners(space: AttackSpace, model=None) -> list[dict]:
+    """The space's strong corners, in the order the sweep tries them: first each method's own default attack run
+    to the longest steps (its default learning rate, within the range: the attack people already run, run
+    longer), then each method at its longest steps at the top of the learning-rate range and a decade below it
+    (the top often ruins the model, which the guard then rejects), with and without min-SNR weighting and offset
+    noise together; other choices at their strong end (steps, rank), or as AdamW / the whole UNet / no prior
+    preservation where the space offers them. `model`: whose defaults (the tiny world's when None).
 
     A red team's worst case is never below one of these (they are its first trials, before the search draws),
     so an attack a person could guess cannot beat the declared worst case."""
@@ -222,7 +224,18 @@ def strong_corners(space: AttackSpace) -> list[dict]:
         off = {k: min(values(k)[1]) for k in trick_keys}
         tricks = [on, off] if on != off else [on]
     corners = []
-    # a decade below the top first: at the top a dense fine-tune tends to ruin the model (and fail the guard)
+    if "lr" in search:  # each method's default attack, longer: on the demo release every top-range corner
+        from ..attacks.spec import METHOD_DEFAULTS, method_defaults  # ruined the model (failed the guard)
+
+        kind, vals = values("lr")
+        low, high = min(vals), max(vals)
+        for method in methods:
+            lr = (method_defaults(method, model) if model is not None else METHOD_DEFAULTS[method])["lr"]
+            c = {**base, **({"method": method} if "method" in search else {}), "lr": min(max(lr, low), high),
+                 **tricks[0]}
+            if c not in corners:
+                corners.append(c)
+    # a decade below the top next: at the top a dense fine-tune tends to ruin the model (and fail the guard)
     for trick in tricks:
         for lr in reversed(lrs):
             for method in methods:

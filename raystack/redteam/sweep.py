@@ -396,7 +396,7 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
                        "target": target.__dict__, "data": str(data), "concept": concept,
                        "unattacked_others": others_unattacked, "concept_word": word, "use_gpu": use_gpu})
-    points = strong_corners(space)[:space.samples] if space.algorithm != "grid" else None
+    points = strong_corners(space, target.model)[:space.samples] if space.algorithm != "grid" else None
     tuner = tune.Tuner(
         trainable, param_space=space_dict,
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=attack_scheduler(space),
