@@ -323,7 +323,11 @@ def test_a_trials_strongest_guarded_checkpoint_counts_as_an_attack_of_fewer_step
     row["path"] = str(trial)
     checkpoint_as_attack(row)
     dest = tmp_path / "attacks" / "t1-step-000020"
-    assert row["path"] == str(dest) and row["attack"]["steps"] == 20
+    assert row["path"] == str(dest) and row["attack"]["steps"] == 40  # the trial's own; its winner says 20
+    row.update(trial="t1", rescored={"target": 0.5, "ci95": [0.3, 0.7], "others": 0.7})
+    from raystack.redteam.sweep import _winner
+
+    assert _winner(row, tmp_path)["attack"]["steps"] == 20
     info = json.loads((dest / ATTACK_INFO).read_text())
     assert info["steps"] == 20 and info["spec"]["steps"] == 20 and info["stopped_from"] == {"trial": "t1", "steps": 40}
     assert (dest / "lora.safetensors").read_bytes() == b"ckpt" and info["checkpoints"] == []

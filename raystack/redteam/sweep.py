@@ -509,7 +509,8 @@ def reference_attack(values: dict, index: int, target: Target, space: AttackSpac
 
 def _winner(row: dict, out: Path) -> dict:
     r = row["rescored"]
-    return {"target": r["target"], "ci95": r["ci95"], "others": r["others"], "attack": row["attack"],
+    attack = {**row["attack"], **({"steps": row["checkpoint_step"]} if row.get("checkpoint_step") else {})}
+    return {"target": r["target"], "ci95": r["ci95"], "others": r["others"], "attack": attack,
             "trial": row["trial"], "attack_dir": _relative(row["path"], out), "source": "sweep"}
 
 
@@ -602,8 +603,7 @@ def checkpoint_as_attack(row: dict) -> None:
             info.update(steps=step, checkpoints=[], stopped_from={"trial": src.name, "steps": info["steps"]})
             info["spec"] = {**info.get("spec", {}), "steps": step}
             (tmp / ATTACK_INFO).write_text(json.dumps(info, indent=2))
-    row["path"] = str(dest)
-    row["attack"] = {**row["attack"], "steps": step}
+    row["path"] = str(dest)  # the trial's drawn attack stays in row["attack"]; its winner names the steps
 
 
 def rescored_scores(pipe, space: AttackSpace, concept: str, judge, to_prompt=None) -> dict:
