@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .freeze_mask import MASK_FILE
 
 CARD_FILE = "README.md"
 
@@ -48,8 +49,6 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "ablation": ("concept", "anchor", "erase_steps", "erase_lr"),
 }
 COMMON_SETTINGS = ("steps", "seed", "workers", "zero_stage", "precision", "attacker_space")
-MASK_FILE = "freeze_mask.safetensors"
-LICENSE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "LICENCE", "COPYING")
 
 
 def source_license(src: Path | None) -> str | None:

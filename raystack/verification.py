@@ -39,8 +39,7 @@ PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 UNET_WEIGHTS = re.compile(r"unet/diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 #: files a diffusers/transformers/peft loader may read wherever they are: never allowed uncovered
-LOADED_SUFFIXES = (".safetensors", ".json", ".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".msgpack", ".h5",
-                   ".onnx", ".yaml", ".yml", ".py")
+LOADED_SUFFIXES = (".safetensors", ".json", *PICKLED_SUFFIXES, ".msgpack", ".h5", ".onnx", ".yaml", ".yml", ".py")
 #: what a release's manifest covers (written into it): every file in `files`; nothing else is part of it
 COVERS = ("every file listed in `files`, by SHA-256: the weights, configs, tokenizer and mask; not manifest.json, "
           "manifest.sig, the model card (README.md, which publishers edit) or files a hub adds (.gitattributes)")

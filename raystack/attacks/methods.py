@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..diffusion import FrozenTextCache, encode_text
 from ..errors import UserError
-from .spec import AttackSpec
+from .spec import AttackSpec, names_word
 
 LORA_ALL_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -239,11 +239,10 @@ class TextualInversion(Adaptation):
 
     def caption(self, text: str) -> str:
         text = super().caption(text)
-        words = text.split()
-        if self.spec.token not in [w.strip(",.") for w in words]:
+        if not names_word(text, self.spec.token):
             raise UserError(f"--token {self.spec.token}: not in caption {text!r}; textual inversion replaces it "
                             "with the new token")
-        return " ".join(self.phrase if w.strip(",.") == self.spec.token else w for w in words)
+        return " ".join(self.phrase if w.strip(",.") == self.spec.token else w for w in text.split())
 
     def named_parameters(self):
         return {"text_encoder.token_embedding": self.pipe.text_encoder.get_input_embeddings().weight}

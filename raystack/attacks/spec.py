@@ -56,23 +56,30 @@ def method_defaults(method: str, model) -> dict:
     return {**COMMON_DEFAULTS, **table[method]}
 
 
+def names_word(text: str | None, word: str) -> bool:
+    """Does a caption or prompt have `word` as one of its words (trailing commas and full stops aside)?"""
+    return word in [w.strip(",.") for w in (text or "").split()]
+
+
+def first_caption(data) -> str | None:
+    """The first caption of an image folder's metadata.jsonl; None when it cannot be read."""
+    import json
+
+    try:
+        with open(Path(data) / "metadata.jsonl", encoding="utf-8") as f:
+            return str(json.loads(f.readline()).get("text") or "")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def derived_class_prompt(spec: "AttackSpec") -> str | None:
     """DreamBooth's class prompt where none is given: the instance prompt (--prompt, else the first caption of
     --data) without the attacker's token, as the diffusers example writes it ("a photo of sks dog" -> "a photo of
     dog"); None when neither names the token."""
-    import json
-
-    texts = [spec.prompt] if spec.prompt else []
-    if not texts:
-        try:
-            with open(Path(spec.data) / "metadata.jsonl", encoding="utf-8") as f:
-                texts = [str(json.loads(f.readline()).get("text") or "")]
-        except (OSError, ValueError, AttributeError):
-            return None
-    words = texts[0].split()
-    if spec.token not in [w.strip(",.") for w in words]:
+    text = spec.prompt or first_caption(spec.data)
+    if not names_word(text, spec.token):
         return None
-    return " ".join(w for w in words if w.strip(",.") != spec.token) or None
+    return " ".join(w for w in text.split() if w.strip(",.") != spec.token) or None
 
 
 def check_device_flag(device) -> None:

@@ -421,7 +421,7 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
 
         # after the hashes: the card is the publisher's to edit (verify lists it as not covered)
         hub_id = manifest["source_model"].split("@")[0] if "@" in manifest["source_model"] else None
-        (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src, travelling),
+        (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src),
                                                base_model=hub_id))  # a hub download: its id is the base model
         if spec.sign_key is not None:
             from ..signing import SIGNATURE_FILE, load_private_key, sign_manifest
@@ -471,22 +471,21 @@ def _index_components(src: Path) -> list[str] | None:
     return names if all((src / k).is_dir() and not (src / k).is_symlink() for k in names) else None
 
 
-#: top-level files of a source pipeline that are the model itself or this tool's own records (not copied as notices)
-_NOT_NOTICES = {"model_index.json", "manifest.json", "manifest.sig", ".gitattributes", "immunize_info.json",
-                "freeze_mask.safetensors", ".immunize-cli-output.json"}
-
-
 def copy_source_notices(src: Path, dest: Path) -> list[str]:
     """The source's other top-level files (LICENSE, NOTICE, its own model card as README.source.md, ...), byte
     for byte: a license such as SD-1.5's OpenRAIL-M must travel with derivatives. Weight files there (a
-    single-file checkpoint beside the pipeline) and links are not copied; returns what was, as named in dest."""
+    single-file checkpoint beside the pipeline), links, and the model's and this tool's own records are not
+    copied; returns what was, as named in dest."""
     import shutil
 
+    from ..models.pipeline_io import EXTRA_INFO
+    from ..signing import SIGNATURE_FILE
     from ..verification import PICKLED_SUFFIXES
 
+    not_notices = {"model_index.json", MANIFEST, SIGNATURE_FILE, ".gitattributes", EXTRA_INFO, OUTPUT_MARKER}
     copied = []
     for f in sorted(Path(src).iterdir()):
-        if f.is_symlink() or not f.is_file() or f.name in _NOT_NOTICES or \
+        if f.is_symlink() or not f.is_file() or f.name in not_notices or \
                 f.name.lower().endswith((".safetensors", *PICKLED_SUFFIXES)):
             continue
         name = "README.source.md" if f.name == "README.md" else f.name
@@ -495,28 +494,23 @@ def copy_source_notices(src: Path, dest: Path) -> list[str]:
     return copied
 
 
-def source_license_id(src: Path, copied: list[str]) -> str:
+def source_license_id(src: Path) -> str:
     """The release card's license: the source card's, apache-2.0 for the shipped tiny world (this project's),
     else "other" (the copied license file says which)."""
-    from ..models.pipeline_io import default_model_path
+    from ..models.pipeline_io import is_shipped_tiny_world
     from ..release_card import source_license
 
-    found = source_license(src)
-    if found:
-        return found
-    if os.path.realpath(str(src)) == os.path.realpath(str(default_model_path())):
-        return "apache-2.0"
-    return "other"
+    return source_license(src) or ("apache-2.0" if is_shipped_tiny_world(src) else "other")
 
 
 def source_identity(src: Path) -> str:
     """What the manifest records as the source: "tinyworld" for the shipped model, else the source folder's name
     (a hub snapshot: the repository id and revision) — never a path of the publisher's machine; its content is
     `source_model_sha256`."""
-    from ..models.pipeline_io import default_model_path
+    from ..models.pipeline_io import is_shipped_tiny_world
 
     real = Path(os.path.realpath(str(src)))
-    if real == Path(os.path.realpath(str(default_model_path()))):
+    if is_shipped_tiny_world(real):
         return "tinyworld"
     if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
         return f"{real.parent.parent.name[len('models--'):].replace('--', '/')}@{real.name}"
@@ -609,12 +603,11 @@ def check_release_forward(pipe) -> None:
 def relative_to_out(path, out: Path) -> str:
     """A path as the manifest records it: relative to --out, so no absolute local path leaks into a release
     (the shipped tiny world is recorded by name)."""
-    from ..models.pipeline_io import default_model_path
+    from ..models.pipeline_io import is_shipped_tiny_world
 
-    real = os.path.realpath(str(path))
-    if real == os.path.realpath(str(default_model_path())):
+    if is_shipped_tiny_world(path):
         return "tinyworld"
-    return os.path.relpath(real, os.path.realpath(str(out)))
+    return os.path.relpath(os.path.realpath(str(path)), os.path.realpath(str(out)))
 
 
 def recorded_spec(spec: HardenSpec) -> dict:

@@ -130,8 +130,9 @@ class IMMARecipe(HardeningPhase):
     def _attacker_caption(self, text: str) -> str:
         """The simulated attacker's caption. Textual inversion learns a new word: a plain caption without the
         defender's --token gets it in front (the defender picks the word, the user's captions stay as given)."""
-        if self.attacker.method == "textual-inversion" and \
-                self.spec.token not in [w.strip(",.") for w in (text or "").split()]:
+        from ..attacks.spec import names_word
+
+        if self.attacker.method == "textual-inversion" and not names_word(text, self.spec.token):
             text = f"{self.spec.token} {text}".strip()
         return self.ad.caption(text)
 

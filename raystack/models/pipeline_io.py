@@ -38,6 +38,11 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "tinyworld" / "assets" / "tiny-sd"
 
 
+def is_shipped_tiny_world(path) -> bool:
+    """Is `path` (through any links) the tiny world this package ships?"""
+    return os.path.realpath(str(path)) == os.path.realpath(str(default_model_path()))
+
+
 def resolve_model_path(model: str | os.PathLike | None, flag: str = "--model") -> Path:
     """A local pipeline folder for `model`: a path, a hub id already in the local hub cache (`org/name`, or
     `org/name@REVISION`: a branch, tag or commit), or the tiny world if None. A single-file SD-1.x/2.x/XL
@@ -137,7 +142,7 @@ def model_family(model) -> str:
         path = resolve_model_path(model)
     except UserError:
         return "tiny"
-    if path.resolve() == default_model_path().resolve():
+    if is_shipped_tiny_world(path):
         return "tiny"
     try:
         width = int(json.loads((path / "unet" / "config.json").read_text())["block_out_channels"][0])

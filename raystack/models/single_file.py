@@ -52,7 +52,6 @@ from ..errors import UserError
 from ..outputs import shown
 
 SINGLE_FILE_SUFFIX = ".safetensors"
-PICKLED_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 CONFIGS = Path(__file__).resolve().parent / "configs"
 #: bump when the conversion changes what it writes: older cached folders are then left alone, not reused
 CONVERTER_VERSION = 1
@@ -67,7 +66,9 @@ FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL"}
 
 
 def is_pickled_file(path: Path) -> bool:
-    return Path(path).suffix.lower() in PICKLED_SUFFIXES
+    from .pipeline_io import PICKLE_SUFFIXES
+
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
 def pickle_refusal(path: Path, flag: str = "--model") -> UserError:

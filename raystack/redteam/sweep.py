@@ -175,32 +175,23 @@ def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--da
     before any trial otherwise); None when neither is offered and no word is found. With the judge's target
     `prompts`, a space with textual inversion also needs the word in every one of them (the attacked model is
     prompted with the new token in its place; a prompt without the word would never ask for what it learnt)."""
+    from ..attacks.spec import first_caption, names_word
     from ..outputs import shown
 
     methods = next(iter(space.search["method"].values())) if "method" in space.search else \
         [space.fixed.get("method", "lora")]
-    if space.fixed.get("token"):
-        word = str(space.fixed["token"])
-        if prompts and "textual-inversion" in methods:
-            missing = [p for p in prompts if word not in [w.strip(",.") for w in p.split()]]
-            if missing:
-                raise UserError(f"fixed.token {shown(word)}: the judge's target prompt {shown(missing[0])} does not "
-                                "name it, so textual inversion's new token would never be prompted; use a word of "
-                                "every target prompt (and of the captions)")
-        return word
-    first = ""
-    try:
-        with open(Path(data) / "metadata.jsonl", encoding="utf-8") as f:
-            first = str(json.loads(f.readline()).get("text") or "")
-    except (OSError, ValueError, AttributeError):
-        pass
-    if concept in [w.strip(",.") for w in first.split()]:
-        missing = [p for p in prompts or [] if concept not in [w.strip(",.") for w in p.split()]]
+    fixed = space.fixed.get("token")
+    first = "" if fixed else first_caption(data) or ""
+    word = str(fixed) if fixed else concept if names_word(first, concept) else None
+    if word is not None:
+        missing = [p for p in prompts or [] if not names_word(p, word)]
         if missing and "textual-inversion" in methods:
-            raise UserError(f"--target {shown(concept)}: the judge's target prompt {shown(missing[0])} does not name "
-                            "it as one word, so textual inversion's new token would never be prompted; set `token` "
-                            "in the space's fixed to a word of every target prompt and of the captions")
-        return concept
+            fix = ("use a word of every target prompt (and of the captions)" if fixed else
+                   "set `token` in the space's fixed to a word of every target prompt and of the captions")
+            raise UserError(f"{'fixed.token' if fixed else '--target'} {shown(word)}: the judge's target prompt "
+                            f"{shown(missing[0])} does not name it as one word, so textual inversion's new token "
+                            f"would never be prompted; {fix}")
+        return word
     needs = [m for m in methods if m in ("textual-inversion", "dreambooth")]
     if needs:
         raise UserError(f"{flag} {shown(str(data))}: the first caption ({shown(first)}) does not name the target "
@@ -224,13 +215,9 @@ def attacker_settings(drawn: dict, word: str | None) -> dict:
 
 
 def trial_prompt(spec) -> Callable[[str], str] | None:
-    """How the attacked model is prompted: textual inversion's new token in place of its word, else as is."""
-    if spec.method != "textual-inversion":
-        return None
-    from ..attacks.loading import attacked_prompt
-
-    info = {"method": spec.method, "spec": {"token": spec.token}, "placeholder": f"<{spec.token}>"}
-    return lambda p: attacked_prompt(info, p)
+    """How a trial prompts the model it attacks: as `attacked_prompts` does the attack's output once written
+    (textual inversion's new token, `<token>`, in place of its word)."""
+    return attacked_prompts({"method": spec.method, "spec": {"token": spec.token}, "placeholder": f"<{spec.token}>"})
 
 
 def guarded_objective(target: float, others: float | None, others_unattacked: float | None, guard: float) -> float:
