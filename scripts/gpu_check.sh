@@ -164,32 +164,20 @@ print("resumed_from", r)
 PY
 }
 
-step_freezeasguard() {
-  read_args freezeasguard
-  cli harden "${JOB[@]}" --out "$GC_WORK/w/fag" --overwrite || return 1
-  keep_manifest "$GC_WORK/w/fag" freezeasguard
+# a job whose release nothing later reads: run it (`cli VERB` with the step's arguments), keep its manifest's
+# numbers, then drop its large output
+job_then_drop() {  # VERB STEP FOLDER
+  read_args "$2"
+  cli "$1" "${JOB[@]}" --out "$GC_WORK/w/$3" --overwrite || return 1
+  keep_manifest "$GC_WORK/w/$3" "$2"
   local rc=$?
-  rm -rf "$GC_WORK/w/fag"
+  rm -rf "$GC_WORK/w/$3"
   return $rc
 }
 
-step_zero3_gc() {
-  read_args zero3-gc
-  cli harden "${JOB[@]}" --out "$GC_WORK/w/z3" --overwrite || return 1
-  keep_manifest "$GC_WORK/w/z3" zero3-gc
-  local rc=$?
-  rm -rf "$GC_WORK/w/z3"
-  return $rc
-}
-
-step_erase() {
-  read_args erase
-  cli erase "${JOB[@]}" --out "$GC_WORK/w/erased" --overwrite || return 1
-  keep_manifest "$GC_WORK/w/erased" erase
-  local rc=$?
-  rm -rf "$GC_WORK/w/erased"
-  return $rc
-}
+step_freezeasguard() { job_then_drop harden freezeasguard fag; }
+step_zero3_gc() { job_then_drop harden zero3-gc z3; }
+step_erase() { job_then_drop erase erase erased; }
 
 step_attack() {
   [ -d "$GC_WORK/w/imma" ] || { echo "no IMMA release to attack (imma-resume failed or did not run)"; return 1; }
