@@ -84,8 +84,9 @@ def required_files(method: str) -> list[str]:
 
 
 def _hub_blob(folder: Path, p: Path) -> bool:
-    """A link of a hub cache snapshot (`<repo>/snapshots/<rev>/...` -> a regular file in `<repo>/blobs/`)."""
-    if folder.parent.name != "snapshots":
+    """A link of a hub cache snapshot (`<repo>/snapshots/<rev>/...` -> a regular file in `<repo>/blobs/`, itself a
+    real folder: a `blobs` that links elsewhere would let the snapshot's links reach any file)."""
+    if folder.parent.name != "snapshots" or (folder.parent.parent / "blobs").is_symlink():
         return False
     blobs = (folder.parent.parent / "blobs").resolve()
     try:

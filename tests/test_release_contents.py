@@ -127,6 +127,13 @@ def test_a_release_verifies_after_a_hub_round_trip_and_fails_on_one_changed_byte
     assert res.exit_code == 0, res.output + res.stderr
     assert "NOT COVERED .gitattributes" in res.stdout and "NOT COVERED README.md" in res.stdout
     assert CliRunner().invoke(app, ["verify", str(snap), "--strict"]).exit_code == 1
+    elsewhere = tmp_path / "elsewhere"  # a blobs/ that is a link: its files could be anywhere
+    (repo / "blobs").rename(elsewhere)
+    (repo / "blobs").symlink_to(elsewhere)
+    res = CliRunner().invoke(app, ["verify", str(snap)])
+    assert res.exit_code == 1 and "a symbolic link inside the release" in res.stderr, res.output + res.stderr
+    (repo / "blobs").unlink()
+    elsewhere.rename(repo / "blobs")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
