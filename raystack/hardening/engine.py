@@ -71,6 +71,12 @@ class Engine:
             return deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank)
         return contextlib.nullcontext()
 
+    def close(self) -> None:
+        """Remove DeepSpeed's gradient hooks from the phase's parameters: a next phase (FreezeAsGuard after IMMA,
+        IMMA after an eraser) backpropagates through them, and live hooks would reduce those gradients into this
+        finished engine's bucket (with buckets sized to the engine, the bucket fills and reduces a None grad)."""
+        self.engine.destroy()
+
     def refresh_master_weights(self) -> None:
         """Module tensors were written by hand (IMMA line 7 on S): make the optimizer's fp32 copy follow."""
         if self.stage in (1, 2):

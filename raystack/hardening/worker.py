@@ -101,6 +101,8 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
         carried.update(res.changed)
         mask = res.mask if res.mask is not None else mask
         phase.finish()
+        if hasattr(engine, "close"):
+            engine.close()
         if on_checkpoint is not None and pi < len(all_phases) - 1:  # a checkpoint that starts the next phase
             on_checkpoint(None, None, {"phase_index": pi + 1, "step": 0, "losses": losses}, carried)
     return MethodRun(carried, mask, losses, resumed_from)
