@@ -26,11 +26,13 @@ browser:
 demo: setup
 	scripts/demo.sh
 
+# two pytest workers, one test file each at a time (a file's module fixtures stay in one worker): most tests keep
+# one core busy, so the 2-core suite takes about half the time of one worker
 test: setup browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-fast: setup
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not e2e"
 
 clean:
 	rm -rf runs .pytest_cache
