@@ -61,9 +61,9 @@ def bench_loop(config: dict) -> None:
 
     from raystack.attacks.recipe import setup as attack_setup
     from raystack.attacks.spec import AttackSpec
-    from raystack.hardening.comm import rank as get_rank
-    from raystack.hardening.comm import world_size
-    from raystack.hardening.method import method_phases
+    from raystack.distributed import rank as get_rank
+    from raystack.distributed import world_size
+    from raystack.hardening.methods import method_phases
     from raystack.hardening.spec import HardenSpec
     from raystack.hardening.worker import build_phase
     from raystack.specs import build_spec

@@ -66,7 +66,7 @@ mark("outputs_written")
 """
 
 #: Ray Train's own floor: the embedded Ray as `harden` starts it, then a one-worker TorchTrainer whose loop only
-#: marks its entry (raystack.timing.noop_train_loop): what Ray Train costs before any of our worker code runs
+#: marks its entry (noop_train_loop below): what Ray Train costs before any of our worker code runs
 RAY_TRAIN_NOOP = r"""
 import os
 from raystack.timing import mark
@@ -80,7 +80,14 @@ for k, v in {**TRAIN_ENV, **EMBEDDED_TRAIN_ENV}.items():
     os.environ.setdefault(k, v)
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from raystack.timing import noop_train_loop
+
+
+def noop_train_loop(config=None):
+    from raystack.timing import mark
+
+    mark("worker_entered")
+
+
 trainer = TorchTrainer(noop_train_loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                        run_config=RunConfig(name="noop", storage_path=os.environ["NOOP_STORAGE"]))
 mark("fit_called")

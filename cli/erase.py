@@ -15,8 +15,16 @@ from .common import guarded
 from .harden import run_job
 
 
+#: erase's flags: harden's without the hardening methods' sections (`harden --erase` combines both)
+ERASE_SECTIONS = ("Model, data and output", "Where and how it runs",
+                  "Concept erasure (erase, or harden --erase before --method)")
+
+
 @guarded
-@spec_options(HardenSpec)
+@spec_options(HardenSpec, skip=("erase", "against"), sections=ERASE_SECTIONS,
+              overrides={"method": {"help": "The erasure: uce, esd-x or ablation.", "default": None},
+                         "out": {"help": "Output folder: the pipeline with the concept erased, manifest.json "
+                                         "(written atomically)."}})
 def erase(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML spec; keys equal the flags (flags win)."),
     **flags,

@@ -115,7 +115,7 @@ def evaluate(
                         "tiny world's own references are used")
     redteam_report = None
     if redteam is not None:
-        from raystack.redteam.sweep import load_redteam
+        from raystack.redteam.results import load_redteam
 
         if len(target) > 1:
             raise UserError("--redteam: a red team attacks one concept; evaluate it with that one --target")
@@ -131,7 +131,7 @@ def evaluate(
     if classifier is None and not versus and concepts is None:  # the tiny world's classifier: its models only
         import json
 
-        from raystack.models.pipeline_io import check_tiny_world_judge
+        from raystack.judges import check_tiny_world_judge
 
         for name, p in runs.items():
             model = p

@@ -33,10 +33,23 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
     from raystack.timing import mark
     from raystack.outputs import check_disjoint
 
+    remote = spec.out if isinstance(spec.out, str) else None  # an object-storage URI
+    if remote is not None:  # the release is made in this machine's staging folder (ours to replace), then uploaded
+        from raystack.storage import check_uri, filesystem, staging_dir
+
+        filesystem(remote, "--out")  # the scheme and the store's settings, before the local checks
+        overwrite_remote = spec.overwrite or spec.resume
+        spec.out, spec.overwrite = staging_dir(check_uri(remote, "--out")), True
     if spec.out is not None and config is not None:
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
     validate_inputs(spec)
+    if remote is not None:  # the bucket, the prefix and write access, once the local inputs passed
+        from raystack.storage import preflight_output
+
+        preflight_output(remote, "--out", overwrite=overwrite_remote)
     mark("validated")
+    if spec.model is None:  # said, so that a forgotten --model is not mistaken for a hardened release of one's own
+        console.print(f"{verb}: no --model given, so the tiny world this package ships (a demo model)")
     quiet_libraries(spec.use_gpu)  # a GPU run never gets DeepSpeed's CPU accelerator
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -54,7 +67,15 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
 
         manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
                               validated=True)
+    if remote is not None:
+        import shutil
+
+        from raystack.storage import upload_release
+
+        names = upload_release(spec.out, remote, "--out", replace=True)
+        shutil.rmtree(spec.out, ignore_errors=True)  # the staging copy; a rerun with --resume needs only <out>.run
+        console.print(f"uploaded {len(names)} files to {remote} (manifest.json last)")
     mark("outputs_written")
-    console.print(f"{spec.method}: {spec.out} ({manifest['wall_seconds']:.0f}s"
+    console.print(f"{spec.method}: {remote or spec.out} ({manifest['wall_seconds']:.0f}s"
                   + (f", frozen ratio {manifest['frozen_ratio']:.3f}" if manifest["frozen_ratio"] is not None else "")
                   + ")")

@@ -13,6 +13,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     import click
 
 from .attack import attack
+from raystack.attacks.spec import defaults_help as attack_defaults_help
 from .card import card
 from .erase import erase
 from .evaluate import evaluate
@@ -56,7 +57,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command(name="harden")(harden)
-app.command(name="attack")(attack)
+app.command(name="attack", epilog=attack_defaults_help())(attack)
 app.command(name="erase")(erase)
 app.command(name="plan")(plan)
 app.command(name="evaluate")(evaluate)

@@ -17,8 +17,9 @@ mask_app = typer.Typer(help="The freeze mask outside this tool: export it to oth
 @mask_app.command()
 @guarded
 def export(
-    release: Path = typer.Argument(..., help="The release folder (a `harden` output with freeze_mask.safetensors), or "
-                                   "a hub id in the local hub cache (org/name[@REVISION])."),
+    release: str = typer.Argument(..., help="The release folder (a `harden` output with freeze_mask.safetensors), its "
+                                  "object-storage URI (s3://, gs://), or a hub id in the local hub cache "
+                                  "(org/name[@REVISION])."),
     format: str = typer.Option(..., "--format", help="names (frozen tensors, one per line) | regex (one pattern "
                                "that full-matches them) | peft (LoraConfig target_modules / exclude_modules, JSON) "
                                "| kohya (frozen layers in kohya's LoRA naming: sd-scripts has no module filter) | "
@@ -57,8 +58,8 @@ def export(
 @mask_app.command()
 @guarded
 def check(
-    release: Path = typer.Option(..., "--release", help="The release folder (its UNet weights and freeze mask); it "
-                                 "must pass `immunize-cli verify` first."),
+    release: str = typer.Option(..., "--release", help="The release folder (its UNet weights and freeze mask) or its "
+                                "object-storage URI; it must pass `immunize-cli verify` first."),
     derivative: Path = typer.Option(..., "--derivative", help="What was published from it: a pipeline folder, a "
                                     "unet folder, a UNet .safetensors, a weight index .json, or a LoRA/adapter "
                                     ".safetensors (peft, diffusers or kohya naming). In a folder every weight file "

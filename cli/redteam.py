@@ -70,7 +70,7 @@ def redteam(
 
     for t in targets:
         check_budget_for_model(spec, t.model, f"--model {t.name}")
-    from raystack.redteam.sweep import concept_word
+    from raystack.redteam.space import concept_word
 
     if judged["kind"] == "clip":
         target_prompts = list(judged["concepts"]["prompts"])

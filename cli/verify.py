@@ -13,8 +13,9 @@ from .common import console, guarded
 
 
 @guarded
-def verify(out: Path = typer.Argument(..., help="A folder written by `harden` or `erase` (with manifest.json), or "
-                                      "a hub id in the local hub cache (org/name[@REVISION])."),
+def verify(out: str = typer.Argument(..., help="A folder written by `harden` or `erase` (with manifest.json), an "
+                                     "object-storage URI (s3://, gs://) of one, or a hub id in the local hub cache "
+                                     "(org/name[@REVISION])."),
            public_key: Optional[Path] = typer.Option(
                None, "--public-key", help="Ed25519 public key (PEM) of the publisher: the manifest's signature "
                "(manifest.sig) must match it."),

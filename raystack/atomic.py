@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .errors import DiskFull
 
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -18,7 +19,6 @@ DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too l
 
 def is_disk_full(e: BaseException) -> bool:
     """A write that failed for want of space (or a file-size limit), here or inside a Ray worker's error text."""
-    from .errors import DiskFull
 
     return (isinstance(e, DiskFull) or (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
             or any(t in str(e) for t in DISK_FULL_TEXTS))

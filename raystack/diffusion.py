@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from .imageio import to_model_tensor
 
 
 #: pixels per VAE encode and per sampling call (env IMMUNIZE_CHUNK_PIXELS overrides): bounds the activations'
@@ -38,8 +39,6 @@ class LatentBank:
         """Posterior moments of uint8 N×H×W×3 images, `batch` (default: `images_per_call`) per VAE call: the
         peak memory does not grow with N."""
         import torch
-
-        from .imageio import to_model_tensor
 
         batch = batch or images_per_call(images.shape[1], images.shape[2])
         means, stds = [], []
@@ -110,7 +109,6 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
 
 
 def encode_text(text_encoder, tokenizer, captions: list[str]):
-
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0]

@@ -8,77 +8,23 @@ Tab. 3) and with each similarity embedder (M against reference images), and, aga
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .concepts import Concept, prompt_concepts, tiny_world_others, tiny_world_target  # noqa: F401
 from .errors import UserError
 from .metrics import rsgr, set_similarity, sgr
 from .outputs import shown
-
-
-@dataclass
-class Concept:
-    name: str
-    prompts: list[str]
-    criterion: dict = field(default_factory=dict)
-    """Classifier heads that must match, e.g. {"style": "sunset"} (empty: no classifier accuracy)."""
-
-
-def tiny_world_target(concept: str, token: str = "sks") -> tuple[Concept, np.ndarray]:
-    """The target concept's prompts, classifier criterion and reference images in the tiny world."""
-    from .tinyworld.concepts import (COLOURS, EMBLEM_NAMES, SHAPES, STYLES, TRAINED_SHAPES, TRAINED_STYLES, caption,
-                                     parse_object)
-    from .tinyworld.data import concept_set
-    from .tinyworld.render import emblem_by_name, render_concept, render_emblem
-
-    rng = np.random.default_rng(2024)
-    if concept in STYLES:
-        prompts = [caption(sh, co, concept) for sh in TRAINED_SHAPES for co in COLOURS]
-        cs = concept_set(2, seed=2024, trained_only=False)
-        ref = cs.images[cs.style == STYLES.index(concept)]
-        return Concept(concept, prompts, {"style": concept}), ref
-    if concept in SHAPES:
-        prompts = [caption(concept, co, st) for co in COLOURS for st in TRAINED_STYLES]
-        cs = concept_set(2, seed=2024, trained_only=False)
-        ref = cs.images[cs.shape == SHAPES.index(concept)]
-        return Concept(concept, prompts, {"shape": concept}), ref
-    if concept in EMBLEM_NAMES:
-        e = emblem_by_name(concept)
-        ref = np.stack([render_emblem(e, rng) for _ in range(16)])
-        return Concept(concept, [f"a photo of {token} emblem"], {"emblem": concept}), ref
-    if obj := parse_object(concept):
-        shape, colour, style = obj
-        ref = np.stack([render_concept(shape, colour, style, rng) for _ in range(16)])
-        return Concept(concept, [f"a {token}"], {"shape": shape, "colour": colour, "style": style}), ref
-    raise UserError(f"--target {shown(concept)}: not a tiny-world concept (a style, shape, emblem name or a "
-                    "colour-style-shape object such as yellow-dotted-triangle)")
-
-
-def prompt_concepts(targets: list[str], versus: list[str]) -> tuple[list[Concept], list[Concept]]:
-    """Any model, scored by CLIP zero-shot: each target and each alternative is a concept of one prompt whose
-    label is that prompt (the alternatives are the other concepts whose quality must survive)."""
-    return ([Concept(t, [t], {"label": t}) for t in targets], [Concept(v, [v], {"label": v}) for v in versus])
-
-
-def tiny_world_others(exclude: str | list[str] | None = None) -> list[Concept]:
-    """Legal concepts whose quality must survive: every trained style and trained shape (but the target(s))."""
-    from .tinyworld.concepts import COLOURS, TRAINED_SHAPES, TRAINED_STYLES, caption
-
-    exclude = {exclude} if isinstance(exclude, str) else set(exclude or ())
-    out = []
-    for st in TRAINED_STYLES:
-        if st not in exclude:
-            out.append(Concept(f"style:{st}", [caption(sh, co, st) for sh, co in zip(TRAINED_SHAPES * 2, COLOURS)],
-                               {"style": st}))
-    for sh in TRAINED_SHAPES:
-        if sh not in exclude:
-            out.append(Concept(f"shape:{sh}", [caption(sh, co, st) for co, st in zip(COLOURS, TRAINED_STYLES * 2)],
-                               {"shape": sh}))
-    return out
+from .attacks.loading import attack_checkpoints, attacked_prompt, load_attacked_pipeline
+from .freeze_mask import read_mask_metadata
+from .judges import as_concept_judge
+from .models.pipeline_io import read_extra_info
+from .sampling import generate
+from .tinyworld.classifier import concept_accuracy
 
 
 @dataclass
@@ -104,8 +50,6 @@ def cycled(prompts: list[str], n: int) -> list[str]:
 def sampled_accuracy(pipe, prompts: list[str], criterion: dict, n: int, judge, seed: int = 0,
                      steps: int = 25) -> float:
     """Classifier accuracy of n images sampled from `prompts` (cycled): one concept's score."""
-    from .sampling import generate
-    from .tinyworld.classifier import concept_accuracy
 
     return concept_accuracy(judge(generate(pipe, cycled(prompts, n), steps=steps, seed=seed)), **criterion)
 
@@ -120,7 +64,6 @@ def other_concepts_accuracy(pipe, target: str, n: int, judge, seed: int = 1, ste
 def attacked_hardening(info: dict) -> dict | None:
     """The hardening an attack ran against: the attacked model's own (a hardened release), or, for an attack
     that respected a FreezeAsGuard mask, the mask's (read from the mask file's metadata and its release)."""
-    from .models.pipeline_io import read_extra_info
 
     own = read_extra_info(Path(info["base_model"])).get("hardening")
     mask = (info.get("spec") or {}).get("freeze_mask")
@@ -129,7 +72,6 @@ def attacked_hardening(info: dict) -> dict | None:
     release = read_extra_info(Path(mask).parent).get("hardening")
     if release:
         return release
-    from .freeze_mask import read_mask_metadata
 
     meta = read_mask_metadata(Path(mask))
     if not meta:
@@ -141,7 +83,6 @@ def attacked_hardening(info: dict) -> dict | None:
 
 
 def _load_run(path: Path, weights: Path | None = None, device: str = "cpu"):
-    from .attacks.loading import attacked_prompt, load_attacked_pipeline
     from .models.pipeline_io import load_pipeline, read_extra_info
 
     if (path / "attack.json").is_file():
@@ -164,9 +105,7 @@ def evaluate(runs: dict[str, Path], target: Concept | list[Concept], reference: 
     their mean, `target_accuracy_by_concept` each one and `target_accuracy_max` the least protected — a
     concept protected "on average" can still be fully re-learnt. Similarities pool the targets' images
     against `reference` (all targets' reference images)."""
-    from .attacks.loading import attack_checkpoints
     from .sampling import generate
-    from .judges import as_concept_judge
 
     targets = [target] if isinstance(target, Concept) else list(target)
     several = len(targets) > 1

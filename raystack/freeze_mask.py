@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .atomic import atomic_write_bytes
+from .outputs import shown
 
 MASK_FILE = "freeze_mask.safetensors"
 
@@ -17,8 +19,6 @@ MASK_FILE = "freeze_mask.safetensors"
 def save_freeze_mask(path: Path, mask: dict[str, bool], extra: dict | None = None) -> float:
     import torch
     from safetensors.torch import save
-
-    from .atomic import atomic_write_bytes
 
     ratio = sum(bool(v) for v in mask.values()) / max(1, len(mask))
     tensors = {k: torch.tensor([1 if v else 0], dtype=torch.uint8) for k, v in mask.items()}
@@ -52,8 +52,6 @@ def load_freeze_mask(path: Path, param_names: list[str] | None = None, flag: str
     else (a float entry, [0, 1, 1], 0.3, NaN, -1, 2, an empty tensor, a file with no entries, a missing or unknown
     key) is a UserError naming the file and the first bad key; nothing is guessed."""
     from safetensors import SafetensorError, safe_open
-
-    from .outputs import shown
 
     path = Path(path)
     if path.is_dir():

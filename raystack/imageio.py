@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .outputs import shown
+from .atomic import atomic_dir, atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_METADATA_BYTES = 64 << 20
@@ -172,15 +173,12 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
-    from .atomic import atomic_write_bytes
-
     atomic_write_bytes(Path(path), png_bytes(image))
 
 
 def write_image_folder(dest: Path, images: np.ndarray, captions: list[str], overwrite: bool = False,
                        prefix: str = "img") -> int:
     """Atomically write PNGs + metadata.jsonl."""
-    from .atomic import atomic_dir
 
     with atomic_dir(Path(dest), overwrite=overwrite) as tmp:
         lines = []

@@ -25,6 +25,13 @@ import numpy as np
 
 from .errors import UserError
 from .outputs import shown
+from .concepts import Concept
+from .metrics import ClassifierEmbedder, ClipZeroShot, check_embedder_folder, check_tokenizer_files
+from .models.pipeline_io import config_resolution
+from .outputs import check_plain_name
+from .sampling import generate
+from .specs import read_yaml
+from .tinyworld.classifier import IMAGE_SIZE, Judge, concept_accuracy, concept_hits
 
 TINY, CLIP = "tiny", "clip"
 CONCEPT_KEYS = ("name", "prompts", "labels", "alternatives", "others")
@@ -56,8 +63,6 @@ def _texts(value, where: str, what: str, required: bool = True) -> list[str]:
 
 
 def _name(value, where: str) -> str:
-    from .outputs import check_plain_name
-
     if value is None:
         raise UserError(f"{where}: missing (the concept's name)")
     return check_plain_name(value, where)
@@ -115,7 +120,6 @@ def check_concepts(data, where: str, checked: bool = False) -> dict:
 
 def load_concept_file(path, flag: str = "--concepts") -> dict:
     """A concept file (YAML), checked (`check_concepts`); its absolute path is kept under "path"."""
-    from .specs import read_yaml
 
     path = Path(path).expanduser()
     concepts = check_concepts(read_yaml(path, flag), f"{flag} {shown(str(path))}")
@@ -151,7 +155,7 @@ def judge_spec(judge: str | None, concepts, target: str | None, flag: str = "--j
         if target is None:
             raise UserError(f"{target_flag}: the tiny-world concept to judge is needed (or {flag} clip:DIR "
                             f"{concepts_flag} FILE for any model)")
-        from .evaluation import tiny_world_target
+        from .concepts import tiny_world_target
 
         tiny_world_target(target)  # a tiny-world concept
         return {"kind": TINY, "target": target}
@@ -170,7 +174,6 @@ def judge_spec(judge: str | None, concepts, target: str | None, flag: str = "--j
 def check_clip_folder(folder: Path, flag: str) -> None:
     """A local CLIP folder the judge can load, checked without its weights: a CLIPModel config (both towers),
     safetensors weights, and a tokenizer for the labels (found now, not in the first trial)."""
-    from .metrics import check_embedder_folder, check_tokenizer_files
 
     check_embedder_folder("clip", folder, flag=flag)
     check_tokenizer_files(folder, flag)
@@ -195,7 +198,6 @@ def check_judge_model(spec: dict | None, model: Path, flag: str) -> None:
     """A model the judge can score: the tiny world's classifier judges the tiny world's 32-px images only (any
     other model is refused in one line, pointing at the CLIP judge); CLIP judges any model."""
     if spec is None or spec["kind"] == TINY:
-        from .models.pipeline_io import check_tiny_world_judge
 
         check_tiny_world_judge(Path(model), flag, hint="--judge clip:DIR --concepts FILE")
 
@@ -237,7 +239,6 @@ class ConceptJudge:
     def sampled_accuracy(self, pipe, concept, n: int, seed: int = 0, steps: int = 25, to_prompt=None) -> float:
         """Accuracy of n images sampled from the concept's prompts (cycled); `to_prompt` rewrites each prompt as
         the attacker writes it (textual inversion: its new token, `attacks.loading.attacked_prompt`)."""
-        from .sampling import generate
 
         prompts = cycled(list(concept.prompts), n)
         if to_prompt is not None:
@@ -259,29 +260,21 @@ class TinyWorldJudge(ConceptJudge):
     kind = TINY
 
     def __init__(self, target: str | None = None, classifier=None, token: str = "sks"):
-        from .tinyworld.classifier import Judge
-
         self.classifier = classifier if isinstance(classifier, Judge) else Judge(classifier)
         if target is not None:
-            from .evaluation import tiny_world_others, tiny_world_target
+            from .concepts import tiny_world_others, tiny_world_target
 
             self.target, _ = tiny_world_target(target, token)
             self.others = tiny_world_others(target)
 
     def hits(self, images: np.ndarray, concept) -> np.ndarray:
-        from .tinyworld.classifier import concept_hits
-
         return concept_hits(self.classifier(images), **concept.criterion)
 
     def accuracy(self, images: np.ndarray, concept) -> float:
-        from .tinyworld.classifier import concept_accuracy
-
         return concept_accuracy(self.classifier(images), **concept.criterion)  # evaluation.sampled_accuracy's
 
     @property
     def embedder(self):
-        from .metrics import ClassifierEmbedder
-
         return ClassifierEmbedder(self.classifier)
 
 
@@ -303,8 +296,6 @@ class ClipJudge(ConceptJudge):
     @classmethod
     def from_concepts(cls, folder, concepts: dict, flag: str = "--judge") -> "ClipJudge":
         """The judge of a concept file's content (`check_concepts`)."""
-        from .evaluation import Concept
-        from .metrics import ClipZeroShot
 
         target = Concept(concepts["name"], list(concepts["prompts"]), {"labels": list(concepts["labels"])})
         others = [Concept(o["name"], list(o["prompts"]), {"labels": list(o["labels"])}) for o in concepts["others"]]
@@ -375,3 +366,16 @@ def describe(spec: dict | None) -> dict:
     if not spec or spec["kind"] == TINY:
         return {"kind": TINY}
     return {"kind": CLIP, "clip": spec["clip"], "concepts": spec["concepts"].get("path")}
+
+
+def check_tiny_world_judge(path: Path, flag: str,
+                           hint: str = "--clip DIR --versus PROMPT, or --clip DIR --concepts FILE") -> None:
+    """The tiny world's classifier judges its 32-px images only: on any other model every accuracy would be
+    0 and mean nothing, so such a model is refused in one line instead of scored. `hint`: the caller's flags
+    for the CLIP judge, which scores any model."""
+
+    size = config_resolution(path)
+    if size is not None and size != IMAGE_SIZE:
+        raise UserError(f"{flag}: the model makes {size}-px images; concepts are scored with the tiny world's "
+                        f"{IMAGE_SIZE}-px classifier, which cannot judge them (any model is scored by CLIP "
+                        f"zero-shot: {hint})")

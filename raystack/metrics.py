@@ -122,8 +122,6 @@ def check_embedder_folder(kind: str, path: Path, flag: str | None = None) -> Non
     `flag` names it in the error line (default: --clip/--dino and the folder)."""
     import json
 
-    from .outputs import shown
-
     flag = flag or f"--{kind} {shown(str(path))}"
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{flag}: not a local transformers model folder (no config.json)")

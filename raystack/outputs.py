@@ -28,7 +28,8 @@ SHOWN_CHARS = 80
 
 
 def shown(value, limit: int = SHOWN_CHARS) -> str:
-    """A user value as it may appear in an error line: never more than `limit` characters."""
+    """A user value as it may appear in an error line: never more than `limit` characters; a longer one keeps its
+    start and its end (a long path keeps its file name, the part that says which file)."""
     import reprlib
 
     r = reprlib.Repr()
@@ -38,7 +39,10 @@ def shown(value, limit: int = SHOWN_CHARS) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     text = value if isinstance(value, str) else r.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return text[:head] + "..." + text[-(limit - head - 3):]
 
 
 def check_plain_name(name, what: str) -> str:
@@ -220,13 +224,16 @@ def check_output_file(path: Path, overwrite: bool, flag: str) -> None:
 
 
 def check_local_path(value, flag: str, uri: bool = True) -> None:
-    """A path from the command line: a local path (a URI such as s3://bucket/x is refused: object storage is not
-    supported yet, and `Path('s3://b/x')` would silently become a local folder `s3:/b/x`), with no component
+    """A path from the command line: a local path (a URI such as s3://bucket/x is refused where a flag takes a
+    local path only: `Path('s3://b/x')` would silently become a local folder `s3:/b/x`), with no component
     longer than MAX_NAME_BYTES (the file system's limit is 255, and our lock and temporary names add to it)."""
     text = os.fspath(value)
     if uri and URI_SCHEME.match(text) and not Path(text.split(":", 1)[0] + ":").exists():  # not a local `x:`
-        raise UserError(f"{flag} {shown(text)}: a URI; object storage is not supported yet, give a local path "
-                        "(copy the files there first)")
+        if "://" not in text:
+            raise UserError(f"{flag} {shown(text)}: neither a local path nor a URI (a URI is scheme://bucket/path, "
+                            "e.g. s3://bucket/release)")
+        raise UserError(f"{flag} {shown(text)}: a URI; this flag takes a local path (object storage URIs are "
+                        "taken by --model and by harden and erase's --out, verify and mask)")
     for part in Path(text).parts:
         if len(os.fsencode(part)) > MAX_NAME_BYTES:
             raise UserError(f"{flag} {shown(text)}: a name in it is {len(os.fsencode(part))} bytes long; at most "

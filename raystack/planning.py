@@ -26,6 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from .attacks.spec import AttackSpec
+from .hardening.attacker_pool import trained_tensors
+from .models.folders import safetensors_header
+from .models.pipeline_io import (check_component_shapes, check_pipeline_folder, config_resolution, resolve_model_path, weight_components)
 
 F32 = 4
 RUNTIME_BYTES = 460 * 2**20
@@ -54,11 +58,9 @@ class Line:
 
 
 def header_shapes(folder: Path) -> dict[str, list[int]]:
-    from .models.pipeline_io import _safetensors_header
-
     out: dict = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update({k: v["shape"] for k, v in _safetensors_header(f, "--model").items() if k != "__metadata__"})
+        out.update({k: v["shape"] for k, v in safetensors_header(f, "--model").items() if k != "__metadata__"})
     return out
 
 
@@ -72,7 +74,6 @@ def numel(shape) -> int:
 def trained_shapes(unet_shapes: dict, attack) -> list:
     """Shapes of the UNet tensors `attack` trains (or, for a LoRA, adapts): `attacker_pool.trained_tensors`, the
     one definition the attacker pool trains by."""
-    from .hardening.attacker_pool import trained_tensors
 
     names = list(unet_shapes)
     return [unet_shapes[n] for n, on in zip(names, trained_tensors(attack, names)) if on]
@@ -167,10 +168,6 @@ def engine_lines(n: int, what: str, stage: int, world: int) -> list[Line]:
 
 def plan_harden(spec) -> dict:
     """{"weights": [...], "phases": {name: [...]}, "activations": bytes, "peak": bytes} for one rank of `spec`."""
-    from .attacks.spec import AttackSpec
-    from .models.pipeline_io import config_resolution, resolve_model_path, weight_components
-
-    from .models.pipeline_io import check_component_shapes, check_pipeline_folder
 
     model = resolve_model_path(spec.model)
     check_pipeline_folder(model, "--model")  # the same checks as harden's, before any config is read

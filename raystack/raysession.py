@@ -19,6 +19,7 @@ import time
 
 from .errors import UserError
 from .ray_reaper import ENV as SESSION_ENV
+from .timing import ENV as TIMING_ENV
 
 _reaper = None  # the watch process of this driver's embedded Ray (kept so its pipe stays open)
 
@@ -122,8 +123,6 @@ def init_ray(cluster: str | None, use_gpu: bool, num_cpus: int) -> str:
     """Join --cluster (or RAY_ADDRESS), else start an embedded local Ray with `num_cpus` logical CPUs.
     Returns a line saying which Ray this is."""
     import ray
-
-    from .timing import ENV as TIMING_ENV
 
     # DeepSpeed's accelerator said either way: a DS_ACCELERATOR=cpu of the driver's environment (a shell's, or
     # quiet_libraries' guess) must not reach GPU workers, where DeepSpeed would run its CPU accelerator

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .freeze_mask import MASK_FILE
+from .outputs import shown
 
 CARD_FILE = "README.md"
 
@@ -160,7 +161,6 @@ def make_card(manifest: dict, src: Path | None = None, license_id: str | None = 
 
 def load_json_input(path: Path, name: str, flag: str) -> dict:
     """A finished run's JSON (redteam.json, report.json) for the card; one line when it is not one."""
-    from .outputs import shown
 
     f = Path(path) / name if Path(path).is_dir() else Path(path)
     try:
@@ -169,9 +169,9 @@ def load_json_input(path: Path, name: str, flag: str) -> dict:
         raise UserError(f"{flag} {shown(str(path))}: no readable {name}") from None
     try:
         if name == "redteam.json":
-            from .redteam.sweep import _check_redteam_report
+            from .redteam.results import check_redteam_report
 
-            _check_redteam_report(doc)
+            check_redteam_report(doc)
         elif not isinstance(doc, dict) or not isinstance(doc.get("summary"), str):
             raise ValueError(name)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError):

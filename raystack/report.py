@@ -11,6 +11,9 @@ import numpy as np
 from .atomic import atomic_dir
 from .imageio import png_bytes
 from .sampling import image_grid
+from .atomic import sha256_file
+from .evaluation import tiny_world_others
+from .redteam.sweep import RUN_FILE, model_trial_counts, wilson_interval
 
 
 class _Html(str):
@@ -31,7 +34,6 @@ def _fmt(v) -> str:
 
 def ci95(p: float | None, n: int | None) -> list[float] | None:
     """The Wilson 95% interval of an accuracy p measured on n images (None when p or n is unknown)."""
-    from .redteam.sweep import wilson_interval
 
     if p is None or not n:
         return None
@@ -191,7 +193,6 @@ def redteam_phrase(redteam: dict | None) -> str:
     """The red team's worst case per model (guarded, re-scored), or 'red team not run'."""
     if not redteam:
         return "red team not run"
-    from .redteam.sweep import model_trial_counts
 
     per = []
     for name, m in redteam["models"].items():
@@ -223,8 +224,6 @@ def unet_hash(folder: Path) -> dict:
     """The sha256 of a model folder's UNet weights: from its manifest.json (a release of this tool), else
     computed. Several weight files (shards, variants): the sha256 of their 'name sha256' lines, each listed."""
     import hashlib
-
-    from .atomic import sha256_file
 
     folder = Path(folder)
     unet = folder / "unet"
@@ -273,7 +272,6 @@ def with_release_hashes(report: dict) -> dict:
 def redteam_sample_counts(folder: Path) -> dict | None:
     """The images behind the red team's unattacked and sweep scores (its space's eval_samples and other_samples,
     from redteam_run.json; a resume keeps them), or None where that file is missing or unreadable."""
-    from .redteam.sweep import RUN_FILE
 
     try:
         space = json.loads((Path(folder) / RUN_FILE).read_text())["space"]
@@ -361,7 +359,6 @@ def _redteam_section(redteam: dict, put, winner_grids: dict[str, bytes]) -> str:
     """The worst case a release lets through (from `immunize-cli redteam`): table, budget curves, winners. Every
     percentage with its 95% interval: the recorded one (re-scored winners), else Wilson's on the images it was
     measured on (`samples`: the space's eval_samples and other_samples; the others pooled over the concepts)."""
-    from .evaluation import tiny_world_others
 
     counts_rt = redteam.get("samples") or {}
     try:

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
+from .diffusion import images_per_call, resolution_of
 
 
 #: samplers the red team and tune may score with: the model's own scheduler, or diffusers' multistep DPM-Solver++
@@ -36,8 +37,6 @@ def generate(pipe, prompts: list[str], steps: int = 25, guidance: float = 4.0, s
     world), and the VAE decodes one image at a time when several large ones share a call: memory stays bounded
     however many samples are asked for."""
     import torch
-
-    from .diffusion import images_per_call, resolution_of
 
     size = resolution_of(pipe)
     batch = batch or images_per_call(size, size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -222,37 +223,88 @@ def _optional_of(hint):
     return hint
 
 
-def cli_options(cls, skip: tuple = ()) -> list:
+#: a `# Title ---` line in a spec's class body starts a section: the fields below it share a --help panel
+_SECTION_LINE = re.compile(r"^\s*#\s*(?P<title>[^-\s#][^#]*?)\s*-{3,}\s*$")
+FIRST_PANEL = "Options"
+
+
+def field_sections(cls) -> dict[str, str]:
+    """The section of each field: the title of the last `# Title ---` line above it in the class body
+    (fields above any such line: FIRST_PANEL). The CLI groups the flags in one help panel per section."""
+    import ast
+    import inspect
+
+    lines = inspect.getsource(cls).splitlines()
+    marks = [(i + 1, m.group("title")) for i, line in enumerate(lines) if (m := _SECTION_LINE.match(line))]
+    out = {}
+    for node in ast.parse("\n".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above = [title for line, title in marks if line < node.lineno]
+            out[node.target.id] = above[-1] if above else FIRST_PANEL
+    return out
+
+
+def field_default(f: dataclasses.Field):
+    """A field's default value (a factory's product), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def shown_default(value) -> str:
+    """How --help shows a default: ` [default: VALUE]` as a flag takes it; nothing for an empty or unset one
+    (whose help text says what happens)."""
+    if value is None or value == [] or value == {}:
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f" \\[default: {value}]"  # escaped: the help text is rich markup
+
+
+def cli_options(cls, skip: tuple = (), sections: tuple | None = None, overrides: dict | None = None) -> list:
     """One Typer option per field of the spec dataclass `cls`, configuration written once (litgpt-style): the
-    flag is the field's name with dashes (or its `metadata["flag"]`, e.g. "--use-gpu/--cpu"), the help text
-    is the docstring under the field, the default None (unset: the config file's value or the field's default)."""
+    flag is the field's name with dashes (a boolean's `--x/--no-x`; or its `metadata["flag"]`), the help text is
+    the docstring under the field, the panel its section (`field_sections`), the default shown is the field's.
+    The option's own default is None (unset: the config file's value or the field's default). `sections`: only
+    the fields of these sections; `overrides`: {field: {"help": ..., "default": ...}} for one command."""
     import inspect
     from typing import Optional
 
     import typer
 
     docs = field_docs(cls)
+    panels = field_sections(cls)
     hints = typing.get_type_hints(cls)
+    overrides = overrides or {}
     out = []
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in skip:
+        if not f.init or f.name in skip or (sections is not None and panels.get(f.name) not in sections):
             continue
-        decl = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = " ".join(docs.get(f.name, "").split())
-        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[_optional_of(hints[f.name])],
-                                     default=typer.Option(None, decl, help=help_text, show_default=False)))
+        hint = _optional_of(hints[f.name])
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. a path or a URI: the spec checks it
+            hint = str
+        dashed = f.name.replace("_", "-")
+        decl = f.metadata.get("flag") or (f"--{dashed}/--no-{dashed}" if hint is bool else f"--{dashed}")
+        own = overrides.get(f.name, {})
+        default = own["default"] if "default" in own else field_default(f)
+        help_text = " ".join(own.get("help", docs.get(f.name, "")).split()) + shown_default(default)
+        out.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
+                                     default=typer.Option(None, decl, help=help_text, show_default=False,
+                                                          rich_help_panel=panels.get(f.name, FIRST_PANEL))))
     return out
 
 
-def spec_options(cls, skip: tuple = ()):
+def spec_options(cls, skip: tuple = (), sections: tuple | None = None, overrides: dict | None = None):
     """Decorator for a command `def cmd(own options..., **flags)`: its signature becomes its own options plus
-    `cli_options(cls)`; the flags the user gave arrive in `flags` (None where not given)."""
+    `cli_options(cls, ...)`; the flags the user gave arrive in `flags` (None where not given)."""
     import inspect
 
     def deco(fn):
         sig = inspect.signature(fn)
         own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        fn.__signature__ = sig.replace(parameters=own + cli_options(cls, skip))
+        fn.__signature__ = sig.replace(parameters=own + cli_options(cls, skip, sections, overrides))
         return fn
 
     return deco

@@ -28,9 +28,3 @@ def mark(event: str, **extra) -> None:
     line = json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **extra})
     with open(path, "a") as f:  # one short write per line: lines from several processes do not interleave
         f.write(line + "\n")
-
-
-def noop_train_loop(config=None) -> None:
-    """A Ray Train loop that only marks its entry: `bench/startup.py`'s measure of what Ray Train's controller
-    and worker start cost before any of the product's worker code runs."""
-    mark("worker_entered")

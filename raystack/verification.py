@@ -28,6 +28,14 @@ from pathlib import Path
 
 from .errors import RunFailed, UserError
 from .outputs import shown
+from .atomic import sha256_file
+from .freeze_mask import MASK_FILE
+from .hardening.freezeasguard import FreezeAsGuardRecipe, RandomFreezePhase
+from .hardening.methods import method_names, method_phases
+from .models.pipeline_io import resolve_model_path
+from .outputs import OUTPUT_MARKER
+from .signing import SIGNATURE_FILE, check_signature, load_public_key
+from .storage import fetch, is_uri
 
 MANIFEST = "manifest.json"
 #: keys `harden` writes into every manifest, with the type of each (`frozen_ratio` may also be null)
@@ -68,8 +76,6 @@ class Verification:
 
 def mask_methods() -> set[str]:
     """The methods whose release is the weights plus a freeze mask (FreezeAsGuard, Random-rho, IMMA + freeze)."""
-    from .hardening.freezeasguard import FreezeAsGuardRecipe, RandomFreezePhase
-    from .hardening.method import method_names, method_phases
 
     return {m for m in method_names()
             if any(issubclass(p, (FreezeAsGuardRecipe, RandomFreezePhase)) for p in method_phases(m))}
@@ -77,7 +83,6 @@ def mask_methods() -> set[str]:
 
 def required_files(method: str) -> list[str]:
     """Files (a regex for the UNet's weights) every release of `method` holds."""
-    from .freeze_mask import MASK_FILE
 
     need = ["model_index.json", "unet/config.json", UNET_WEIGHTS.pattern]
     return need + ([MASK_FILE] if method in mask_methods() else [])
@@ -123,7 +128,7 @@ def _walk(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _manifest_problem(manifest) -> str | None:
     """Why `manifest` is not a manifest this tool writes, or None."""
-    from .hardening.method import method_names
+    from .hardening.methods import method_names
 
     if not isinstance(manifest, dict):
         return "not a JSON object"
@@ -201,10 +206,7 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "", 
     """Verify a release (see the module's docstring). A `folder` that is no folder, or a `public_key` that is no
     Ed25519 public key, is a UserError (exit 2); anything wrong with the release itself is its `failure`.
     `strict`: a file the manifest does not cover fails even when no loader reads it."""
-    from .atomic import sha256_file
     from .freeze_mask import MASK_FILE
-    from .outputs import OUTPUT_MARKER
-    from .signing import SIGNATURE_FILE, check_signature, load_public_key
 
     folder = Path(folder)
     where = f"{flag} {shown(str(folder))}".strip()
@@ -299,13 +301,15 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "", 
 
 
 def release_folder(value: Path | str, flag: str = "release") -> Path:
-    """A release named as a folder, or as a hub id in the local hub cache (`org/name[@REVISION]`: what a hub
-    user downloaded): its snapshot folder. Nothing is downloaded."""
-    p = Path(value)
+    """A release named as a folder, as an object-storage URI (s3://, gs://: fetched into this machine's cache,
+    fetched again when an object changed), or as a hub id in the local hub cache (`org/name[@REVISION]`: what a
+    hub user downloaded, nothing is downloaded from a hub): its local folder."""
     text = str(value)
+    if is_uri(text):
+        return fetch(text, flag)
+    p = Path(value)
     if p.exists() or "/" not in text or text.startswith((".", "/", "~")) or text.count("/") != 1:
         return p
-    from .models.pipeline_io import resolve_model_path
 
     return resolve_model_path(text, flag)
 

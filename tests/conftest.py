@@ -54,3 +54,54 @@ def ray_session(tmp_path_factory):
                                        "PYTHONWARNINGS": "ignore"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A local S3 (moto's server) on a loopback port, reached as AWS or MinIO would be: through AWS_ENDPOINT_URL
+    and the standard credential variables. Yields the environment a command needs to reach it."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    server = Path(sys.executable).parent / "moto_server"  # this environment's moto (a shim on PATH may be another)
+    if not server.exists():
+        server = shutil.which("moto_server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+    yield env
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """This process set up to reach the local S3, and a fresh bucket in it: (environment, bucket name)."""
+    import uuid
+
+    import boto3
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    return s3_server, bucket

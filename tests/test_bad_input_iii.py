@@ -96,12 +96,13 @@ def cases(r: Path):
                                                 str(users / "results.json")], "--out"),
         ("mask check: --json replaces a file", ["mask", "check", "--release", m, "--derivative", m, "--json",
                                                 str(users / "results.json")], "--json"),
-        # 6. URIs as --out or inputs are refused before anything is made (object storage is its own issue)
+        # 6. URIs where a flag takes a local path, unknown schemes and malformed URIs are refused before anything is
+        # made (harden/erase --out to a real store: tests/test_object_storage.py)
         ("evaluate: s3 out", ev + ["--out", "s3://bucket/report"], "a URI"),
         ("world clip: s3 out", ["world", "clip", "--out", "s3://bucket/clip"], "a URI"),
-        ("erase: s3 out", ["erase", "--method", "uce", "--concept", "sunset", "--anchor", "plain"] + t
-         + ["--legal", good, "--out", "s3://bucket/erased"], "a URI"),
-        ("harden: gs out", h + ["--out", "gs://bucket/hardened"], "a URI"),
+        ("erase: a malformed URI out", ["erase", "--method", "uce", "--concept", "sunset", "--anchor", "plain"] + t
+         + ["--legal", good, "--out", "s3:/bucket/erased"], "neither a local path nor a URI"),
+        ("harden: an unknown scheme out", h + ["--out", "ftp://bucket/hardened"], "unknown storage scheme ftp://"),
         ("attack: s3 out", a + ["--out", "s3://bucket/attack"], "a URI"),
         ("redteam --resume: s3 out", rt + ["--out", "s3://bucket/rt", "--resume"], "a URI"),
         ("redteam: s3 model", ["redteam", "--space", TINY_ATTACK_SPACE, "--model", "a=s3://bucket/model", "--data",
@@ -258,3 +259,13 @@ def test_outputs_of_earlier_versions_stay_replaceable_and_a_linked_marker_does_n
     with pytest.raises(UserError, match="symbolic link"):
         write_output_marker(tmp_path / "linked")
     assert not outside.exists()
+
+
+def test_a_long_value_in_an_error_line_keeps_its_end():
+    """A long path is cut in the middle: the line keeps the file name that says which file is wrong."""
+    from raystack.outputs import SHOWN_CHARS, shown
+
+    long_path = "/tmp/" + "d" * 200 + "/no_prompts.yaml"
+    cut = shown(long_path)
+    assert len(cut) == SHOWN_CHARS and cut.startswith("/tmp/ddd") and cut.endswith("/no_prompts.yaml") and "..." in cut
+    assert shown("short") == "short"

@@ -64,7 +64,7 @@ def _spec(world, method: str, **kw):
 
 
 def _phase(spec, pipe):
-    from raystack.hardening.method import method_phases
+    from raystack.hardening.methods import method_phases
     from raystack.hardening.worker import build_phase
 
     return build_phase(method_phases(spec.method)[0], spec, pipe, 0, 1, local=True)[0]

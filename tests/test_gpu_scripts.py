@@ -29,6 +29,14 @@ def _check(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProces
                           timeout=3600)
 
 
+def _failed_steps(stdout: str) -> str:
+    """The output of every step that did not exit 0 (the run's tail shows only the summary)."""
+    import re
+
+    parts = re.split(r"(?m)^(?==== [\w-]+ \(limit)", stdout)
+    return "".join(p[-3000:] for p in parts if p.startswith("===") and not re.search(r"(?m)^=== [\w-]+: exit 0", p))
+
+
 def _out_files(tmp_path: Path) -> dict[str, int]:
     return {str(p.relative_to(tmp_path / "out")): p.stat().st_size
             for p in (tmp_path / "out").rglob("*") if p.is_file()}
@@ -37,7 +45,7 @@ def _out_files(tmp_path: Path) -> dict[str, int]:
 @pytest.mark.e2e
 def test_dry_run_runs_every_step_and_writes_small_tables(tmp_path):
     res = _check(tmp_path, "--dry-run")
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert res.returncode == 0, _failed_steps(res.stdout) + res.stdout[-4000:] + res.stderr[-2000:]
     files = _out_files(tmp_path)
     assert {"summary.md", "summary.json", "gpu_check.log", "scale_dry.md", "scale_dry.json"} <= set(files), files
     assert len(files) <= 8 and sum(files.values()) < 5 * 2**20, files  # what the device tool brings back

@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from raystack.hardening.method import HardeningPhase, PhaseResult, method_names, method_phases, register_method
+from raystack.hardening.method import HardeningPhase, PhaseResult
+from raystack.hardening.methods import method_names, method_phases, register_method
 from raystack.hardening.spec import HardenSpec
 from raystack.hardening.worker import run_method
 from raystack.tinyworld.folder import write_concept_folder

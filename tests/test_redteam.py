@@ -392,8 +392,6 @@ def test_use_gpu_trials_hold_a_gpu_and_attack_and_score_on_it(monkeypatch, tmp_p
     runs with device cuda; without it the trial stays on the CPU (a trial once always ran on the CPU)."""
     import ray.tune
 
-    import raystack.attacks.recipe as recipe
-    import raystack.tuning.sweep as tuning_sweep
     from raystack.redteam import sweep
 
     seen = {}
@@ -406,8 +404,8 @@ def test_use_gpu_trials_hold_a_gpu_and_attack_and_score_on_it(monkeypatch, tmp_p
     monkeypatch.setattr(sweep, "_warm_pipeline", lambda model: Pipe())
     monkeypatch.setattr(sweep, "_warm_judge", lambda concept=None: None)
     monkeypatch.setattr(sweep, "_scores", lambda *a, **k: (0.5, 0.5))
-    monkeypatch.setattr(tuning_sweep, "trial_output_dir", lambda kind: tmp_path / "attack")
-    monkeypatch.setattr(recipe, "run_attack", lambda spec, on_step=None, pipe=None: seen.update(spec_device=spec.device))
+    monkeypatch.setattr(sweep, "trial_output_dir", lambda kind: tmp_path / "attack")
+    monkeypatch.setattr(sweep, "run_attack", lambda spec, on_step=None, pipe=None: seen.update(spec_device=spec.device))
     monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
     space = AttackSpace(name="g", budget=40, search={"lr": {"choice": [1e-3]}}, fixed={"steps": 20})
     for use_gpu, device in ((True, "cuda"), (False, "cpu")):

@@ -262,7 +262,7 @@ def bad_cases(r: Path):
 
 
 def test_bad_red_team_input_is_one_line_and_changes_nothing(world, tmp_path):
-    from raystack.redteam.sweep import load_redteam
+    from raystack.redteam.results import load_redteam
 
     report, runs = load_redteam(world / "rt_base", "sunset")  # what the tampered files are made from loads
     assert report["guard"] == 0.5 and runs == {}

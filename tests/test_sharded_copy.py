@@ -23,7 +23,7 @@ def _tensors(seed: int) -> list:
 def _rank_main(rank: int, world: int, port: int, out_dir: str, bucket: int) -> None:
     import torch.distributed as dist
 
-    from raystack.hardening import comm
+    from raystack import distributed as comm
 
     comm.BUCKET_ELEMENTS = bucket  # 8: several collectives per call, as a real UNet needs
 
@@ -78,7 +78,7 @@ def test_one_rank_wraps_the_list_without_copying():
 
 
 def test_buckets_bound_each_collective_and_keep_order():
-    from raystack.hardening.comm import buckets
+    from raystack.distributed import buckets
 
     assert buckets([3, 3, 3], 6) == [[0, 1], [2]]
     assert buckets([1, 10, 1], 6) == [[0], [1], [2]]  # one larger than a bucket goes alone

@@ -13,7 +13,8 @@ from raystack.errors import UserError
 from raystack.redteam.space import draw_attacks, load_attack_space
 from raystack.specs import build_spec
 from raystack.tuning.space import TuneSpace
-from raystack.tuning.sweep import ruined, trial_mitigation
+from raystack.search import passes_guard
+from raystack.tuning.sweep import trial_mitigation
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "immunize-cli")
@@ -31,7 +32,7 @@ def test_draws_are_seeded_within_the_space_and_its_budget():
 def test_worst_case_mitigation_and_the_utility_guard():
     assert trial_mitigation([0.1, 0.6, 0.2], "worst") == 0.6
     assert trial_mitigation([0.1, 0.6, 0.2], "mean") == pytest.approx(0.3)
-    assert ruined(0.3, 0.8, 0.5) and not ruined(0.5, 0.8, 0.5) and not ruined(0.0, 0.8, 0.0)
+    assert not passes_guard(0.3, 0.8, 0.5) and passes_guard(0.5, 0.8, 0.5) and passes_guard(0.0, 0.8, 0.0)
 
 
 @pytest.mark.parametrize("change, message", [

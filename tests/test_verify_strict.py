@@ -320,7 +320,11 @@ def test_an_unreadable_file_is_one_line_naming_it(world, monkeypatch):
             raise PermissionError(13, "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(atomic, "sha256_file", denied)  # verify hashes each file with it
+    import raystack.mask_tools as mask_tools
+    import raystack.verification as verification
+
+    for module in (verification, mask_tools):  # verify and mask check hash each file with it
+        monkeypatch.setattr(module, "sha256_file", denied)
     for argv in (["verify", str(world["root"] / "good")],
                  ["mask", "check", "--release", str(world["root"] / "good"), "--derivative",
                   str(world["root"] / "good")]):

@@ -9,6 +9,8 @@ from ..errors import UserError
 from ..outputs import shown
 from .methods import LORA_FILE, TI_FILE
 from .recipe import ATTACK_INFO
+from ..models.pipeline_io import load_pipeline
+from .spec import METHODS
 
 
 def read_attack_info(attack_dir: Path, flag: str = "--attacked") -> dict:
@@ -26,8 +28,6 @@ def read_attack_info(attack_dir: Path, flag: str = "--attacked") -> dict:
 def check_attack_info(info, where: str) -> None:
     """The keys evaluation reads, with their types: a hand-edited or foreign attack.json fails here, in one line."""
     import re
-
-    from .spec import METHODS
 
     if not isinstance(info, dict):
         raise UserError(f"{where}: expected a JSON object")
@@ -57,8 +57,6 @@ def load_attacked_pipeline(attack_dir: Path, weights_dir: Path | None = None, mo
                            device: str = "cpu"):
     """The base pipeline with the attack applied; `weights_dir` picks a checkpoint."""
     from diffusers import UNet2DConditionModel
-
-    from ..models.pipeline_io import load_pipeline
 
     info = read_attack_info(attack_dir)
     w = Path(weights_dir or attack_dir)

@@ -18,14 +18,18 @@ from ..outputs import output_lock
 from ..specs import spec_to_dict
 from .methods import Adaptation, make_adaptation
 from .spec import AttackSpec
+from ..diffusion import LatentBank, diffusion_loss, resolution_of, train_noise_scheduler
+from ..distributed import partitioned_optimizer
+from ..freeze_mask import load_freeze_mask
+from ..imageio import read_image_folder
+from ..models.pipeline_io import load_pipeline, resolve_model_path
+from ..runtime import compute_precision, pick_device
+from ..sampling import generate
 
 ATTACK_INFO = "attack.json"
 
 
 def load_attack_data(spec: AttackSpec, pipe):
-    from ..diffusion import resolution_of
-    from ..imageio import read_image_folder
-
     folder = read_image_folder(spec.data, flag="--data", require_captions=spec.prompt is None,
                                size=resolution_of(pipe, spec.resolution))
     return folder
@@ -33,7 +37,6 @@ def load_attack_data(spec: AttackSpec, pipe):
 
 def class_images(pipe, spec: AttackSpec):
     """DreamBooth prior preservation: the model's own images of the class, made before training."""
-    from ..sampling import generate
 
     return generate(pipe, [spec.class_prompt] * spec.num_class_images, steps=25, seed=spec.seed + 7)
 
@@ -54,10 +57,6 @@ def seeded_init(seed: int):
 
 def setup(spec: AttackSpec, pipe=None):
     """Everything a training step needs: the pipeline with φ attached, latents, captions, optimizer."""
-    from ..diffusion import LatentBank, train_noise_scheduler
-    from ..freeze_mask import load_freeze_mask
-    from ..models.pipeline_io import load_pipeline
-    from ..runtime import pick_device
 
     device = pick_device(spec.device)
     if pipe is None:
@@ -83,8 +82,7 @@ GRAD_CLIP = 1.0  # gradient-norm clip of every attacker step (IMMA's simulated a
 
 def attacker_optimizer(ad: Adaptation, lr: float, name: str = "adamw", zero_stage: int = 0):
     """The attacker's optimizer over φ (IMMA's simulated attacker uses the same; inside a hardening job from
-    ZeRO-1 on, its moments are partitioned across the ranks: `hardening.comm.partitioned_optimizer`)."""
-    from ..hardening.comm import partitioned_optimizer
+    ZeRO-1 on, its moments are partitioned across the ranks: `distributed.partitioned_optimizer`)."""
 
     cls, kwargs = optimizer_class(name, lr, ad.weight_decay())
     return partitioned_optimizer(ad.parameters(), cls, zero_stage, **kwargs)
@@ -122,8 +120,6 @@ class AttackState:
         """L_A on one batch of the attacker's images (plus the prior term for DreamBooth)."""
         import torch
 
-        from ..diffusion import diffusion_loss
-
         g = generator or self.generator
         idx = torch.randint(0, len(self.bank), (self.spec.batch_size,), generator=g)
         enc = self.ad.encode([self.captions[i] for i in idx.tolist()])
@@ -139,8 +135,6 @@ class AttackState:
 
     def step(self) -> float:
         import torch
-
-        from ..runtime import compute_precision
 
         with compute_precision(self.spec.precision, self.pipe.device.type):
             loss = self.loss()
@@ -162,8 +156,6 @@ def run_attack(spec: AttackSpec, on_step: Callable[[int, float], None] | None = 
 
 
 def _run_attack_locked(spec: AttackSpec, on_step, pipe) -> dict:
-    from ..models.pipeline_io import resolve_model_path
-
     t0 = time.time()
     st = setup(spec, pipe)
     with atomic_dir(spec.out, overwrite=spec.overwrite) as tmp:

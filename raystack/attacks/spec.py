@@ -7,6 +7,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import shown
+from ..models.pipeline_io import model_family, resolve_model_path
+from ..outputs import check_disjoint, check_new_output
+from ..runtime import PRECISIONS
+from ..specs import check_finite_fields
 
 METHODS = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion", "full")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -50,10 +54,28 @@ def method_defaults(method: str, model) -> dict:
     """The defaults of an attack method on a model: the tiny world's (METHOD_DEFAULTS, for the tiny world and
     reduced-width models) or real Stable Diffusion's (SD_METHOD_DEFAULTS), chosen from the model folder's configs
     (`pipeline_io.model_family`)."""
-    from ..models.pipeline_io import model_family
 
     table = METHOD_DEFAULTS if model_family(model) == "tiny" else SD_METHOD_DEFAULTS
     return {**COMMON_DEFAULTS, **table[method]}
+
+
+#: what the defaults table of `attack --help` shows per method, in this order
+_SHOWN_DEFAULTS = (("steps", "steps"), ("lr", "lr"), ("rank", "rank"), ("batch_size", "batch"),
+                   ("snr_gamma", "min-SNR"), ("noise_offset", "offset noise"), ("prior_preservation", "prior preservation"))
+
+
+def defaults_help() -> str:
+    """The attack defaults as `attack --help` shows them: one line per method and model family, made from
+    METHOD_DEFAULTS and SD_METHOD_DEFAULTS (so the help cannot drift from what runs)."""
+    lines = ["Defaults per method (a flag or config key overrides each):", ""]
+    for family, table in (("tiny world", METHOD_DEFAULTS), ("SD-1.x/2.x/XL", SD_METHOD_DEFAULTS)):
+        for method in METHODS:
+            d = {**COMMON_DEFAULTS, **table[method]}
+            shown = [label if d[key] is True else f"{label} {d[key]:g}" if isinstance(d[key], float) else f"{label} {d[key]}"
+                     for key, label in _SHOWN_DEFAULTS if key in d and d[key] not in (None, False, 0.0)
+                     and not (key == "rank" and "lora" not in method)]
+            lines.append(f"  {family:<14} {method:<18} " + ", ".join(shown))
+    return "\n".join(lines)
 
 
 def names_word(text: str | None, word: str) -> bool:
@@ -89,8 +111,6 @@ def check_device_flag(device) -> None:
 
 
 def check_precision_flag(precision, gpu: bool) -> None:
-    from ..runtime import PRECISIONS
-
     if precision not in PRECISIONS:
         raise UserError(f"--precision {shown(precision)}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp16":
@@ -109,6 +129,7 @@ DENSE_CHECKPOINT_EVERY = 100
 
 @dataclass
 class AttackSpec:
+    # What to attack --------------------------------------------------------------------------------
     method: str
     """Adaptation method: lora, dreambooth, dreambooth-lora, textual-inversion or full."""
     data: Path
@@ -117,9 +138,9 @@ class AttackSpec:
     """Output folder (adapter or weights, losses.jsonl, checkpoints/, attack.json)."""
     model: str | None = None
     """Pipeline folder to attack (default: the tiny world)."""
+    # Training -------------------------------------------------------------------------------------
     steps: int | None = None
-    """Optimizer steps (default per method and model family: METHOD_DEFAULTS on the tiny world, SD_METHOD_DEFAULTS
-    on a real SD-1.x/2.x/XL model)."""
+    """Optimizer steps (default per method and model family: the table below)."""
     lr: float | None = None
     """Learning rate (default per method and model family)."""
     batch_size: int | None = None
@@ -129,10 +150,12 @@ class AttackSpec:
     resolution: int | None = None
     """Image size (pixels, square) to train at: each image's short side is resized to it and the centre
     cropped, as the diffusers training examples do (any sizes in one folder); default: the model's own."""
+    # LoRA -----------------------------------------------------------------------------------------
     rank: int | None = None
     """LoRA rank (lora, dreambooth-lora); default per method."""
     alpha: float | None = None
     """LoRA alpha; default = rank (scale 1, kohya-style)."""
+    # Captions and DreamBooth ----------------------------------------------------------------------
     token: str = "sks"
     """The attacker's identifier in the captions (DreamBooth's rare token; TI replaces it by a new token)."""
     prompt: str | None = None
@@ -150,10 +173,12 @@ class AttackSpec:
     """dreambooth prior preservation: class images generated before training (default 16; 200 on a real SD model)."""
     prior_loss_weight: float = 1.0
     """dreambooth prior preservation: weight of the class loss."""
+    # Textual inversion ----------------------------------------------------------------------------
     num_vectors: int = 1
     """textual-inversion: embedding vectors of the new token."""
     initializer_token: str = "emblem"
     """textual-inversion: existing word whose embedding initialises the new one."""
+    # Loss and optimizer ---------------------------------------------------------------------------
     snr_gamma: float | None = None
     """Min-SNR loss weighting γ (the diffusers examples' --snr_gamma, 5.0 is usual); 0: plain MSE; default
     per method."""
@@ -165,6 +190,7 @@ class AttackSpec:
     checkpointing): less activation memory at real sizes, roughly a third more time per step."""
     optimizer: str = "adamw"
     """The attacker's optimizer: adamw, or adafactor (as kohya/OneTrainer users run it)."""
+    # Checkpoints and output -----------------------------------------------------------------------
     checkpoint_every: int | None = None
     """Save the adapter/weights every N steps (for curves of quality against attack steps). Default: 50; 100 for
     full and dreambooth, whose checkpoint is a whole UNet (3.4 GB at SD-1.5 in fp32)."""
@@ -198,7 +224,6 @@ class AttackSpec:
                                 "(as the diffusers example does), whose class prompt is the instance prompt "
                                 f"without --token {shown(self.token)}, which no caption names; give "
                                 "--class-prompt, or --no-prior-preservation")
-        from ..specs import check_finite_fields
 
         check_finite_fields(self)
         if not self.alpha > 0:
@@ -231,8 +256,6 @@ class AttackSpec:
     def check_output(self, extra_inputs: tuple = ()) -> None:
         """--out apart from every input of the attack (and `extra_inputs`, e.g. the --config file), then
         `check_out_free`."""
-        from ..models.pipeline_io import resolve_model_path
-        from ..outputs import check_disjoint
 
         if self.out is None:
             raise UserError("--out is required")
@@ -242,6 +265,5 @@ class AttackSpec:
 
     def check_out_free(self) -> None:
         """--out is new, or --overwrite replaces an earlier output of this tool."""
-        from ..outputs import check_new_output
 
         check_new_output(self.out, self.overwrite)

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 from ..outputs import shown
+from ..attacks.methods import LORA_ALL_ATTENTION, is_cross_attention
+from ..attacks.spec import AttackSpec
+from ..checkpoint import flatten_optimizer, unflatten_optimizer
+from ..redteam.space import draw_attacks, load_attack_space
+from ..specs import build_spec
 
 SIMULATED = ("lora", "dreambooth-lora", "full", "dreambooth")
 """Attack methods the pool can simulate. Textual inversion is not (it grows the tokenizer, which cannot be undone
@@ -37,9 +42,6 @@ def draw_pool(spec) -> list:
     """The pool's attack configurations (AttackSpecs), drawn from `spec.attacker_space` with `spec.seed` among the
     methods it can simulate (`SIMULATED`); refused with one line if the space offers none of them, or fixes one
     it cannot simulate."""
-    from ..attacks.spec import AttackSpec
-    from ..redteam.space import draw_attacks, load_attack_space
-    from ..specs import build_spec
 
     import dataclasses
 
@@ -70,7 +72,6 @@ def trained_tensors(attack, names: list[str]) -> list[bool]:
     DreamBooth all of them (attn2 with cross_attention_only), a LoRA the attention projections it adapts
     (dreambooth-lora: attn2's), simulated densely on those tensors (a compliant user's adapter skips frozen
     ones, as the relaxation's (1 − m) does)."""
-    from ..attacks.methods import LORA_ALL_ATTENTION, is_cross_attention
 
     out = []
     for n in names:
@@ -145,8 +146,6 @@ class AttackerPool:
     def state(self) -> dict:
         import torch
 
-        from ..checkpoint import flatten_optimizer
-
         out: dict = {}
         meta: dict = {"iteration": self.iteration, "members": []}
         for k, m in enumerate(self.members):
@@ -163,7 +162,6 @@ class AttackerPool:
     def load_state(self, tensors: dict, device=None) -> None:
         """`device`: the UNet's; the checkpoint is read on the CPU, and a member's φ is used beside the UNet (its
         moments follow φ when its optimizer loads them)."""
-        from ..checkpoint import unflatten_optimizer
 
         meta = json.loads(bytes(tensors["pool/meta"].tolist()).decode())
         self.iteration = meta["iteration"]

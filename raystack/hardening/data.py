@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+from ..diffusion import LatentBank, diffusion_loss, resolution_of
+from ..imageio import read_image_folder
 
 
 @dataclass
@@ -55,8 +57,6 @@ def jpeg_copies(images: np.ndarray, quality: int = 30) -> np.ndarray:
 
 def load_shard(folders, pipe, rank: int, world: int, caption_fn=None, flag: str = "--target",
                jpeg_mix: float = 0.0, seed: int = 0, resolution: int | None = None) -> Shard:
-    from ..diffusion import LatentBank, resolution_of
-    from ..imageio import read_image_folder
 
     images, captions, groups = [], [], []
     for k, f in enumerate(folders):
@@ -103,8 +103,6 @@ def mixed_losses(unet, noise_scheduler, encode, parts: list[tuple[Shard, int]], 
     mean loss. FreezeAsGuard's mixed illegal + legal batches then cost one forward/backward, not one per
     data set, and any weighting of the parts (−λ1, +λ2) reuses the same graph."""
     import torch
-
-    from ..diffusion import diffusion_loss
 
     latents, captions, sizes = [], [], []
     for shard, n in parts:

@@ -14,10 +14,27 @@ from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, make_output_dir,
                        output_lock, shown)
+from ..storage import fetched_from, is_uri
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
 from ..timing import mark
+from ..atomic import atomic_dir
+from ..checkpoint import load_tensors
+from ..diffusion import encode_prompts, unet_predict
+from ..freeze_mask import MASK_FILE, save_freeze_mask
+from ..imageio import read_image_folder
+from ..models.pipeline_io import (EXTRA_INFO, check_component_shapes, check_pipeline_folder, config_geometry, is_sdxl_folder, is_shipped_tiny_world, resolve_model_path, weights_variant)
+from ..models.single_file import PROVENANCE_FILE
+from ..planning import header_shapes
+from ..release_card import source_license
+from ..signing import SIGNATURE_FILE
+from ..specs import spec_to_dict
+from ..verification import PICKLED_SUFFIXES
+from .erase import ERASERS, concept_words
+from .method import load_into_unet
+from .methods import method_names, method_phases
+from .worker import MASK_KEY_PREFIX, RESULT_FILE, run_in_this_process, train_loop
 
 MANIFEST = "manifest.json"
 
@@ -31,8 +48,6 @@ EMBEDDED_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 def validate_inputs(spec: HardenSpec) -> None:
     """Everything that can be checked before any worker starts, each failure naming its flag."""
-    from ..imageio import read_image_folder
-    from ..models.pipeline_io import check_component_shapes, check_pipeline_folder, resolve_model_path
 
     if spec.out is None:
         raise UserError("--out is required")
@@ -46,7 +61,6 @@ def validate_inputs(spec: HardenSpec) -> None:
     check_replaceable(run_dir_for(spec), "--out's run folder")
     check_pipeline_folder(model, "--model")
     check_component_shapes(model, "--model")
-    from ..models.pipeline_io import is_sdxl_folder
 
     if (is_sdxl_folder(model) and spec.against == "textual-inversion" and spec.attacker_space is None
             and any(p.simulates_attacker for p in spec.phases())):
@@ -82,7 +96,6 @@ def validate_inputs(spec: HardenSpec) -> None:
         check_local_capacity(spec.workers, spec.use_gpu)
     elif ray_running_here():  # a Tune trial, a test session: the Ray this process is connected to
         check_cluster_capacity(spec.workers, spec.use_gpu, spec.placement_timeout)
-    from .method import method_names, method_phases
 
     no_zero3 = [p for p in spec.phases() if not p.supports_zero3]
     if spec.zero_stage == 3 and no_zero3:
@@ -93,7 +106,6 @@ def validate_inputs(spec: HardenSpec) -> None:
 
 def check_resolution_for_model(model: Path, resolution: int, flag: str = "--resolution") -> None:
     """The model's own multiple (VAE factor x UNet down-sampling), from its configs, before anything starts."""
-    from ..models.pipeline_io import config_geometry
 
     geometry = config_geometry(model)
     if geometry is None:
@@ -105,7 +117,6 @@ def check_resolution_for_model(model: Path, resolution: int, flag: str = "--reso
 
 def erase_record(spec: HardenSpec) -> dict | None:
     """What was erased, for the manifest and the release's info (None: nothing)."""
-    from .erase import ERASERS, concept_words
 
     method = spec.erase or (spec.method if spec.method in ERASERS else None)
     if method is None:
@@ -164,7 +175,6 @@ def _progress_actor():
 def worker_config(spec: HardenSpec) -> dict:
     """The spec as plain values, every path absolute: workers run in another directory (or machine)."""
     from ..models.pipeline_io import resolve_model_path
-    from ..specs import spec_to_dict
 
     cfg = spec_to_dict(spec)
     cfg["model"] = str(resolve_model_path(spec.model).resolve())
@@ -202,8 +212,6 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
 
 def _run_in_this_process(spec: HardenSpec) -> dict:
     import tempfile
-
-    from .worker import run_in_this_process
 
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="immunize-result-") as d:
@@ -257,8 +265,6 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .worker import train_loop  # imported here so that the workers can import it too
 
     for k, v in {**TRAIN_ENV, **(EMBEDDED_TRAIN_ENV if embedded_here() else {})}.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer.fit here and passed on to its controller
@@ -345,13 +351,7 @@ def _versions() -> dict:
 
 
 def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
-
-    from ..atomic import atomic_dir
-    from ..freeze_mask import MASK_FILE, save_freeze_mask
     from ..models.pipeline_io import EXTRA_INFO, load_pipeline, resolve_model_path
-    from ..checkpoint import load_tensors
-    from .method import load_into_unet
-    from .worker import MASK_KEY_PREFIX, RESULT_FILE
 
     tensors, meta = load_tensors(ckpt_dir / RESULT_FILE)
     src = resolve_model_path(spec.model)
@@ -420,7 +420,8 @@ def assemble_outputs(spec: HardenSpec, ckpt_dir: Path, wall: float) -> dict:
         from ..release_card import CARD_FILE, make_card
 
         # after the hashes: the card is the publisher's to edit (verify lists it as not covered)
-        hub_id = manifest["source_model"].split("@")[0] if "@" in manifest["source_model"] else None
+        source = manifest["source_model"]
+        hub_id = source.split("@")[0] if "@" in source and not is_uri(source) else None
         (tmp / CARD_FILE).write_text(make_card(manifest, src, license_id=source_license_id(src),
                                                base_model=hub_id))  # a hub download: its id is the base model
         if spec.sign_key is not None:
@@ -435,8 +436,6 @@ def copyable_release(src: Path, theta: dict, mask: dict) -> list[str] | None:
     changed, the mask names exactly the UNet's tensors, every weight file safetensors in the standard layout);
     else None (the pipeline is loaded and saved). Copying never loads or re-serialises a model: FreezeAsGuard's
     and Random-ρ's releases of an SDXL checkpoint skip ~14 GB of reading, converting and writing."""
-    from ..models.pipeline_io import weights_variant
-    from ..planning import header_shapes
 
     if theta or not mask or weights_variant(src) is not None:
         return None
@@ -478,10 +477,6 @@ def copy_source_notices(src: Path, dest: Path) -> list[str]:
     copied; returns what was, as named in dest."""
     import shutil
 
-    from ..models.pipeline_io import EXTRA_INFO
-    from ..signing import SIGNATURE_FILE
-    from ..verification import PICKLED_SUFFIXES
-
     not_notices = {"model_index.json", MANIFEST, SIGNATURE_FILE, ".gitattributes", EXTRA_INFO, OUTPUT_MARKER}
     copied = []
     for f in sorted(Path(src).iterdir()):
@@ -497,8 +492,6 @@ def copy_source_notices(src: Path, dest: Path) -> list[str]:
 def source_license_id(src: Path) -> str:
     """The release card's license: the source card's, apache-2.0 for the shipped tiny world (this project's),
     else "other" (the copied license file says which)."""
-    from ..models.pipeline_io import is_shipped_tiny_world
-    from ..release_card import source_license
 
     return source_license(src) or ("apache-2.0" if is_shipped_tiny_world(src) else "other")
 
@@ -514,8 +507,10 @@ def source_identity(src: Path) -> str:
         return "tinyworld"
     if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
         return f"{real.parent.parent.name[len('models--'):].replace('--', '/')}@{real.name}"
-    from ..models.single_file import PROVENANCE_FILE
 
+    uri = fetched_from(real)
+    if uri is not None:  # fetched from object storage: its URI
+        return uri
     if (real / PROVENANCE_FILE).is_file():  # converted from a single-file checkpoint: that file, by name and hash
         try:
             prov = json.loads((real / PROVENANCE_FILE).read_text())
@@ -587,7 +582,6 @@ def check_release_forward(pipe) -> None:
     unet = pipe.unet
     side = min(16, int(unet.config.sample_size))
     g = torch.Generator().manual_seed(0)
-    from ..diffusion import encode_prompts, unet_predict
 
     with torch.no_grad():
         cond = encode_prompts(pipe, [""])
@@ -618,7 +612,7 @@ def recorded_spec(spec: HardenSpec) -> dict:
     d = spec_to_dict(spec)
     d["out"] = "."
     d["sign_key"] = None
-    d["model"] = relative_to_out(resolve_model_path(spec.model), spec.out)
+    d["model"] = spec.model if is_uri(spec.model) else relative_to_out(resolve_model_path(spec.model), spec.out)
     d["target"] = [relative_to_out(t, spec.out) for t in spec.target]
     d["legal"] = relative_to_out(spec.legal, spec.out) if spec.legal is not None else None
     if spec.attacker_space is not None:

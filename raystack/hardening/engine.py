@@ -7,6 +7,7 @@ works for every ZeRO stage; checkpoints then hold plain tensors (safetensors), n
 from __future__ import annotations
 
 import contextlib
+from ..timing import mark
 
 
 #: DeepSpeed's default reduce / all-gather bucket (elements): 5e8, a 1.86 GiB fp32 buffer at the first backward
@@ -40,8 +41,6 @@ class Engine:
     """The recipe's view of DeepSpeed: forward, backward, step, gathering, state in and out."""
 
     def __init__(self, recipe, spec):
-        from ..timing import mark
-
         mark("deepspeed_import")
         import deepspeed
 

@@ -26,6 +26,11 @@ import re
 
 from ..diffusion import unet_predict
 from .method import HardeningPhase, PhaseResult, load_into_unet
+from ..diffusion import FrozenTextCache, encode_prompts, is_sdxl, train_noise_scheduler
+from ..errors import UserError
+from ..imageio import read_image_folder
+from ..outputs import shown
+from .data import Shard, load_shard, mixed_losses, noisy_batch
 
 #: UCE's ridge λ: keeps W' near W where the edit says nothing
 UCE_RIDGE = 0.1
@@ -45,8 +50,6 @@ def anchor_caption(caption: str, words: list[str], anchor: str) -> str:
 
 def check_erase_captions(spec, captions: list[str], flag: str = "--target") -> None:
     """Every caption of the concept's images must name it: erasure maps the named concept to the anchor."""
-    from ..errors import UserError
-    from ..outputs import shown
 
     words = concept_words(spec)
     for c in captions:
@@ -84,9 +87,6 @@ class _TrainedErasure(HardeningPhase):
         import copy
 
         import torch
-
-        from ..diffusion import FrozenTextCache, train_noise_scheduler
-        from .data import Shard, load_shard
 
         super().__init__(spec, pipe, rank, world)
         pipe.vae.requires_grad_(False)
@@ -127,8 +127,6 @@ class _TrainedErasure(HardeningPhase):
 
     def step(self) -> dict:
         import torch
-
-        from .data import mixed_losses, noisy_batch
 
         b, gen = self.spec.batch_size, self.generator
         noisy, t, idx = noisy_batch(self.target, b, self.noise, gen, self.pipe.unet)
@@ -214,7 +212,6 @@ class UCEPhase(HardeningPhase):
 
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         super().__init__(spec, pipe, rank, world)
-        from ..imageio import read_image_folder
 
         captions = []
         for f in spec.target:  # captions only: UCE edits weights from text, no image is encoded
@@ -234,8 +231,6 @@ class UCEPhase(HardeningPhase):
 
     def _embeddings(self, captions: list[str]):
         import torch
-
-        from ..diffusion import encode_prompts, is_sdxl
 
         with torch.no_grad():
             enc = encode_prompts(self.pipe, captions).double()

@@ -17,6 +17,11 @@ weights exist: θ(m) (the UNet's own tensors) and θ_d = θ_pre − θ_ft.
 from __future__ import annotations
 
 from .method import HardeningPhase, PhaseResult, load_into_unet
+from ..attacks.recipe import GRAD_CLIP, optimizer_named
+from ..diffusion import FrozenTextCache, train_noise_scheduler
+from ..distributed import all_reduce_mean, partitioned_optimizer
+from .data import load_shard, mixed_losses
+from .sharded import ShardedTensors
 
 
 def mask_of(w, temperature: float):
@@ -57,8 +62,6 @@ def new_mask_logits(n: int, seed: int = 0, device=None):
 def user_steps(params: list, theta_d, m, loss_fn, lr: float, steps: int, all_reduce=None) -> float:
     """L simulated user steps on θ(m) (Eq. 10) with the matching update of θ_d (Eq. 9)."""
     import torch
-
-    from .sharded import ShardedTensors
 
     store = ShardedTensors.wrap(theta_d)  # a list, or the copy partitioned across ranks (ZeRO-3)
     free = 1.0 - m
@@ -138,9 +141,6 @@ class FreezeAsGuardRecipe(HardeningPhase):
     def __init__(self, spec, pipe, rank: int = 0, world: int = 1):
         import torch
 
-        from ..diffusion import FrozenTextCache, train_noise_scheduler
-        from .data import load_shard
-
         super().__init__(spec, pipe, rank, world)
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -182,7 +182,6 @@ class FreezeAsGuardRecipe(HardeningPhase):
     def _losses(self, **loss_kw):
         """(L(illegal), L(legal)) from one mixed batch of --batch-size images, half of each (`loss_kw`: a drawn
         user's loss weighting and offset noise)."""
-        from .data import mixed_losses
 
         b = self.spec.batch_size
         parts = [(self.illegal, max(1, (b + 1) // 2)), (self.legal, max(1, b // 2))]
@@ -199,8 +198,6 @@ class FreezeAsGuardRecipe(HardeningPhase):
     def prepare(self) -> dict:
         """θ_ft: the model fully fine-tuned on illegal + legal data; then θ_d = θ_pre − θ_ft, θ(m) = θ_ft + m θ_d."""
         import torch
-
-        from .comm import all_reduce_mean
 
         from .sharded import ShardedTensors
 
@@ -238,12 +235,10 @@ class FreezeAsGuardRecipe(HardeningPhase):
         """Adam over the whole UNet for the preparation fine-tune, its moments partitioned from ZeRO-1 on."""
         import torch
 
-        from .comm import partitioned_optimizer
-
         return partitioned_optimizer(self.params, torch.optim.Adam, self.spec.zero_stage, lr=self.spec.user_lr)
 
     def step(self) -> dict:
-        from .comm import all_reduce_mean
+        from ..distributed import all_reduce_mean
 
         if self.pool is not None:
             return self.robust_step()
@@ -286,8 +281,7 @@ class FreezeAsGuardRecipe(HardeningPhase):
         Eq. 9/10); returns c = <∂L_up/∂θ(m), θ_d> with θ_d = θ_pre − θ_ft, and the turn's losses."""
         import torch
 
-        from ..attacks.recipe import GRAD_CLIP, optimizer_named
-        from .comm import all_reduce_mean
+        from ..distributed import all_reduce_mean
 
         member, trains = self.pool.members[k], self.trains[k]
         if restart:

@@ -25,8 +25,15 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from .comm import all_reduce_mean
+from ..distributed import all_reduce_mean
 from .method import HardeningPhase, PhaseResult, load_into_unet
+from ..attacks.methods import make_adaptation
+from ..attacks.recipe import GRAD_CLIP, attacker_optimizer
+from ..attacks.spec import AttackSpec, names_word
+from ..checkpoint import flatten_optimizer, unflatten_optimizer
+from ..diffusion import train_noise_scheduler, unet_predict
+from ..distributed import full_optimizer_state
+from .data import Shard, load_shard, mixed_losses, noisy_batch, shard_loss
 
 
 class OuterOptimizer(Protocol):
@@ -130,7 +137,6 @@ class IMMARecipe(HardeningPhase):
     def _attacker_caption(self, text: str) -> str:
         """The simulated attacker's caption. Textual inversion learns a new word: a plain caption without the
         defender's --token gets it in front (the defender picks the word, the user's captions stay as given)."""
-        from ..attacks.spec import names_word
 
         if self.attacker.method == "textual-inversion" and not names_word(text, self.spec.token):
             text = f"{self.spec.token} {text}".strip()
@@ -141,11 +147,6 @@ class IMMARecipe(HardeningPhase):
 
         super().__init__(spec, pipe, rank, world)
         self.outer_objective = outer_objective
-        from ..attacks.methods import make_adaptation
-        from ..attacks.recipe import attacker_optimizer
-        from ..attacks.spec import AttackSpec
-        from ..diffusion import train_noise_scheduler
-        from .data import Shard, load_shard
 
         self.teacher = None
         retains_to_original = spec.retain_target == "original" and spec.legal is not None and spec.retain_weight > 0
@@ -213,7 +214,6 @@ class IMMARecipe(HardeningPhase):
 
     def _loss(self, shard, timesteps=None):
         """L_A: the attacker's loss on target images (its min-SNR weighting and offset noise)."""
-        from .data import shard_loss
 
         return shard_loss(self.pipe.unet, self.noise, self.ad.encode, shard, self.spec.batch_size, self.generator,
                           snr_gamma=self.attacker.snr_gamma, noise_offset=self.attacker.noise_offset,
@@ -232,9 +232,6 @@ class IMMARecipe(HardeningPhase):
         ablation's goal, which the attacker's adaptation must not undo. Bounded below by 0, unlike L_A, so the
         outer step cannot buy a high attacker loss by wrecking the prediction."""
         import torch
-
-        from ..diffusion import unet_predict
-        from .data import noisy_batch
 
         noisy, t, idx = noisy_batch(self.target, self.spec.batch_size, self.noise, self.generator, self.pipe.unet,
                                     self.spec.outer_timestep_range)
@@ -255,7 +252,6 @@ class IMMARecipe(HardeningPhase):
 
     def retain_loss(self):
         """The retain term on legal data at θ alone (adapter off), captioned and unconditioned halves."""
-        from .data import mixed_losses
 
         b = self.spec.batch_size
         with self.ad.released():
@@ -265,8 +261,6 @@ class IMMARecipe(HardeningPhase):
         return (cond + uncond) / 2
 
     def step(self) -> dict:
-        from ..attacks.recipe import GRAD_CLIP
-
         if self.pool is not None:
             return self.robust_step()
         objective = (lambda: self.outer_objective(self)) if self.outer_objective else self.outer_losses
@@ -373,9 +367,6 @@ class IMMARecipe(HardeningPhase):
     def state(self) -> dict:
         """Built whole on rank 0, which writes the checkpoint (every rank resumes from it); the others keep their
         RNG only (the pool's bookkeeping runs on every rank alike, so they build it too)."""
-        from ..checkpoint import flatten_optimizer
-
-        from .comm import full_optimizer_state
 
         moments = None
         if self.inner_opt is not None and self.pool is None:  # the simulated attacker's, warm-started like φ
@@ -393,8 +384,6 @@ class IMMARecipe(HardeningPhase):
         return out
 
     def load_state(self, tensors: dict) -> None:
-        from ..checkpoint import unflatten_optimizer
-
         load_into_unet(self.pipe.unet, {k[6:]: v for k, v in tensors.items() if k.startswith("theta/")},
                        released_names=True)
         if self.pool is not None:  # the checkpoint is read on the CPU: φ goes where the UNet is
@@ -405,7 +394,7 @@ class IMMARecipe(HardeningPhase):
         phi = {k[4:]: v.to(dev, copy=True) for k, v in tensors.items() if k.startswith("phi/")}
         self.phi_prev = phi or None
         if self.inner_opt is not None and any(k.startswith("inner_opt/") for k in tensors):
-            from .comm import indexed_param_groups
+            from ..distributed import indexed_param_groups
 
             groups = {"inner_opt": {"param_groups": indexed_param_groups(self.inner_opt), "scalars": {}}}
             self.inner_opt.load_state_dict(unflatten_optimizer("inner_opt", tensors, groups))

@@ -166,23 +166,3 @@ def load_into_unet(unet, tensors: dict, released_names: bool = False) -> None:
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v)
-
-
-_METHODS: dict[str, tuple] = {}
-
-
-def register_method(name: str, *phases) -> None:
-    """`harden --method NAME` runs these phase classes in order."""
-    _METHODS[name] = tuple(phases)
-
-
-def method_phases(name: str) -> tuple:
-    from . import methods  # noqa: F401 - registers the shipped methods
-
-    return _METHODS[name]
-
-
-def method_names() -> tuple[str, ...]:
-    from . import methods  # noqa: F401
-
-    return tuple(_METHODS)

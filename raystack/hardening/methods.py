@@ -1,11 +1,27 @@
-"""The shipped hardening methods: `harden --method NAME` runs these phases in order (see method.py)."""
+"""The registry of hardening methods: `harden --method NAME` runs these phases in order (the phase interface is
+in method.py). A new method registers itself here, and every name the CLI, plan and verify know comes from it."""
 
 from __future__ import annotations
 
 from .erase import AblationPhase, ESDxPhase, UCEPhase
 from .freezeasguard import FreezeAsGuardRecipe, RandomFreezePhase
 from .imma import IMMARecipe
-from .method import register_method
+
+_METHODS: dict[str, tuple] = {}
+
+
+def register_method(name: str, *phases) -> None:
+    """`harden --method NAME` runs these phase classes in order."""
+    _METHODS[name] = tuple(phases)
+
+
+def method_phases(name: str) -> tuple:
+    return _METHODS[name]
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
 
 register_method("imma", IMMARecipe)
 register_method("freezeasguard", FreezeAsGuardRecipe)

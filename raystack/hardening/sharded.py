@@ -13,6 +13,7 @@ views of the caller's tensors, so updates through it are seen in the list.
 from __future__ import annotations
 
 import math
+from ..distributed import buckets
 
 
 class ShardedTensors:
@@ -69,8 +70,6 @@ class ShardedTensors:
         of the len(self) products finishes the inner products. With one rank: the plain inner products."""
         import torch
         import torch.distributed as dist
-
-        from .comm import buckets
 
         if self.world == 1:
             return torch.stack([(g.reshape(-1).float() * d.float()).sum() for g, d in zip(wholes, self.parts)])

@@ -1,4 +1,8 @@
-"""HardenSpec: the whole hardening job as one typed, validated record (YAML keys equal the flags)."""
+"""HardenSpec: the whole hardening job as one typed, validated record (YAML keys equal the flags).
+
+The CLI builds harden's flags from this module when `--help` is asked, so it imports only the light config
+modules at the top; the method registry and the phases (which reach numpy and the samplers) are imported where a
+spec is checked."""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from pathlib import Path
 
 from ..attacks.spec import DEFAULT_RANK
 from ..attacks.spec import METHODS as ATTACK_METHODS
+from ..attacks.spec import check_precision_flag, check_resolution_flag
 from ..errors import UserError
 from ..outputs import shown
+from ..specs import check_finite_fields
 
 INNER_OPTIMIZERS = ("adamw", "sgd")
 RETAIN_TARGETS = ("data", "original")
@@ -30,6 +36,7 @@ def check_concept_words(concept: str, anchor: str) -> None:
 
 @dataclass
 class HardenSpec:
+    # Model, data and output ---------------------------------------------------
     method: str = "imma"
     """imma | freezeasguard | random-freeze | imma+freeze."""
     model: str | None = None
@@ -40,8 +47,10 @@ class HardenSpec:
     """Image folder of legal data: IMMA's retain term, FreezeAsGuard's legal loss."""
     against: str = "lora"
     """The attacker's adaptation method simulated inside: lora, dreambooth, dreambooth-lora, textual-inversion, full."""
-    out: Path | None = None
-    """Output folder: hardened pipeline, freeze_mask.safetensors, manifest.json (written atomically)."""
+    out: Path | str | None = None
+    """Output folder: hardened pipeline, freeze_mask.safetensors, manifest.json (written atomically); or an
+    object-storage URI (s3://bucket/release, gs://...): written locally, then uploaded with manifest.json last."""
+    # Where and how it runs ------------------------------------------------------------------------
     cluster: str | None = None
     """Ray cluster address ('auto' for the running one); none: an embedded local Ray."""
     workers: int = 1
@@ -111,6 +120,7 @@ class HardenSpec:
     predict what the input model predicts for the --anchor caption on the same noisy image; needs --concept)."""
     jpeg_mix: float = 0.0
     """IMMA: share of JPEG-compressed copies mixed into the target images (robustness to compression)."""
+    # Robust hardening: attackers drawn from a space ----------------------------------------------
     attacker_space: Path | None = None
     """Robust hardening: simulate attackers drawn from this attack space (attack_spaces/*.yaml, the red team's
     format) instead of the one --against attacker (IMMA) or the one fine-tuning user (FreezeAsGuard): a pool of
@@ -141,7 +151,7 @@ class HardenSpec:
     """T in m = σ(w / T)."""
     finetune_steps: int = 100
     """Steps of the mixed illegal + legal fine-tune that gives θ_ft."""
-    # concept erasure (`immunize-cli erase`, or `harden --erase` before --method) ----------------------
+    # Concept erasure (erase, or harden --erase before --method) -----------------------------------
     erase: str | None = None
     """Erase the concept first, in the same job: uce, esd-x or ablation (then --method hardens the result)."""
     concept: str | None = None
@@ -164,10 +174,17 @@ class HardenSpec:
     """UCE: weight of keeping the projections on the --legal captions."""
 
     def __post_init__(self):
-        from ..specs import check_finite_fields
-
         check_finite_fields(self)
-        from .method import method_names
+        if isinstance(self.out, str):  # a URI (a local path arrives as a Path)
+            from ..outputs import check_local_path
+            from ..storage import check_uri, is_uri
+
+            if not is_uri(self.out):
+                check_local_path(self.out, "--out")  # its one line for a malformed URI
+                self.out = Path(self.out)
+            else:
+                self.out = check_uri(self.out, "--out")
+        from .methods import method_names
 
         if self.method not in method_names():
             raise UserError(f"--method {shown(self.method)}: unknown hardening method; expected one of "
@@ -179,8 +196,6 @@ class HardenSpec:
             raise UserError(f"--rho {self.rho}: must be within [0, 1]")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UserError(f"--zero-stage {self.zero_stage}: expected 0, 1, 2 or 3")
-        from ..attacks.spec import check_precision_flag, check_resolution_flag
-
         check_resolution_flag(self.resolution)
         check_precision_flag(self.precision, self.use_gpu)
         for flag, v in (("--workers", self.workers), ("--steps", self.steps), ("--batch-size", self.batch_size),
@@ -293,7 +308,7 @@ class HardenSpec:
 
     def phases(self) -> tuple:
         """The phases this job runs: the --erase phase (if any), then --method's."""
-        from .method import method_phases
+        from .methods import method_phases
 
         if self.erase is None:
             return method_phases(self.method)

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import load_tensors, save_tensors
+from ..distributed import rank as get_rank, world_size
+from ..models.pipeline_io import load_pipeline
+from ..runtime import compute_precision, configure_threads, seed_everything
+from ..specs import build_spec
+from ..timing import mark
+from .method import LocalEngine, load_into_unet
+from .spec import HardenSpec
 
 STATE_FILE = "state.safetensors"
 RESULT_FILE = "result.safetensors"
@@ -28,7 +35,6 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY":
 def build_phase(phase_cls, spec, pipe, rank: int, world: int, local: bool = False):
     """A phase with its defender parameters in a DeepSpeed engine (or, `local` or when it trains none, its own
     torch optimizer), bound together."""
-    from .method import LocalEngine
 
     phase = phase_cls(spec, pipe, rank, world)
     if local or phase.engine_module() is None:
@@ -59,8 +65,6 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
     `resume`: (tensors, meta) of a checkpoint `on_checkpoint(phase, engine, meta, carried)` was given;
     `local`: each phase's own torch optimizer instead of DeepSpeed (one process: tests, probes);
     `on_step(phase, done, losses)` after every step."""
-    from ..runtime import compute_precision
-    from .method import load_into_unet
 
     resume_tensors, resume_meta = resume
     carried: dict = {}  # UNet tensors changed by finished phases (IMMA's θ for imma+freeze), by released name
@@ -110,20 +114,13 @@ def run_method(spec, pipe, rank: int = 0, world: int = 1, resume: tuple[dict, di
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker: `run_method` with Ray Train's checkpoints and the driver's progress."""
-    from ..timing import mark
 
     mark("worker_entered")
     for k, v in WORKER_ENV.items():
         os.environ.setdefault(k, v)
-    from ..runtime import configure_threads
 
     configure_threads(1)
     import ray.train
-
-    from ..specs import build_spec
-    from .comm import rank as get_rank
-    from .spec import HardenSpec
-    from .comm import world_size
 
     spec = build_spec(HardenSpec, config["spec"], source="worker")
     progress = config.get("progress")
@@ -174,9 +171,6 @@ def seeded_pipeline(spec):
     """The job's pipeline as every worker starts it: every RNG seeded from --seed, then loaded on the worker's
     device (a GPU when asked for and present)."""
     import torch
-
-    from ..models.pipeline_io import load_pipeline
-    from ..runtime import seed_everything
 
     seed_everything(spec.seed)
     pipe = load_pipeline(spec.model, device="cuda" if spec.use_gpu and torch.cuda.is_available() else "cpu")

@@ -10,6 +10,7 @@ No weights are downloaded: every tensor is randomly initialised from a seed.
 from __future__ import annotations
 
 from pathlib import Path
+from .pipeline_io import assemble_pipeline, default_model_path, save_pipeline
 
 #: per architecture: what distinguishes it in the published configurations (SD-1.5: runwayml/CompVis v1-5;
 #: SD-2.1: stabilityai 768-v), widths given as multiples of `width` (SD's own: width 320)
@@ -33,8 +34,6 @@ def build_pipeline_folder(arch: str, out: Path, width: int = 32, image_size: int
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from .pipeline_io import assemble_pipeline, default_model_path, save_pipeline
 
     a = ARCHITECTURES[arch]
     torch.manual_seed(seed)

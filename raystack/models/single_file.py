@@ -48,8 +48,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..storage import cache_dir
 from ..errors import UserError
 from ..outputs import shown
+from ..atomic import disk_full, is_disk_full
+from ..tinyworld.tokenizer import _bytes_to_unicode
+from .folders import (PICKLE_SUFFIXES, check_component_shapes, check_pipeline_folder, default_model_path, safetensors_header)
 
 SINGLE_FILE_SUFFIX = ".safetensors"
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -66,8 +70,6 @@ FAMILY_NAMES = {"sd1": "SD-1.x", "sd2": "SD-2.x", "sdxl": "SDXL"}
 
 
 def is_pickled_file(path: Path) -> bool:
-    from .pipeline_io import PICKLE_SUFFIXES
-
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
 
 
@@ -98,10 +100,7 @@ def single_file_pipeline(path: Path, flag: str = "--model") -> Path:
 
 def cache_root() -> Path:
     """`$IMMUNIZE_CACHE/single-file`, else `$XDG_CACHE_HOME/immunize-cli/single-file`, else `~/.cache/...`."""
-    base = os.environ.get("IMMUNIZE_CACHE")
-    if not base:
-        base = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "immunize-cli")
-    return Path(base).expanduser() / "single-file"
+    return cache_dir("single-file")
 
 
 _DIGESTS: dict[tuple, str] = {}
@@ -142,9 +141,7 @@ def file_digest(path: Path) -> str:
 
 
 def _header(path: Path, flag: str) -> dict:
-    from .pipeline_io import _safetensors_header
-
-    return _safetensors_header(path, flag)
+    return safetensors_header(path, flag)
 
 
 def _shapes(header: dict) -> dict[str, tuple]:
@@ -384,7 +381,6 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
 
     with gzip.open(CONFIGS / "clip-bpe-merges.txt.gz", "rt", encoding="utf-8") as fh:
         merges = [tuple(line.split()) for line in fh.read().split("\n") if line]
-    from ..tinyworld.tokenizer import _bytes_to_unicode  # the same byte table the tiny world's BPE uses
 
     tokens = list(_bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -395,8 +391,6 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = 77)
 
 def _tiny_tokenizer():
     from transformers import CLIPTokenizer
-
-    from .pipeline_io import default_model_path
 
     return CLIPTokenizer.from_pretrained(str(default_model_path() / "tokenizer"))
 
@@ -424,8 +418,6 @@ def _check_vocabulary(vocab_size: int, path: Path, flag: str) -> None:
 
 
 def _convert_into(path: Path, dest: Path, header: dict, family: str, flag: str) -> Path:
-    from ..atomic import disk_full, is_disk_full
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -570,8 +562,6 @@ def write_pipeline_folder(path: Path, out: Path, header: dict, family: str, flag
     else:
         index.update(requires_safety_checker=False, safety_checker=[None, None])
     (out / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
-
-    from .pipeline_io import check_component_shapes, check_pipeline_folder
 
     check_pipeline_folder(out, flag)
     check_component_shapes(out, flag)

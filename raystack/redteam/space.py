@@ -6,11 +6,16 @@ The same space and budget are used for every model of a red-team run; each trial
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import shown
 from ..specs import MAX_COUNT
-from ..tuning.space import ALGORITHMS, SCHEDULERS, check_distribution
+from ..search import ALGORITHMS, SCHEDULERS, check_distribution
+from ..attacks.spec import AttackSpec, first_caption, names_word
+from ..outputs import check_plain_name
+from ..sampling import SAMPLERS
+from ..specs import build_spec
 
 
 @dataclass
@@ -57,14 +62,11 @@ class AttackSpace:
     uses 1000 + seed): another seed is an independent red team of the same space."""
 
     def __post_init__(self):
-        from ..outputs import check_plain_name
-
         check_plain_name(self.name, "name")
         if self.budget <= 0:
             raise UserError(f"budget {self.budget}: must be a positive number of steps")
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"algorithm {shown(self.algorithm)}: expected one of {', '.join(ALGORITHMS)}")
-        from ..sampling import SAMPLERS
 
         if self.eval_sampler not in SAMPLERS:
             raise UserError(f"eval_sampler {shown(self.eval_sampler)}: expected one of {', '.join(SAMPLERS)}")
@@ -91,8 +93,6 @@ class AttackSpace:
             raise UserError("device: a red-team trial runs on one CPU (Ray gives it no GPU), so a cuda attack would "
                             "not run where it says; leave device out")
         self.check_values()
-        from ..attacks.spec import AttackSpec
-        from ..specs import build_spec
 
         if not isinstance(self.reference_attacks, list):
             raise UserError("reference_attacks: expected a list of attack settings")
@@ -154,7 +154,6 @@ def load_attack_space(path, overrides: list[str] | None = None, flag: str = "--s
     """`flag`: the option that named the file (redteam's --space, harden's --attacker-space), for error lines."""
     from pathlib import Path
 
-    from ..outputs import shown
     from ..specs import apply_overrides, build_spec, read_yaml
 
     path = Path(path)
@@ -267,3 +266,48 @@ def check_budget_for_model(space: AttackSpace, model: str, flag: str) -> None:
         if spec.steps > space.budget:
             raise UserError(f"{flag}: a {method} attack takes {spec.steps} steps on this model (its default), "
                             f"beyond the space's budget of {space.budget}; set steps in the space's search or fixed")
+
+
+def concept_word(space: AttackSpace, concept: str, data: Path, flag: str = "--data",
+                 prompts: list[str] | None = None) -> str | None:
+    """The word of the attacker's captions that names the target concept: the space's fixed `token`, else the
+    concept's name when the first caption has it as a word. Textual inversion replaces it by its new token and
+    DreamBooth's class prompt is the caption without it, so a space that offers either needs one (one line
+    before any trial otherwise); None when neither is offered and no word is found. With the judge's target
+    `prompts`, a space with textual inversion also needs the word in every one of them (the attacked model is
+    prompted with the new token in its place; a prompt without the word would never ask for what it learnt)."""
+
+    methods = next(iter(space.search["method"].values())) if "method" in space.search else \
+        [space.fixed.get("method", "lora")]
+    fixed = space.fixed.get("token")
+    first = "" if fixed else first_caption(data) or ""
+    word = str(fixed) if fixed else concept if names_word(first, concept) else None
+    if word is not None:
+        missing = [p for p in prompts or [] if not names_word(p, word)]
+        if missing and "textual-inversion" in methods:
+            fix = ("use a word of every target prompt (and of the captions)" if fixed else
+                   "set `token` in the space's fixed to a word of every target prompt and of the captions")
+            raise UserError(f"{'fixed.token' if fixed else '--target'} {shown(word)}: the judge's target prompt "
+                            f"{shown(missing[0])} does not name it as one word, so textual inversion's new token "
+                            f"would never be prompted; {fix}")
+        return word
+    needs = [m for m in methods if m in ("textual-inversion", "dreambooth")]
+    if needs:
+        raise UserError(f"{flag} {shown(str(data))}: the first caption ({shown(first)}) does not name the target "
+                        f"{shown(concept)} as one word, which the space's {' and '.join(needs)} attacks need (textual "
+                        "inversion replaces it, DreamBooth's class prompt leaves it out); set `token` in the space's "
+                        "fixed to the word that names it")
+    return None
+
+
+def attacker_settings(drawn: dict, word: str | None) -> dict:
+    """What a trial adds to its drawn settings so that each method runs as its tool does: the concept's word as
+    the attacker's token (textual inversion learns a new embedding for it), and DreamBooth (full) with prior
+    preservation on class images the model generates itself, as the diffusers example trains it (the attacker
+    who keeps the model useful). A space's own `token` / `prior_preservation` win."""
+    out = {}
+    if word and "token" not in drawn:
+        out["token"] = word
+    if drawn.get("method") == "dreambooth" and "prior_preservation" not in drawn:
+        out["prior_preservation"] = True
+    return out

@@ -19,6 +19,8 @@ import numpy as np
 from .concepts import COLOURS, EMBLEM_NAMES, SHAPES, STYLES
 from ..imageio import from_model_tensor, to_model_tensor
 from .data import concept_set, emblem_set
+from ..atomic import atomic_write_text
+from ..runtime import seed_everything
 
 IMAGE_SIZE = 32
 """The images the classifier judges: the tiny world's, 32 x 32 pixels."""
@@ -125,9 +127,6 @@ def train_classifier(spec: ClassifierSpec, say: Callable[[str], None] = print) -
     import torch
     import torch.nn.functional as F
     from safetensors.torch import save_file
-
-    from ..atomic import atomic_write_text
-    from ..runtime import seed_everything
 
     seed_everything(spec.seed)
     rng = np.random.default_rng(spec.seed + 10)

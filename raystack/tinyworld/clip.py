@@ -22,6 +22,13 @@ from typing import Callable
 import numpy as np
 
 from .data import concept_set
+from ..atomic import atomic_dir
+from ..metrics import ClipZeroShot, model_pixels, projected_features
+from ..models.pipeline_io import default_model_path
+from ..runtime import seed_everything
+from .classifier import _roundtrip
+from .concepts import STYLES, caption
+from .render import render_concept
 
 
 @dataclass
@@ -46,12 +53,6 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
     import torch.nn.functional as F
     from diffusers import AutoencoderKL
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    from ..atomic import atomic_dir
-    from ..metrics import model_pixels, projected_features
-    from ..models.pipeline_io import default_model_path
-    from ..runtime import seed_everything
-    from .classifier import _roundtrip
 
     seed_everything(spec.seed)
     pipe_dir = Path(spec.pipeline or default_model_path())
@@ -115,9 +116,6 @@ def train_tiny_clip(spec: TinyClipSpec, say: Callable[[str], None] = print) -> d
 def style_accuracy(clip_dir: Path, n_per_combo: int = 4, seed: int = 99) -> dict[str, float]:
     """Zero-shot style accuracy on fresh generator images, through the product's ClipZeroShot: per style, the
     share of a red circle's images in that style assigned to 'a red circle in <style> style' among the five."""
-    from ..metrics import ClipZeroShot
-    from .concepts import STYLES, caption
-    from .render import render_concept
 
     labels = [caption("circle", "red", st) for st in STYLES]
     judge = ClipZeroShot(Path(clip_dir), labels)

@@ -23,6 +23,11 @@ import numpy as np
 from .concepts import EMBLEMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, all_words
 from ..imageio import to_model_tensor
 from .data import concept_set, emblem_set
+from ..checkpoint import load_training_state, save_training_state
+from ..models.pipeline_io import assemble_pipeline, read_extra_info, save_pipeline
+from ..runtime import seed_everything
+from .architecture import new_release_scheduler, new_text_encoder, new_train_scheduler, new_unet, new_vae
+from .tokenizer import MAX_LENGTH, build_tokenizer
 
 
 @dataclass
@@ -71,9 +76,6 @@ def _log(path: Path, **row) -> None:
 def train_vae(spec: PretrainSpec, say: Callable[[str], None] = print):
     import torch
 
-    from ..runtime import seed_everything
-    from .architecture import new_vae
-
     out = spec.work / "vae"
     if (out / "config.json").exists():
         say(f"vae: found {out}, skipping")
@@ -113,10 +115,7 @@ def train_unet(spec: PretrainSpec, say: Callable[[str], None] = print):
     from diffusers import AutoencoderKL
     from diffusers.training_utils import EMAModel
 
-    from ..checkpoint import load_training_state, save_training_state
     from ..runtime import seed_everything
-    from .architecture import new_release_scheduler, new_text_encoder, new_train_scheduler, new_unet
-    from .tokenizer import MAX_LENGTH, build_tokenizer
 
     seed_everything(spec.seed)
     tok = build_tokenizer(spec.work / "tokenizer_src", all_words())
@@ -208,7 +207,6 @@ def _provenance(init_from: Path | None) -> dict | None:
     """The info of the pipeline a run continued from, so a release names every step that made it."""
     if init_from is None:
         return None
-    from ..models.pipeline_io import read_extra_info
 
     return {"path": str(init_from), "info": read_extra_info(init_from)}
 
@@ -235,8 +233,6 @@ def carry_text_encoder(old_te, old_vocab: dict[str, int], new_te, new_vocab: dic
 
 def _save_pipeline_from_ema(spec, ema, params, unet, te, vae, tok, scheduler, dest: Path, step: int):
     import copy
-
-    from ..models.pipeline_io import assemble_pipeline, save_pipeline
 
     backup = [p.detach().clone() for p in params]
     ema.copy_to(params)

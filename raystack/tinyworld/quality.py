@@ -12,6 +12,7 @@ import numpy as np
 
 from .classifier import Judge, concept_accuracy
 from .concepts import COLOURS, HELD_OUT_SHAPES, HELD_OUT_STYLES, TRAINED_SHAPES, TRAINED_STYLES, caption
+from ..sampling import generate
 
 TRAINED_MIN = 0.80
 HELD_OUT_MAX = 0.15
@@ -42,7 +43,6 @@ def families(min_samples: int) -> list[tuple[str, list[tuple[str, str, str]]]]:
 
 def measure(pipe, judge: Judge, min_samples: int = 64, steps: int = 25, guidance: float = 4.0, seed: int = 0,
             on_batch=None) -> list[Family]:
-    from ..sampling import generate
 
     out = []
     for name, combos in families(min_samples):

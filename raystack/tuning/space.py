@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import shown
+from ..search import ALGORITHMS, DISTRIBUTIONS, SCHEDULERS, check_distribution, param_space  # noqa: F401
 from ..specs import MAX_COUNT
+from ..attacks.spec import AttackSpec, METHODS
+from ..hardening.spec import HardenSpec
+from ..judges import TINY, judge_spec
+from ..outputs import check_plain_name
+from ..redteam.space import draw_attacks, load_attack_space
+from ..specs import build_spec
+from ..tinyworld.concepts import COLOURS, SHAPES, STYLES
+from ..tinyworld.folder import check_caption_template, write_concept_folder, write_emblem_folder
 
-ALGORITHMS = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "fifo")
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 
 
 @dataclass
@@ -35,9 +40,6 @@ class GeneratorSpec:
     """Caption template with {shape}/{colour}/{style} (an emblem: the caption, default 'a photo of sks emblem')."""
 
     def __post_init__(self):
-        from ..tinyworld.concepts import COLOURS, SHAPES, STYLES
-        from ..tinyworld.folder import check_caption_template
-
         if self.n is not None and self.n <= 0:
             raise UserError(f"n {self.n}: must be a positive integer")
         for key, allowed in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
@@ -55,8 +57,6 @@ class GeneratorSpec:
                 raise UserError(f"emblem {shown(self.emblem)}: not a tiny-world emblem") from None
 
     def write(self, dest: Path) -> None:
-        from ..tinyworld.folder import write_concept_folder, write_emblem_folder
-
         if self.emblem is not None:
             write_emblem_folder(dest, self.emblem, self.n or 4, self.seed, self.caption or "a photo of sks emblem",
                                 True)
@@ -153,7 +153,6 @@ class TuneSpace:
         """The judge checked now (the CLIP folder from its config, the concept file strictly), the concept file
         read once: its content replaces its path (trials get it in their config, not the file), the CLIP folder
         is made absolute, and target_concept is the concept file's name (sunset by default on the tiny world)."""
-        from ..judges import TINY, judge_spec
 
         if self.judge == TINY and self.concepts is None and self.target_concept is None:
             self.target_concept = "sunset"
@@ -179,8 +178,6 @@ class TuneSpace:
         return w if isinstance(w, int) and w > 0 else 1
 
     def __post_init__(self):
-        from ..outputs import check_plain_name
-
         check_plain_name(self.name, "name")
         self._resolve_judge()
         if self.algorithm not in ALGORITHMS:
@@ -197,8 +194,6 @@ class TuneSpace:
         for key, n in (("eval_samples", self.eval_samples), ("eval_steps", self.eval_steps)):
             if not 0 < n <= MAX_COUNT:
                 raise UserError(f"{key} {n}: must be a positive integer, at most {MAX_COUNT}")
-        from ..hardening.spec import HardenSpec
-        from ..specs import build_spec
 
         self._resolve_attacker_spaces()
         base = {**self.harden}
@@ -231,13 +226,11 @@ class TuneSpace:
         if self.attacker_space:
             from pathlib import Path
 
-
             if not Path(self.attacker_space).is_file():
                 raise UserError(f"attacker_space {shown(self.attacker_space)}: no such file")
             # resolved now: trials run in their own folders
             self.attacker_space = str(Path(self.attacker_space).resolve())
             drawn_attacks(self)  # checked now, not in trial 3: every draw must make a valid attack
-        from ..attacks.spec import METHODS, AttackSpec
 
         checks = [(f"attacks[{i}]", a) for i, a in enumerate(self.attacks)]
         if self.legal_finetune is not None:
@@ -259,13 +252,12 @@ def drawn_attacks(space: TuneSpace, attacker_data=None) -> list[dict]:
     if not space.attacker_draws:
         return []
     from ..attacks.spec import AttackSpec
-    from ..redteam.space import draw_attacks, load_attack_space
     from ..specs import build_spec
 
     attack_space = load_attack_space(space.attacker_space)
     drawn = draw_attacks(attack_space, space.attacker_draws, space.attacker_seed)
     if attacker_data is not None:
-        from ..redteam.sweep import attacker_settings, concept_word
+        from ..redteam.space import attacker_settings, concept_word
 
         concept = sweep_target(space)
         word = concept_word(attack_space, concept, attacker_data, flag="attacker data") if concept else None
@@ -290,42 +282,8 @@ def _resolved_if_file(value):
     return str(Path(value).resolve()) if isinstance(value, str) and Path(value).is_file() else value
 
 
-def check_distribution(key: str, dist) -> None:
-    """One varied setting of a space (tune or attack): {grid|choice: [values]} or {uniform|loguniform: [low, high]}
-    with finite low < high (positive for loguniform). The values themselves are checked by the caller's spec."""
-    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-        raise UserError(f"search.{key}: expected one of {', '.join(DISTRIBUTIONS)} with its values")
-    kind, vals = next(iter(dist.items()))
-    if not isinstance(vals, list) or not vals:
-        raise UserError(f"search.{key}.{kind}: expected a non-empty list")
-    if kind in ("uniform", "loguniform"):
-        if len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-            raise UserError(f"search.{key}.{kind}: expected [low, high], two numbers")
-        if not all(math.isfinite(v) for v in vals) or not vals[0] < vals[1]:
-            raise UserError(f"search.{key}.{kind}: expected finite [low, high] with low < high")
-        if kind == "loguniform" and vals[0] <= 0:
-            raise UserError(f"search.{key}.loguniform: bounds must be positive")
-
-
 def _example(dist: dict):
     return next(iter(dist.values()))[0]
-
-
-def param_space(space: TuneSpace) -> dict:
-    from ray import tune
-
-    out = {}
-    for key, dist in space.search.items():
-        kind, vals = next(iter(dist.items()))
-        if kind == "grid":
-            out[key] = tune.grid_search(vals) if space.algorithm in ("grid", "random") else tune.choice(vals)
-        elif kind == "choice":
-            out[key] = tune.choice(vals)
-        elif kind == "uniform":
-            out[key] = tune.uniform(*vals)
-        else:
-            out[key] = tune.loguniform(*vals)
-    return out
 
 
 def load_space(path: Path, overrides: list[str] | None = None, extra: dict | None = None) -> TuneSpace:

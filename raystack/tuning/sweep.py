@@ -3,7 +3,6 @@ collects the trials, the Pareto front and a harden spec that reruns the best one
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -12,7 +11,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunFailed, UserError
+from ..search import (make_scheduler, make_search_alg, passes_guard, quiet_trial_errors, trial_counts,  # noqa: F401
+                      trial_dirname, trial_error, trial_error_file, trial_output_dir)
 from .space import TuneSpace, param_space
+from ..atomic import atomic_write_bytes, atomic_write_text
+from ..attacks.recipe import run_attack
+from ..attacks.spec import AttackSpec
+from ..hardening.driver import run_harden
+from ..hardening.spec import HardenSpec
+from ..judges import load_judge, spec_inputs
+from ..models.pipeline_io import load_pipeline, resolve_model_path
+from ..outputs import make_output_dir
+from ..runtime import configure_threads
+from ..specs import build_spec
 
 RESULTS = "results.json"
 _RUN_KEYS = ("space", "data", "drawn_attacks", "base_utility")  # config entries set by the sweep, not sampled
@@ -46,11 +57,9 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
 
 def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
     """Every path the sweep reads (data folders given as paths, the model): `--out` must stay apart from them."""
-    from ..models.pipeline_io import resolve_model_path
 
     out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items()]
     out += [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
-    from ..judges import spec_inputs
 
     out += spec_inputs(space.judge_spec(), "judge", "concepts")
     return out + ([("attacker_space", Path(space.attacker_space))] if space.attacker_space else [])
@@ -86,7 +95,6 @@ def _utility(pipe, judge, space: TuneSpace) -> float:
 
 def _judge(space: TuneSpace):
     """The sweep's judge, loaded once per process (trial processes are reused)."""
-    from ..judges import load_judge
 
     return load_judge(space.judge_spec(), flag="judge")
 
@@ -94,8 +102,6 @@ def _judge(space: TuneSpace):
 def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str):
     """An attack of the space (`values`: AttackSpec fields) on a hardened model, under its freeze mask if it
     released one: how trials attack, and how a rerun of best.yaml is attacked to compare with them."""
-    from ..attacks.spec import AttackSpec
-    from ..specs import build_spec
 
     mask = Path(hardened) / "freeze_mask.safetensors"
     return build_spec(AttackSpec, {"data": str(data), **values, "model": str(hardened), "out": str(out),
@@ -105,22 +111,10 @@ def attack_spec(values: dict, hardened: Path, data: Path, out: Path, source: str
 
 def attacked_mitigation(space: TuneSpace, hardened: Path, attacker: Path, out: Path) -> float:
     """Mitigation of a hardened model under the space's first attack, attacked and scored as a trial is."""
-    from ..attacks.recipe import run_attack
-    from ..models.pipeline_io import load_pipeline
 
     pipe = load_pipeline(hardened)
     run_attack(attack_spec(space.attacks[0], hardened, attacker, out, "attacks[0]"), pipe=pipe)
     return _score(pipe, _judge(space), space, 0)
-
-
-def trial_output_dir(kind: str = "trials") -> Path:
-    """Where the running trial writes: <out>/<kind>/<sweep>/<trial id>, found from the sweep's storage
-    (<out>/tune) at run time, so a moved sweep folder resumes into itself."""
-    import ray.tune
-
-    ctx = ray.tune.get_context()
-    storage = ctx.get_storage()
-    return Path(storage.storage_fs_path).parent / kind / storage.experiment_dir_name / ctx.get_trial_id()
 
 
 def trial_mitigation(accuracies: list[float], how: str) -> float:
@@ -128,20 +122,12 @@ def trial_mitigation(accuracies: list[float], how: str) -> float:
     return float(max(accuracies) if how == "worst" else np.mean(accuracies))
 
 
-def ruined(utility: float, base_utility: float | None, guard: float) -> bool:
-    """The utility guard: a hardened model below guard x the unhardened model's utility is not worth attacking."""
-    return guard > 0 and base_utility is not None and utility < guard * base_utility
-
-
 def run_trial(config: dict) -> None:
     """Ray Tune function trainable: harden -> attacks (intermediate reports) -> utility -> final report."""
     import ray.tune
 
     from ..attacks.recipe import run_attack
-    from ..hardening.driver import run_harden
-    from ..hardening.spec import HardenSpec
     from ..models.pipeline_io import load_pipeline
-    from ..runtime import configure_threads
     from ..specs import build_spec
 
     configure_threads(1)
@@ -167,7 +153,7 @@ def run_trial(config: dict) -> None:
     attacks = [*space.attacks, *config.get("drawn_attacks", [])]
     if space.utility_guard > 0:
         kept = _utility(load_pipeline(spec.out), judge, space)
-        if ruined(kept, config.get("base_utility"), space.utility_guard):
+        if not passes_guard(kept, config.get("base_utility"), space.utility_guard):
             attacks = []  # counted as fully broken: no attack needed
             mitigations = [1.0]
             ray.tune.report({"mitigation_running": 1.0, "attack": -1, "attack_step": 0,
@@ -212,37 +198,6 @@ def run_trial(config: dict) -> None:
 
 
 # the driver ---------------------------------------------------------------------------------------------
-def make_scheduler(space):
-    """ASHA stops a trial early on the target accuracy reported at each attack checkpoint (a TuneSpace's
-    trials, or an AttackSpace's attacks)."""
-    if space.scheduler != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="training_iteration", grace_period=2, reduction_factor=2, max_t=10_000)
-
-
-def make_search_alg(space: TuneSpace, max_concurrent: int, seed: int | None = None, points: list[dict] | None = None):
-    """None: Tune's own random/grid generator; optuna: TPE through Ray's OptunaSearch; random with a `seed`:
-    Tune's generator seeded. With a seed a sweep draws the same settings again. `points`: settings tried first,
-    in order, before anything is drawn (the red team's strong corners)."""
-    if space.algorithm == "random" and (seed is not None or points):
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent, points_to_evaluate=points)
-    if space.algorithm != "optuna":
-        return None
-    try:
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        import optuna  # noqa: F401 - OptunaSearch only fails later without it
-    except ImportError:
-        raise UserError("algorithm optuna: the optuna package is not installed (pip install optuna)") from None
-    return ConcurrencyLimiter(OptunaSearch(seed=seed, points_to_evaluate=points or None),
-                              max_concurrent=max_concurrent)
-
-
 def trial_resources(space: TuneSpace) -> dict:
     """What one trial holds: one CPU. Its hardening and attacks run in the trial's own process (a one-process
     gloo group), where Ray shows no GPU to a trial that holds none: a GPU setting would silently run on the CPU,
@@ -260,8 +215,6 @@ def trial_resources(space: TuneSpace) -> dict:
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
               resume: bool = False) -> dict:
     from ray import tune
-
-    from ..outputs import make_output_dir
 
     resources = trial_resources(space)  # before any folder is made
     out = make_output_dir(Path(out).resolve())
@@ -359,58 +312,6 @@ def base_utility(space: TuneSpace) -> float:
     return _utility(load_pipeline(space.harden.get("model")), _judge(space), space)
 
 
-@contextlib.contextmanager
-def quiet_trial_errors():
-    """Ray Tune logs every failed trial's traceback on the driver's stderr; the sweep records each error itself
-    (its one line in the results, the traceback in the trial's error.txt) and the command reports them, so
-    those logs are held back (IMMUNIZE_DEBUG=1 keeps them)."""
-    import logging
-
-    if os.environ.get("IMMUNIZE_DEBUG"):
-        yield
-        return
-    loggers = [logging.getLogger(n) for n in ("ray.tune.execution.tune_controller", "ray.tune.tune")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def trial_error_file(result, root: Path) -> str | None:
-    """A failed trial's traceback file (Tune's error.txt in the trial's folder), relative to `root`."""
-    if result.error is None or not result.path:
-        return None
-    f = Path(result.path) / "error.txt"
-    return os.path.relpath(f, root) if f.is_file() else None
-
-
-def trial_error(error) -> str | None:
-    """One line for a failed trial's error (Ray wraps the trial's exception: its cause is named), or None."""
-    if error is None:
-        return None
-    cause = getattr(error, "cause", None) or error
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    text = f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def trial_counts(rows: list[dict]) -> dict[str, int]:
-    """How many trials completed (done), were stopped early by the scheduler (stopped) or failed (status error)."""
-    counts = {"done": 0, "stopped": 0, "failed": 0}
-    for r in rows:
-        counts[{"done": "done", "error": "failed"}.get(r.get("status"), "stopped")] += 1
-    return counts
-
-
-def trial_dirname(trial) -> str:
-    """A trial's folder: its id only (Ray's default puts the sampled values, strings included, into the name)."""
-    return f"trial_{trial.trial_id}"
-
-
 def harden_values(space: TuneSpace, setting: dict, data: dict) -> dict:
     """The harden spec of one setting: what a trial runs and what best.yaml reruns."""
     values = {**space.harden, **setting, "target": [str(data["target"])]}
@@ -431,8 +332,6 @@ def setting_label(setting: dict) -> str:
 
 def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict], best: dict, data: dict) -> None:
     import yaml
-
-    from ..atomic import atomic_write_bytes, atomic_write_text
 
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2, default=str))
     header = (f"# best trial of sweep {space.name!r}: objective {best['objective']:.4f} "
