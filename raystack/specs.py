@@ -285,6 +285,9 @@ def cli_options(cls, skip: tuple = (), sections: tuple | None = None, overrides:
         hint = _optional_of(hints[f.name])
         if typing.get_origin(hint) in (typing.Union, types.UnionType):  # e.g. a path or a URI: the spec checks it
             hint = str
+        elif typing.get_origin(hint) is list and any(typing.get_origin(a) in (typing.Union, types.UnionType)
+                                                     for a in typing.get_args(hint)):
+            hint = list[str]
         dashed = f.name.replace("_", "-")
         decl = f.metadata.get("flag") or (f"--{dashed}/--no-{dashed}" if hint is bool else f"--{dashed}")
         own = overrides.get(f.name, {})

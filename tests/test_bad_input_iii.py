@@ -110,7 +110,7 @@ def cases(r: Path):
         ("tune: s3 out", ["tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--out", "s3://b/t"],
          "a URI"),
         ("world generate: s3 out", ["world", "generate", "--out", "s3://bucket/data"], "a URI"),
-        ("harden: s3 target", ["harden", "--method", "imma", "--target", "s3://bucket/data"], "a URI"),
+        ("attack: s3 data", ["attack", "--method", "lora", "--data", "s3://bucket/data"], "a URI"),
         ("mask check: s3 json", ["mask", "check", "--release", m, "--derivative", m, "--json", "s3://b/x.json"],
          "a URI"),
         # 7. accepted and ignored: now refused

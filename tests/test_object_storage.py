@@ -165,3 +165,33 @@ def test_bad_storage_uris_are_one_line_and_create_nothing(s3, tmp_path):
         assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], (extra, res.stderr)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["t"], extra  # no `s3:` folder, no cache, no staging
     assert _objects(env, bucket) == {}
+
+
+@pytest.mark.e2e
+def test_inputs_from_s3_give_the_release_of_local_inputs(s3, tmp_path):
+    """--target and --legal as URIs: the driver ships the URIs, each worker fetches them; the release equals the
+    one made from the same folders on the local disk, and the manifest records the URIs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from raystack.storage import upload_release
+    from raystack.tinyworld.folder import write_concept_folder
+
+    env, bucket = s3
+    write_concept_folder(tmp_path / "target", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    write_concept_folder(tmp_path / "legal", ["square"], ["blue"], ["plain"], 2, 1, None, False)
+    for name in ("target", "legal"):
+        upload_release(tmp_path / name, f"s3://{bucket}/data/{name}")
+    common = ["harden", "--method", "imma", "--steps", "2", "--batch-size", "2", "--retain-weight", "1"]
+    runs = {"local": ["--target", str(tmp_path / "target"), "--legal", str(tmp_path / "legal")],
+            "s3": ["--target", f"s3://{bucket}/data/target", "--legal", f"s3://{bucket}/data/legal"]}
+    for name, inputs in runs.items():
+        res = subprocess.run(CLI + common + inputs + ["--out", str(tmp_path / name)], cwd=ROOT,
+                             env=_env({**env, "IMMUNIZE_CACHE": str(tmp_path / "cache")}), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a = load_file(str(tmp_path / "local" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "s3" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    recorded = json.loads((tmp_path / "s3" / "manifest.json").read_text())["spec"]
+    assert recorded["target"] == [f"s3://{bucket}/data/target"] and recorded["legal"] == f"s3://{bucket}/data/legal"

@@ -14,7 +14,7 @@ from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, make_output_dir,
                        output_lock, shown)
-from ..storage import fetched_from, is_uri
+from ..storage import fetched_from, is_uri, local_input
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
@@ -55,8 +55,10 @@ def validate_inputs(spec: HardenSpec) -> None:
         raise UserError(f"--out {shown(str(spec.out))}: already exists (pass --overwrite to replace it)")
     check_writable(spec.out, "--out")
     model = resolve_model_path(spec.model)
-    check_disjoint(spec.out, [("--model", model), *(("--target", t) for t in spec.target), ("--legal", spec.legal)],
-                   with_run_dir=True)
+    local_inputs = [("--target", t) for t in spec.target if not is_uri(t)]
+    if spec.legal is not None and not is_uri(spec.legal):
+        local_inputs.append(("--legal", spec.legal))
+    check_disjoint(spec.out, [("--model", model), *local_inputs], with_run_dir=True)
     check_replaceable(spec.out)
     check_replaceable(run_dir_for(spec), "--out's run folder")
     check_pipeline_folder(model, "--model")
@@ -76,7 +78,7 @@ def validate_inputs(spec: HardenSpec) -> None:
     erasing = any(p.name in ("uce", "esd-x", "ablation") for p in spec.phases()) or \
         spec.imma_objective == "hold-erasure"  # its goal is the anchor caption's prediction
     for t in spec.target:
-        folder = read_image_folder(t, flag="--target", check_only=True)
+        folder = read_image_folder(local_input(t, "--target"), flag="--target", check_only=True)
         if erasing:
             from .erase import check_erase_captions, check_uce_anchor
 
@@ -84,7 +86,7 @@ def validate_inputs(spec: HardenSpec) -> None:
             if any(p.name == "uce" for p in spec.phases()):
                 check_uce_anchor(spec, model, [c or "" for c in folder.captions])
     if spec.legal is not None:
-        read_image_folder(spec.legal, flag="--legal", check_only=True)
+        read_image_folder(local_input(spec.legal, "--legal"), flag="--legal", check_only=True)
     if spec.sign_key is not None:
         from ..signing import load_private_key
 
@@ -176,10 +178,13 @@ def worker_config(spec: HardenSpec) -> dict:
     """The spec as plain values, every path absolute: workers run in another directory (or machine)."""
     from ..models.pipeline_io import resolve_model_path
 
+    def absolute(p):  # a URI travels as it is: each worker's machine fetches it (`HardenSpec.localize_inputs`)
+        return p if is_uri(p) else str(Path(p).resolve())
+
     cfg = spec_to_dict(spec)
-    cfg["model"] = str(resolve_model_path(spec.model).resolve())
-    cfg["target"] = [str(Path(t).resolve()) for t in spec.target]
-    cfg["legal"] = str(Path(spec.legal).resolve()) if spec.legal is not None else None
+    cfg["model"] = spec.model if is_uri(spec.model) else str(resolve_model_path(spec.model).resolve())
+    cfg["target"] = [absolute(t) for t in spec.target]
+    cfg["legal"] = absolute(spec.legal) if spec.legal is not None else None
     cfg["out"] = str(Path(spec.out).resolve())
     return cfg
 
@@ -613,8 +618,9 @@ def recorded_spec(spec: HardenSpec) -> dict:
     d["out"] = "."
     d["sign_key"] = None
     d["model"] = spec.model if is_uri(spec.model) else relative_to_out(resolve_model_path(spec.model), spec.out)
-    d["target"] = [relative_to_out(t, spec.out) for t in spec.target]
-    d["legal"] = relative_to_out(spec.legal, spec.out) if spec.legal is not None else None
+    d["target"] = [t if is_uri(t) else relative_to_out(t, spec.out) for t in spec.target]
+    d["legal"] = None if spec.legal is None else spec.legal if is_uri(spec.legal) else relative_to_out(spec.legal,
+                                                                                                         spec.out)
     if spec.attacker_space is not None:
         d["attacker_space"] = relative_to_out(spec.attacker_space, spec.out)
     return d

@@ -23,6 +23,19 @@ IMMA_OBJECTIVES = ("ascent", "hold-erasure")
 MAX_ATTACKER_POOL = 64
 
 
+def path_or_uri(value, flag: str):
+    """A path flag that also takes object storage: a URI (checked, kept as text) or a local Path."""
+    from ..outputs import check_local_path
+    from ..storage import check_uri, is_uri
+
+    if not isinstance(value, str):
+        return value
+    if is_uri(value):
+        return check_uri(value, flag)
+    check_local_path(value, flag)  # its one line for a malformed URI such as s3:/x
+    return Path(value)
+
+
 def check_concept_words(concept: str, anchor: str) -> None:
     """--concept names at least one word; --anchor (what the word becomes) is not one of them."""
     words = [w.strip() for w in str(concept).split(",") if w.strip()]
@@ -41,10 +54,11 @@ class HardenSpec:
     """imma | freezeasguard | random-freeze | imma+freeze."""
     model: str | None = None
     """Pipeline folder to harden (default: the tiny world)."""
-    target: list[Path] = field(default_factory=list)
-    """Image folders of the illegal concept(s) (metadata.jsonl with captions); one or more."""
-    legal: Path | None = None
-    """Image folder of legal data: IMMA's retain term, FreezeAsGuard's legal loss."""
+    target: list[Path | str] = field(default_factory=list)
+    """Image folders of the illegal concept(s) (metadata.jsonl with captions); one or more; local, or
+    object-storage URIs (s3://, gs://: each machine fetches them once)."""
+    legal: Path | str | None = None
+    """Image folder of legal data (local or a URI): IMMA's retain term, FreezeAsGuard's legal loss."""
     against: str = "lora"
     """The attacker's adaptation method simulated inside: lora, dreambooth, dreambooth-lora, textual-inversion, full."""
     out: Path | str | None = None
@@ -175,15 +189,9 @@ class HardenSpec:
 
     def __post_init__(self):
         check_finite_fields(self)
-        if isinstance(self.out, str):  # a URI (a local path arrives as a Path)
-            from ..outputs import check_local_path
-            from ..storage import check_uri, is_uri
-
-            if not is_uri(self.out):
-                check_local_path(self.out, "--out")  # its one line for a malformed URI
-                self.out = Path(self.out)
-            else:
-                self.out = check_uri(self.out, "--out")
+        self.out = path_or_uri(self.out, "--out")
+        self.target = [path_or_uri(t, "--target") for t in self.target]
+        self.legal = path_or_uri(self.legal, "--legal")
         from .methods import method_names
 
         if self.method not in method_names():
@@ -230,7 +238,6 @@ class HardenSpec:
         if not 0.0 <= self.jpeg_mix <= 1.0:
             raise UserError(f"--jpeg-mix {self.jpeg_mix}: must be within [0, 1]")
         _ = self.outer_timestep_range  # validates --outer-timesteps
-        self.target = [Path(t) for t in self.target]
         if self.erase is not None:
             from .erase import ERASERS
 
@@ -305,6 +312,18 @@ class HardenSpec:
         from .attacker_pool import draw_pool
 
         draw_pool(self)  # refuses a space the pool cannot simulate, on the driver
+
+    def localize_inputs(self) -> "HardenSpec":
+        """--model, --target and --legal given as URIs replaced by this machine's fetched copies (on each worker,
+        and wherever the data is read in this process); the driver ships the URIs, never its own paths."""
+        from ..models.pipeline_io import resolve_model_path
+        from ..storage import is_uri, local_input
+
+        if is_uri(self.model):
+            self.model = str(resolve_model_path(self.model))
+        self.target = [local_input(t, "--target") for t in self.target]
+        self.legal = local_input(self.legal, "--legal") if self.legal is not None else None
+        return self
 
     def phases(self) -> tuple:
         """The phases this job runs: the --erase phase (if any), then --method's."""

@@ -8,6 +8,7 @@ that carries the result. The driver (driver.py) assembles `--out` from that last
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -122,7 +123,7 @@ def train_loop(config: dict) -> None:
     configure_threads(1)
     import ray.train
 
-    spec = build_spec(HardenSpec, config["spec"], source="worker")
+    spec = build_spec(HardenSpec, config["spec"], source="worker").localize_inputs()  # URIs: this machine's copy
     progress = config.get("progress")
     rank, world = get_rank(), world_size()
     mark("worker_imported", rank=rank)
@@ -204,6 +205,7 @@ def run_in_this_process(spec, folder: Path, on_step: Callable | None = None) -> 
 
     if spec.workers != 1:
         raise ValueError("run_in_this_process runs one-worker jobs only")
+    spec = dataclasses.replace(spec).localize_inputs()  # a copy: the caller's spec keeps its URIs
     configure_threads(1)
     # what a Ray Train worker's environment holds for DeepSpeed (a launcher's ranks; the CPU accelerator)
     env = {**WORKER_ENV, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
