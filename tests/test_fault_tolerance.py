@@ -129,3 +129,38 @@ def test_kill_while_saving_keeps_previous_output(data, tmp_path):
     assert _tree_hashes(out) == before
     res = subprocess.run(CLI + ["verify", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_cut_checkpoint_list_is_dropped_and_only_a_cut_one(tmp_path):
+    from raystack.hardening.driver import RAY_SNAPSHOT, drop_cut_snapshot
+
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoints": [')  # a kill between Ray's truncate and its write
+    assert drop_cut_snapshot(tmp_path) and not (tmp_path / RAY_SNAPSHOT).exists()
+    (tmp_path / RAY_SNAPSHOT).write_text('{"checkpoints": []}')
+    assert not drop_cut_snapshot(tmp_path) and (tmp_path / RAY_SNAPSHOT).exists()
+    assert not drop_cut_snapshot(tmp_path / "missing")
+
+
+@pytest.mark.e2e
+def test_resume_after_a_kill_that_cut_rays_checkpoint_list(data, tmp_path):
+    """Ray Train rewrites checkpoint_manager_snapshot.json in place; a kill in between leaves it empty. `--resume`
+    then still ends with the uninterrupted run's weights (it starts over) instead of failing."""
+    from raystack.hardening.driver import RAY_SNAPSHOT
+
+    ref = tmp_path / "reference"
+    res = subprocess.run(CLI + _flags(data, ref), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "cut"
+    res = subprocess.run(CLI + _flags(data, out, "--keep-run"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    snap = run_dir_for(HardenSpec(method="random-freeze", out=out)) / "harden" / RAY_SNAPSHOT
+    assert snap.is_file()
+    snap.write_text("")  # as a SIGKILL between Ray's truncate and its write leaves it
+    import shutil
+
+    shutil.rmtree(out)
+    res = subprocess.run(CLI + _flags(data, out, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _max_diff(_unet(ref), _unet(out)) <= 1e-6

@@ -277,6 +277,8 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     make_output_dir(run_dir)
     if (run_dir / name).exists() and not spec.resume:
         confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
+    elif spec.resume:
+        drop_cut_snapshot(run_dir / name)
     progress = _progress_actor()
     cfg = worker_config(spec)
     trainer = TorchTrainer(
@@ -325,6 +327,25 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     with result.checkpoint.as_directory() as d:
         manifest = assemble_outputs(spec, Path(d), time.time() - t0)
     return manifest
+
+
+#: Ray Train's list of a run's checkpoints (ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def drop_cut_snapshot(experiment: Path) -> bool:
+    """Ray Train rewrites its checkpoint list in place (truncate, then write): a run killed in between leaves it
+    empty or cut, and Ray then cannot resume at all. Such a list is removed, so `--resume` starts the run over
+    (the same weights, later) instead of failing; returns True when it was."""
+    snap = experiment / RAY_SNAPSHOT
+    if not snap.is_file():
+        return False
+    try:
+        json.loads(snap.read_text())
+        return False
+    except (ValueError, UnicodeDecodeError):
+        snap.unlink()
+        return True
 
 
 def _describe(err: BaseException) -> str:
