@@ -35,11 +35,10 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
 
     remote = spec.out if isinstance(spec.out, str) else None  # an object-storage URI
     if remote is not None:  # the release is made in this machine's staging folder (ours to replace), then uploaded
-        from raystack.storage import check_uri, filesystem, staging_dir
+        from raystack.storage import staging_dir
 
-        filesystem(remote, "--out")  # the scheme and the store's settings, before the local checks
-        overwrite_remote = spec.overwrite or spec.resume
-        spec.out, spec.overwrite = staging_dir(check_uri(remote, "--out")), True
+        overwrite_remote = spec.overwrite or spec.resume  # the URI's scheme was checked with the spec
+        spec.out, spec.overwrite = staging_dir(remote), True
     if spec.out is not None and config is not None:
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
     validate_inputs(spec)

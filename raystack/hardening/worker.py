@@ -8,7 +8,7 @@ that carries the result. The driver (driver.py) assembles `--out` from that last
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import tempfile
 import time
@@ -205,7 +205,7 @@ def run_in_this_process(spec, folder: Path, on_step: Callable | None = None) -> 
 
     if spec.workers != 1:
         raise ValueError("run_in_this_process runs one-worker jobs only")
-    spec = dataclasses.replace(spec).localize_inputs()  # a copy: the caller's spec keeps its URIs
+    spec = copy.copy(spec).localize_inputs()  # a copy, not checked again: the caller's spec keeps its URIs
     configure_threads(1)
     # what a Ray Train worker's environment holds for DeepSpeed (a launcher's ranks; the CPU accelerator)
     env = {**WORKER_ENV, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
