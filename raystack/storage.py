@@ -171,10 +171,11 @@ def _locked(lock: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fetch(uri: str, flag: str) -> Path:
+def fetch(uri: str, flag: str, fresh: bool = False) -> Path:
     """A local copy of the folder (or the one object) at `uri`, downloaded once per machine into the cache; its
     key hashes the URI and each object's name, size and modification time, and every size is checked after the
-    download. Safe when several processes of one machine ask at once."""
+    download. Safe when several processes of one machine ask at once. `fresh`: download it again even when the
+    cache has it (`verify`: an object rewritten with the same size within the same second keeps its key)."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri, flag)
@@ -196,7 +197,7 @@ def fetch(uri: str, flag: str) -> Path:
     name = path.rsplit("/", 1)[-1] or "object"
     dest, done = base / name, base / ".complete"
     with _locked(base.with_suffix(".lock")):
-        if done.is_file():
+        if done.is_file() and not fresh:
             return dest
         tmp = base / f".partial-{uuid.uuid4().hex}"
         try:

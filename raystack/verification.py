@@ -301,12 +301,12 @@ def check_release(folder: Path, public_key: Path | None = None, flag: str = "", 
 
 
 def release_folder(value: Path | str, flag: str = "release") -> Path:
-    """A release named as a folder, as an object-storage URI (s3://, gs://: fetched into this machine's cache,
-    fetched again when an object changed), or as a hub id in the local hub cache (`org/name[@REVISION]`: what a
+    """A release named as a folder, as an object-storage URI (s3://, gs://: downloaded anew into this machine's
+    cache, so the verdict is on the bucket's bytes), or as a hub id in the local hub cache (`org/name[@REVISION]`: what a
     hub user downloaded, nothing is downloaded from a hub): its local folder."""
     text = str(value)
     if is_uri(text):
-        return fetch(text, flag)
+        return fetch(text, flag, fresh=True)  # a verdict on the bucket's bytes, never on an older cached copy
     p = Path(value)
     if p.exists() or "/" not in text or text.startswith((".", "/", "~")) or text.count("/") != 1:
         return p

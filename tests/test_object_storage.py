@@ -99,6 +99,10 @@ def test_fetch_caches_by_content_and_fetches_a_changed_object_again(s3, tmp_path
     _put_object(env, bucket, "data/a.png", b"changed-png")
     again = storage.fetch(f"s3://{bucket}/data", "--target")
     assert again != first and (again / "a.png").read_bytes() == b"changed-png"
+    (again / "a.png").write_bytes(b"tampered in the cache")  # a cached copy that no longer is the bucket's
+    assert (storage.fetch(f"s3://{bucket}/data", "--target") / "a.png").read_bytes() == b"tampered in the cache"
+    fresh = storage.fetch(f"s3://{bucket}/data", "release", fresh=True)  # what verify asks for
+    assert (fresh / "a.png").read_bytes() == b"changed-png"
     one = storage.fetch(f"s3://{bucket}/data/a.png", "--model")
     assert one.is_file() and one.read_bytes() == b"changed-png"
     with pytest.raises(UserError, match="nothing is stored under it"):
