@@ -65,7 +65,7 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
                         losses=losses)
 
         manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
-                              validated=True)
+                              validated=True, run_storage=f"{remote}.run" if remote is not None else None)
     if remote is not None:
         import shutil
 

@@ -150,6 +150,22 @@ def upload_release(local: Path, uri: str, flag: str = "--out", replace: bool = F
     return names
 
 
+def has_objects(uri: str, flag: str) -> bool:
+    fs, path = filesystem(uri, flag)
+    return bool(_listing(fs, path, flag, uri))
+
+
+def remove_prefix(uri: str, flag: str) -> None:
+    """Every object under `uri` (a run's checkpoints: Ray Train writes nothing else there)."""
+    fs, path = filesystem(uri, flag)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{flag} {shown(uri)}: cannot remove it ({_reason(e)})") from None
+
+
 def cache_dir(kind: str) -> Path:
     """`$IMMUNIZE_CACHE/<kind>`, else `$XDG_CACHE_HOME/immunize-cli/<kind>`, else `~/.cache/immunize-cli/<kind>`."""
     base = os.environ.get("IMMUNIZE_CACHE")

@@ -164,3 +164,21 @@ def test_resume_after_a_kill_that_cut_rays_checkpoint_list(data, tmp_path):
                          timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _max_diff(_unet(ref), _unet(out)) <= 1e-6
+
+
+@pytest.mark.e2e
+def test_resume_after_a_kill_between_the_final_checkpoint_and_the_release(data, tmp_path):
+    """A kill after the workers' final report and before `--out` is written leaves a run whose last checkpoint is
+    the result itself (no training state in it). `--resume` makes the release from it instead of failing."""
+    import shutil
+
+    out = tmp_path / "late"
+    res = subprocess.run(CLI + _flags(data, out, "--keep-run"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    first = _unet(out)
+    shutil.rmtree(out)  # as if the driver died before assembling it: the run folder holds the final checkpoint
+    res = subprocess.run(CLI + _flags(data, out, "--resume"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _max_diff(first, _unet(out)) == 0.0

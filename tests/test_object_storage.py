@@ -199,3 +199,67 @@ def test_inputs_from_s3_give_the_release_of_local_inputs(s3, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     recorded = json.loads((tmp_path / "s3" / "manifest.json").read_text())["spec"]
     assert recorded["target"] == [f"s3://{bucket}/data/target"] and recorded["legal"] == f"s3://{bucket}/data/legal"
+
+
+@pytest.mark.e2e
+def test_checkpoints_in_s3_resume_a_killed_driver_to_the_same_weights(s3, tmp_path):
+    """A release bound for S3 keeps its run's checkpoints in S3 (`<out>.run`, Ray Train's storage_path), not on
+    the driver's disk: the driver is SIGKILLed after the first checkpoint, `--resume` continues from the S3
+    checkpoint to the uninterrupted run's weights, and the run's objects are removed once the release is up."""
+    import signal
+    import time
+
+    import boto3
+    import torch
+    from safetensors.torch import load_file
+
+    from raystack.tinyworld.folder import write_concept_folder
+
+    env, bucket = s3
+    write_concept_folder(tmp_path / "target", ["circle"], ["red"], ["sunset"], 2, 0, None, False)
+    flags = ["harden", "--method", "imma", "--steps", "16", "--checkpoint-every", "2", "--batch-size", "2",
+             "--target", str(tmp_path / "target")]
+    run_env = _env({**env, "IMMUNIZE_CACHE": str(tmp_path / "cache")})
+    ref = subprocess.run(CLI + flags + ["--out", str(tmp_path / "ref")], cwd=ROOT, env=run_env, capture_output=True,
+                         text=True, timeout=900)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+
+    def keys(prefix):
+        return [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+    def registered():  # Ray Train's list of the run's checkpoints names one: a resume will start from it
+        try:
+            body = client.get_object(Bucket=bucket, Key="rel.run/harden/checkpoint_manager_snapshot.json")["Body"]
+        except client.exceptions.NoSuchKey:
+            return False
+        return "checkpoint_" in body.read().decode()
+
+    uri = f"s3://{bucket}/rel"
+    proc = subprocess.Popen(CLI + flags + ["--out", uri], cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not registered():
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its embedded Ray and the workers: a lost machine
+        proc.wait(timeout=60)
+    assert not any(k.startswith("rel/manifest.json") for k in keys("rel/")), "a killed run published a release"
+    assert not (tmp_path / "cache" / "staging").exists() or \
+        not any(p.name.startswith("checkpoint_") for p in (tmp_path / "cache" / "staging").rglob("*")), \
+        "checkpoints went to the driver's disk"
+
+    res = subprocess.run(CLI + flags + ["--out", uri, "--resume"], cwd=ROOT, env=run_env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    manifest = json.loads(_objects(env, bucket)["rel/manifest.json"])
+    assert manifest["resumed_from"] is not None and manifest["resumed_from"]["step"] >= 2, manifest["resumed_from"]
+    got = _objects(env, bucket)
+    unet = tmp_path / "resumed.safetensors"
+    unet.write_bytes(got["rel/unet/diffusion_pytorch_model.safetensors"])
+    a, b = load_file(str(tmp_path / "ref" / "unet" / "diffusion_pytorch_model.safetensors")), load_file(str(unet))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert not keys("rel.run/"), "the finished run's checkpoints were left in the bucket"

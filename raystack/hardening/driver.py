@@ -14,7 +14,7 @@ from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, make_output_dir,
                        output_lock, shown)
-from ..storage import fetched_from, is_uri, local_input
+from ..storage import fetched_from, has_objects, is_uri, local_input, remove_prefix
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
@@ -199,12 +199,14 @@ DEFAULT_BUSY_WAIT_S = 600.0
 
 def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = None,
                fault_injection: dict | None = None, on_info: Callable[[str], None] | None = None,
-               validated: bool = False, in_this_process: bool = False) -> dict:
+               validated: bool = False, in_this_process: bool = False, run_storage: str | None = None) -> dict:
     """Submit the job, wait, assemble outputs; returns the manifest. Holds the lock on `--out` (and its run
     folder) from before Ray starts until the output is committed. `validated`: the caller has just run
     `validate_inputs(spec)` (the CLI does, before its progress bar), so it is not run twice.
     `in_this_process` (Tune trials of one-worker jobs): the worker's code runs here, no Ray Train group
-    (`worker.run_in_this_process`); same result, no checkpoints to resume from."""
+    (`worker.run_in_this_process`); same result, no checkpoints to resume from. `run_storage`: an object-storage
+    URI for the run's checkpoints instead of `<out>.run` (a release bound for object storage: every node writes
+    its checkpoints there, and `--resume` reads them back)."""
     if not validated:
         validate_inputs(spec)
     with output_lock(spec.out, "--out", with_run_dir=True):
@@ -212,7 +214,7 @@ def run_harden(spec: HardenSpec, on_progress: Callable[[dict], None] | None = No
             raise UserError(f"--out {shown(str(spec.out))}: already exists (pass --overwrite to replace it)")
         if in_this_process:
             return _run_in_this_process(spec)
-        return _run_harden_locked(spec, on_progress, fault_injection, on_info)
+        return _run_harden_locked(spec, on_progress, fault_injection, on_info, run_storage)
 
 
 def _run_in_this_process(spec: HardenSpec) -> dict:
@@ -224,24 +226,29 @@ def _run_in_this_process(spec: HardenSpec) -> dict:
         return assemble_outputs(spec, Path(d), time.time() - t0)
 
 
-def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info) -> dict:
+def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info, run_storage=None) -> dict:
     t0 = time.time()
     line = connect_ray(spec)
     mark("ray_ready")
     if on_info is not None:
         on_info(line)
-    run_dir = run_dir_for(spec).resolve()
-    fresh_run_dir = not run_dir.exists()
+    run_dir = run_storage or run_dir_for(spec).resolve()
+    fresh_run_dir = not (has_objects(run_dir, "--out") if run_storage else run_dir.exists())
     try:
         manifest = _fit_and_assemble(spec, on_progress, fault_injection, run_dir, t0)
     except BaseException as e:
         full = is_disk_full(e)
         if (full or isinstance(e, RunFailed)) and fresh_run_dir and not spec.resume:
-            confined_rmtree(run_dir, run_dir.parent)  # no litter: nothing in it is worth resuming
+            if run_storage:  # no litter: nothing in it is worth resuming
+                remove_prefix(run_storage, "--out")
+            else:
+                confined_rmtree(run_dir, run_dir.parent)
         if full and not isinstance(e, DiskFull):
             raise disk_full(spec.out, e) from None
         raise
-    if not spec.keep_run and (spec.out / MANIFEST).is_file():
+    if run_storage and not spec.keep_run:
+        remove_prefix(run_storage, "--out")  # the release is made: nothing left to resume
+    elif not spec.keep_run and (spec.out / MANIFEST).is_file():
         try:
             remove_finished_run(run_dir_for(spec))  # --out is written: nothing left to resume
         except (UserError, OSError) as e:  # the release is complete: a leftover run folder is only untidy
@@ -274,11 +281,15 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     for k, v in {**TRAIN_ENV, **(EMBEDDED_TRAIN_ENV if embedded_here() else {})}.items():
         os.environ.setdefault(k, v)  # read by TorchTrainer.fit here and passed on to its controller
     name = "harden"
-    make_output_dir(run_dir)
-    if (run_dir / name).exists() and not spec.resume:
-        confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
-    elif spec.resume:
-        drop_cut_snapshot(run_dir / name)
+    if is_uri(run_dir):  # Ray Train writes and reads the checkpoints there itself (its storage_path)
+        if not spec.resume:
+            remove_prefix(f"{run_dir}/{name}", "--out")  # a fresh run; --resume continues the one there
+    else:
+        make_output_dir(run_dir)
+        if (run_dir / name).exists() and not spec.resume:
+            confined_rmtree(run_dir / name, run_dir)  # a fresh run; --resume continues the one there
+        elif spec.resume:
+            drop_cut_snapshot(run_dir / name)
     progress = _progress_actor()
     cfg = worker_config(spec)
     trainer = TorchTrainer(
@@ -287,7 +298,7 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                      resources_per_worker=None if spec.use_gpu else {"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(run_dir),
+        run_config=RunConfig(name=name, storage_path=run_dir if is_uri(run_dir) else str(run_dir),
                              failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -135,6 +136,13 @@ def train_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            if (Path(d) / RESULT_FILE).is_file():  # killed after the final report: the result is already made
+                with tempfile.TemporaryDirectory() as out:
+                    if rank == 0:
+                        shutil.copy2(Path(d) / RESULT_FILE, Path(out) / RESULT_FILE)
+                    ray.train.report({"final": 1}, checkpoint=ray.train.Checkpoint.from_directory(out))
+                mark("worker_done", rank=rank)
+                return
             resume_tensors, resume_meta = load_tensors(Path(d) / STATE_FILE)
             mine = Path(d) / _rank_file(get_rank())
             if mine.exists():
