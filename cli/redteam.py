@@ -19,10 +19,13 @@ def redteam(
                                     "':': the text after the last ':' is MASK only if it is 'mask', ends in "
                                     ".safetensors (or another weights suffix), is an existing file, or the text "
                                     "before it is an existing folder. Repeatable."),
-    data: Path = typer.Option(..., "--data", help="The attacker's images of the target concept."),
+    data: str = typer.Option(..., "--data", help="The attacker's images of the target concept (a folder or an "
+                             "object-storage URI such as s3://bucket/data, which each trial fetches on its node)."),
     target: Optional[str] = typer.Option(None, "--target", help="Tiny-world concept the attacker wants (e.g. "
                                          "sunset); with --concepts, the concept file's name (the default)."),
-    out: Path = typer.Option(Path("runs/redteam"), "--out", help="Run folder: redteam.json and the trials."),
+    out: str = typer.Option("runs/redteam", "--out", help="Run folder: redteam.json and the trials. An "
+                            "object-storage URI (s3://bucket/prefix): the sweep's state and every trial's attack "
+                            "go there from the node that ran it, redteam.json last."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address (default: an embedded local Ray)."),
     max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
     overrides: list[str] = typer.Option([], "--set", help="Override a space key, dotted: --set samples=24."),
@@ -52,13 +55,32 @@ def redteam(
     from raystack.redteam.space import load_attack_space
     from raystack.redteam.sweep import check_resumable, failure_message, model_trial_counts, parse_models
 
+    from raystack.outputs import check_local_path
+    from raystack.storage import check_uri, fetch, is_uri, preflight_output, staging_dir
+
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
+    remote = check_uri(out, "--out") if is_uri(out) else None
+    if remote is not None and resume:
+        raise UserError(f"--resume: a red team in object storage ({remote}) cannot be resumed yet; run it again "
+                        "to a new --out")
+    if remote is None:
+        check_local_path(out, "--out")
+    data_source = check_uri(data, "--data") if is_uri(data) else None
+    if data_source is None:
+        check_local_path(data, "--data")
     targets = parse_models(model, judge=parse_judge(judge)[0], noncompliant=noncompliant)
+    data = fetch(data_source, "--data") if data_source else Path(data)  # this machine's copy, for the checks
     read_image_folder(data, flag="--data", check_only=True)
     judged = judge_spec(judge, concepts, target)  # the tiny-world concept, or the CLIP folder and concept file
     target = spec_target(judged)
+    if remote is not None:  # written here first (the re-scored winners, the reference attacks), then uploaded
+        import shutil
+
+        out = staging_dir(remote)
+        shutil.rmtree(out, ignore_errors=True)  # an earlier, failed attempt's: this cache folder is ours
+    out = Path(out)
     check_disjoint(out, [("--space", space), ("--data", data),
                          *((f"--model {t.name}", t.model) for t in targets),
                          *((f"--model {t.name} mask", t.mask) for t in targets if t.mask), *spec_inputs(judged)])
@@ -85,6 +107,8 @@ def redteam(
         from raystack.judges import load_judge
 
         load_judge(judged)
+    if remote is not None:  # the bucket, an empty prefix and write access, before Ray starts
+        preflight_output(remote, "--out", overwrite=False)
     with output_lock(out):
         check_resumable(out, spec, targets, data, target, resume, judged)  # again: another run may have written
         quiet_libraries(use_gpu)
@@ -97,14 +121,23 @@ def redteam(
             report = run_redteam(spec, targets, data, target, out, max_concurrent,
                                  on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
                                  resume=resume, judge_spec=judged if judged["kind"] == "clip" else None,
-                                 use_gpu=use_gpu)
+                                 use_gpu=use_gpu, remote=remote, data_source=data_source)
+    if remote is not None:
+        import shutil
+
+        from raystack.storage import upload_release
+
+        names = upload_release(out, remote, "--out", commit="redteam.json")
+        shutil.rmtree(out, ignore_errors=True)
+        console.print(f"uploaded {len(names)} files to {remote} (redteam.json last; each trial's attack was "
+                      "uploaded by its node)")
     console.print(worst_case_table(report))
     for name, m in report["models"].items():
         c = model_trial_counts(m)
         if c["failed"]:
             console.print(f"[bold red]{name}: {c['failed']} of {sum(c.values())} trials FAILED[/]"
                           + ("" if c["done"] else ": no trial completed, no worst case was measured"))
-    console.print(f"{out / 'redteam.json'}")
+    console.print(f"{remote}/redteam.json" if remote else f"{out / 'redteam.json'}")
     message = failure_message(report)
     if message:
         raise RunFailed(message)

@@ -4,6 +4,7 @@ algorithm and scheduler, the guard, and each trial's folder, error and status.""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -89,12 +90,45 @@ def make_search_alg(space, max_concurrent: int, seed: int | None = None, points:
 
 def trial_output_dir(kind: str = "trials") -> Path:
     """Where the running trial writes: <out>/<kind>/<sweep>/<trial id>, found from the sweep's storage
-    (<out>/tune) at run time, so a moved sweep folder resumes into itself."""
+    (<out>/tune) at run time, so a moved sweep folder resumes into itself. A sweep stored in object storage
+    (--out s3://…): a folder of this node's cache, which `publish_trial_output` uploads to the same place under
+    the URI."""
     import ray.tune
 
     ctx = ray.tune.get_context()
     storage = ctx.get_storage()
-    return Path(storage.storage_fs_path).parent / kind / storage.experiment_dir_name / ctx.get_trial_id()
+    relative = Path(kind) / storage.experiment_dir_name / ctx.get_trial_id()
+    if _remote_storage(storage):
+        from .storage import cache_dir
+
+        key = hashlib.sha256(str(storage.storage_fs_path).encode()).hexdigest()[:24]
+        return cache_dir("trials") / key / relative
+    return Path(storage.storage_fs_path).parent / relative
+
+
+def publish_trial_output(folder: Path, kind: str = "trials") -> None:
+    """A finished trial's folder (`trial_output_dir(kind)`) uploaded beside the sweep's storage when that is
+    object storage (other nodes and the driver read it there); nothing to do on a local disk."""
+    import pyarrow.fs as pafs
+    import ray.tune
+
+    ctx = ray.tune.get_context()
+    storage = ctx.get_storage()
+    if not _remote_storage(storage):
+        return
+    dest = f"{Path(storage.storage_fs_path).parent.as_posix()}/{kind}/{storage.experiment_dir_name}/" \
+           f"{ctx.get_trial_id()}"
+    pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=storage.storage_filesystem)
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)  # this node's copy: the driver reads the uploaded one
+
+
+def _remote_storage(storage) -> bool:
+    import pyarrow.fs as pafs
+
+    return not isinstance(storage.storage_filesystem, pafs.LocalFileSystem)
 
 
 @contextlib.contextmanager

@@ -52,9 +52,71 @@ def check_uri(uri: str, flag: str) -> str:
     return uri.rstrip("/")
 
 
-def _reason(e: BaseException) -> str:
+#: pyarrow's S3 errors read "AWS Error <NAME> during <Operation> operation: <the store's message>": the names that
+#: are about the credentials, and what the user is told for each (None: access denied, in the caller's words)
+_AWS_CREDENTIAL_ERRORS = (
+    (("INVALID_ACCESS_KEY_ID", "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT"),
+     "the access key is not known to the store: check AWS_ACCESS_KEY_ID or AWS_PROFILE, and that AWS_ENDPOINT_URL "
+     "is the store the key belongs to"),
+    (("SIGNATURE_DOES_NOT_MATCH", "INVALID_SIGNATURE", "INCOMPLETE_SIGNATURE"),
+     "the secret key does not match the access key: check AWS_SECRET_ACCESS_KEY"),
+    (("EXPIRED_TOKEN", "INVALID_TOKEN", "token has expired"),
+     "the session credentials have expired or are not valid: renew them, e.g. aws sso login or a new "
+     "AWS_SESSION_TOKEN"),
+    (("ACCESS_DENIED", "HTTP status 403", "MISSING_AUTHENTICATION_TOKEN"), None),
+)
+NO_AWS_CREDENTIALS = ("no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or "
+                      "run where an instance role gives them")
+#: the preflight's probe write refused after its listing passed: read-only credentials
+WRITE_DENIED = "access denied: these credentials may read here but not write"
+
+
+def _aws_credentials_set() -> bool:
+    """Whether a source the AWS SDK reads may give credentials: the environment, a credentials or config file that
+    names some, or (unless AWS_EC2_METADATA_DISABLED=true) a metadata service answering on this machine."""
+    env = os.environ
+    if any(env.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                                "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                                "AWS_CONTAINER_CREDENTIALS_FULL_URI")):
+        return True
+    for name, default in (("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"), ("AWS_CONFIG_FILE", "~/.aws/config")):
+        try:
+            text = Path(env.get(name) or default).expanduser().read_text(errors="replace").lower()
+        except OSError:
+            continue
+        if any(k in text for k in ("aws_access_key_id", "credential_process", "role_arn", "sso_", "web_identity")):
+            return True
+    if env.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
+        return False
+    import socket
+
+    try:  # an instance role is known only by asking; a machine without the service refuses or times out at once
+        socket.create_connection(("169.254.169.254", 80), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _reason(e: BaseException, fs=None, path: str | None = None,
+            denied: str = "access denied to these credentials") -> str:
+    """One line for a store's error: the credential problems pyarrow's S3 reports in words (no credentials at all,
+    an unknown key, a wrong secret, an expired session, access denied: `denied`), anything else its first line.
+    A refused HEAD (HeadBucket, HeadObject) has no body, so HTTP 403 reads ACCESS_DENIED whatever the cause: with
+    `fs` and `path`, a listing of `path` asks again and its error, which names the cause, is told instead."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
+    if "AWS Error " in text and "NETWORK_CONNECTION" not in text and not _aws_credentials_set():
+        return NO_AWS_CREDENTIALS  # the SDK sent the request unsigned; the store refused it (403, or a 500 from some)
+    if fs is not None and path and "ACCESS_DENIED" in text and "No response body" in text:
+        import pyarrow.fs as pafs
+
+        try:
+            fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except Exception as again:  # noqa: BLE001
+            return _reason(again, denied=denied)
+    for names, said in _AWS_CREDENTIAL_ERRORS:
+        if any(n in text for n in names):
+            return said or denied
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -100,7 +162,7 @@ def preflight_output(uri: str, flag: str, overwrite: bool) -> None:
     try:
         found = fs.get_file_info(bucket).type
     except Exception as e:  # noqa: BLE001 - no credentials, an unreachable endpoint
-        raise UserError(f"{flag} {shown(uri)}: cannot reach the bucket ({_reason(e)})") from None
+        raise UserError(f"{flag} {shown(uri)}: cannot reach the bucket ({_reason(e, fs, path)})") from None
     if found == pafs.FileType.NotFound:
         raise UserError(f"{flag} {shown(uri)}: the bucket {shown(bucket)} does not exist (or these credentials "
                         "cannot see it)")
@@ -110,7 +172,7 @@ def preflight_output(uri: str, flag: str, overwrite: bool) -> None:
         with fs.open_output_stream(f"{path}/{INCOMPLETE_MARKER}") as out:
             out.write(json.dumps({"by": "immunize-cli", "upload": "started"}).encode())
     except Exception as e:  # noqa: BLE001 - read-only credentials: AccessDenied
-        raise UserError(f"{flag} {shown(uri)}: cannot write there ({_reason(e)})") from None
+        raise UserError(f"{flag} {shown(uri)}: cannot write there ({_reason(e, denied=WRITE_DENIED)})") from None
 
 
 def _put(fs, local: Path, dest: str) -> None:
@@ -119,10 +181,11 @@ def _put(fs, local: Path, dest: str) -> None:
     pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def upload_release(local: Path, uri: str, flag: str = "--out", replace: bool = False) -> list[str]:
-    """Upload the folder `local` under `uri`, `manifest.json` last (the commit marker). With `replace`, the old
-    marker goes first (no reader sees a release while objects change), then every old object under the prefix.
-    Returns the uploaded names (relative, '/'-separated)."""
+def upload_release(local: Path, uri: str, flag: str = "--out", replace: bool = False,
+                   commit: str = COMMIT_MARKER) -> list[str]:
+    """Upload the folder `local` under `uri`, `commit` last (the commit marker: `manifest.json` for a release,
+    `redteam.json` for a red team). With `replace`, the old marker goes first (no reader sees a release while
+    objects change), then every old object under the prefix. Returns the uploaded names (relative, '/'-separated)."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri, flag)
@@ -130,24 +193,43 @@ def upload_release(local: Path, uri: str, flag: str = "--out", replace: bool = F
     try:
         if replace:
             with contextlib.suppress(FileNotFoundError):
-                fs.delete_file(f"{path}/{COMMIT_MARKER}")
+                fs.delete_file(f"{path}/{commit}")
             for old in _listing(fs, path, flag, uri):
                 if old.base_name != INCOMPLETE_MARKER:
                     fs.delete_file(old.path)
         names = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-        last = [n for n in names if n == COMMIT_MARKER]
-        for name in [n for n in names if n != COMMIT_MARKER] + last:
+        last = [n for n in names if n == commit]
+        for name in [n for n in names if n != commit] + last:
             _put(fs, local / name, f"{path}/{name}")
         with contextlib.suppress(FileNotFoundError):
             fs.delete_file(f"{path}/{INCOMPLETE_MARKER}")
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{flag} {shown(uri)}: the upload failed ({_reason(e)}); no manifest.json was written, "
-                        "so no reader takes it for a release; rerun the command") from None
-    if pafs.FileType.File != fs.get_file_info(f"{path}/{COMMIT_MARKER}").type and last:
-        raise UserError(f"{flag} {shown(uri)}: manifest.json is not there after the upload; rerun the command")
+        raise UserError(f"{flag} {shown(uri)}: the upload failed ({_reason(e)}); no {commit} was written, "
+                        "so no reader takes it for a finished output; rerun the command") from None
+    if pafs.FileType.File != fs.get_file_info(f"{path}/{commit}").type and last:
+        raise UserError(f"{flag} {shown(uri)}: {commit} is not there after the upload; rerun the command")
     return names
+
+
+def download_folder(uri: str, dest: Path, flag: str) -> Path:
+    """The objects under `uri` copied into the local folder `dest` (made; its files replaced): a red team's
+    trial written on another node, read back where it is re-scored."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri, flag)
+    dest = Path(dest)
+    try:
+        if not _listing(fs, path, flag, uri):
+            raise UserError(f"{flag} {shown(uri)}: nothing is stored under it")
+        dest.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{flag} {shown(uri)}: cannot download it ({_reason(e, fs, path)})") from None
+    return dest
 
 
 def has_objects(uri: str, flag: str) -> bool:
@@ -198,7 +280,7 @@ def fetch(uri: str, flag: str, fresh: bool = False) -> Path:
     try:
         single = fs.get_file_info(path)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{flag} {shown(uri)}: cannot read it ({_reason(e)})") from None
+        raise UserError(f"{flag} {shown(uri)}: cannot read it ({_reason(e, fs, path)})") from None
     if single.type == pafs.FileType.File:
         objects = [single]
         root = path.rsplit("/", 1)[0]

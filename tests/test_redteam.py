@@ -405,6 +405,7 @@ def test_use_gpu_trials_hold_a_gpu_and_attack_and_score_on_it(monkeypatch, tmp_p
     monkeypatch.setattr(sweep, "_warm_judge", lambda concept=None: None)
     monkeypatch.setattr(sweep, "_scores", lambda *a, **k: (0.5, 0.5))
     monkeypatch.setattr(sweep, "trial_output_dir", lambda kind: tmp_path / "attack")
+    monkeypatch.setattr(sweep, "publish_trial_output", lambda folder, kind: None)
     monkeypatch.setattr(sweep, "run_attack", lambda spec, on_step=None, pipe=None: seen.update(spec_device=spec.device))
     monkeypatch.setattr(ray.tune, "report", lambda metrics: None)
     space = AttackSpace(name="g", budget=40, search={"lr": {"choice": [1e-3]}}, fixed={"steps": 20})

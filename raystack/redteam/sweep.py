@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..search import (make_search_alg, param_space, passes_guard, quiet_trial_errors, trial_counts,  # noqa: F401
-                      trial_dirname, trial_error, trial_error_file, trial_output_dir)
+                      publish_trial_output, trial_dirname, trial_error, trial_error_file, trial_output_dir)
 from .space import AttackSpace, attacker_settings, concept_word  # noqa: F401
 
 from .results import RESULTS
@@ -34,6 +34,7 @@ from ..mask_tools import _meta_unet
 from ..models.pipeline_io import check_pipeline_folder, load_pipeline, resolve_model_path, weights_digest
 from ..outputs import check_plain_name, confined_rmtree, make_output_dir, shown
 from ..runtime import configure_threads, pick_device
+from ..storage import check_uri, download_folder, fetch, is_uri, local_input
 from ..sampling import sampler
 from ..specs import build_spec
 from .space import strong_corners
@@ -50,6 +51,18 @@ class Target:
     same_as: str | None = None
     """An earlier model with the same weights (and the same mask, or none): the attacker faces the same
     problem, so its sweep is reported for this model too instead of being run again (`same_attacks`)."""
+    source: str | None = None
+    """The model's object-storage URI when it was given as one: `model` is this machine's copy of it, and each
+    trial fetches its own on the node it runs on (`on_this_node`)."""
+
+
+def on_this_node(target: Target) -> tuple[str, str | None]:
+    """(model folder, mask file) of `target` on the machine that runs this code: a model in object storage is
+    fetched into this node's cache (once per node), its mask being its own freeze_mask.safetensors."""
+    if target.source is None:
+        return target.model, target.mask
+    local = fetch(target.source, f"--model {target.name}")
+    return str(local), None if target.mask is None else str(local / "freeze_mask.safetensors")
 
 
 def same_attacks(targets: list[Target]) -> list[Target]:
@@ -115,6 +128,13 @@ def parse_models(values: list[str], judge: str = "tiny", noncompliant: bool = Tr
 
         check_local_path(rest, f"--model {name}", uri=False)  # lengths first: DIR:MASK is split by looking
         folder, mask = split_model_spec(rest)
+        source = None
+        if is_uri(folder):  # fetched here for the checks and the driver's scoring; each trial fetches its own
+            if mask and mask != "mask":
+                raise UserError(f"--model {shown(v)}: a model in object storage takes its own mask only "
+                                "(NAME=URI:mask, its freeze_mask.safetensors)")
+            source = check_uri(folder, f"--model {name}")
+            folder = str(fetch(source, f"--model {name}"))
         for part in (folder, mask):
             if part and part not in ("tiny", "mask"):
                 check_local_path(part, f"--model {name}")
@@ -127,11 +147,11 @@ def parse_models(values: list[str], judge: str = "tiny", noncompliant: bool = Tr
                 raise UserError(f"--model {shown(v)}: no freeze mask at {shown(str(mask_path))}")
             # its keys must be this model's UNet parameters: a mismatch would fail every compliant trial inside Ray
             load_freeze_mask(mask_path, unet_parameter_names(path, f"--model {name}"), flag=f"--model {name} mask")
-            out.append(Target(f"{name}.compliant", str(path), str(mask_path)))
+            out.append(Target(f"{name}.compliant", str(path), str(mask_path), source=source))
             if noncompliant:
-                out.append(Target(f"{name}.noncompliant", str(path)))
+                out.append(Target(f"{name}.noncompliant", str(path), source=source))
         else:
-            out.append(Target(name, str(path)))
+            out.append(Target(name, str(path), source=source))
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise UserError("--model: every NAME must be different")
@@ -251,13 +271,14 @@ def attack_trial(config: dict) -> None:
     attack_dir = trial_output_dir("attacks")
     settings = {"method": "lora", "seed": space.seed, **space.fixed, **drawn}
     device = "cuda" if config.get("use_gpu") else "cpu"  # --use-gpu: the trial holds one GPU (Ray sets which)
-    values = {**settings, **attacker_settings(settings, config.get("concept_word")), "data": config["data"],
-              "model": target.model, "freeze_mask": target.mask, "out": str(attack_dir), "overwrite": True,
-              "device": device}
+    model, mask = on_this_node(target)  # inputs in object storage: this node's copies
+    values = {**settings, **attacker_settings(settings, config.get("concept_word")),
+              "data": str(local_input(config["data"], "--data")), "model": model, "freeze_mask": mask,
+              "out": str(attack_dir), "overwrite": True, "device": device}
     spec = build_spec(AttackSpec, values, source="trial")
     to_prompt = trial_prompt(spec)
     judge = _warm_judge(config["concept"])  # a tiny-world concept's name, or a CLIP judge's spec
-    pipe = _warm_pipeline(target.model).to(device)  # the attack, and its scoring, where the trial's device is
+    pipe = _warm_pipeline(model).to(device)  # the attack, and its scoring, where the trial's device is
     clock = {"first_step": None, "score": 0.0}
 
     def score(n_others):
@@ -301,13 +322,14 @@ def attack_trial(config: dict) -> None:
 
     run_attack(spec, on_step=on_step, pipe=pipe)
     final = scored(spec.steps)
+    publish_trial_output(attack_dir, "attacks")  # a sweep in object storage: where the driver re-scores it
     ray.tune.report({**final, "target": final["target_running"], "others": final["others_running"], **timing(),
                      "done_all": True})
 
 
-def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, storage: Path, max_concurrent: int,
+def _sweep_one(space: AttackSpace, target: Target, data: Path | str, concept: str, storage: Path, max_concurrent: int,
                resume: bool = False, others_unattacked: float | None = None, word: str | None = None,
-               use_gpu: bool = False):
+               use_gpu: bool = False, remote: str | None = None):
     """One model's sweep; `resume` continues an interrupted one (finished trials kept, unfinished and errored
     ones rerun; a finished sweep is read back). The search starts from the space's strong corners
     (`space.strong_corners`, as many as the trials allow) and optimises `guarded_objective` against
@@ -319,8 +341,9 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
     if resume and tune.Tuner.can_restore(str(storage / name)):
         with quiet_trial_errors():  # each failed trial is recorded and reported by the red team
             return tune.Tuner.restore(str(storage / name), trainable, resume_errored=True).fit()
-    confined_rmtree(storage / name, storage.parent)
-    confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
+    if remote is None:  # a URI --out is a fresh prefix (checked before the run)
+        confined_rmtree(storage / name, storage.parent)
+        confined_rmtree(attacks_dir(storage.parent, name), storage.parent)
     space_dict = param_space(space)
     space_dict.update({"space": {k: getattr(space, k) for k in space.__dataclass_fields__},
                        "target": target.__dict__, "data": str(data), "concept": concept,
@@ -334,7 +357,8 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path, concept: str, sto
                                     num_samples=space.samples, max_concurrent_trials=max_concurrent,
                                     trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # warm trial processes: imports, judge, pipeline
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+        # --out in object storage: Tune keeps its state there and every node's trials report to it
+        run_config=tune.RunConfig(name=name, storage_path=f"{remote}/tune" if remote else str(storage), verbose=0))
     with quiet_trial_errors():
         return tuner.fit()
 
@@ -455,15 +479,19 @@ def strongest_known(best: dict | None, references: list[dict], others_unattacked
 
 
 def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept: str, judge,
-                               others_unattacked: float, device: str = "cpu") -> list[dict]:
+                               others_unattacked: float, device: str = "cpu",
+                               pull: Callable[[dict], None] | None = None) -> list[dict]:
     """Re-score the strongest guarded trials (`rescore_top` of them), then further down the list while none
     passes the guard on its re-scored numbers, at most `rescore_limit`: the strongest attacks sit on the guard's
-    edge (they trade the other concepts for the target), so the first few often fail it on more samples."""
+    edge (they trade the other concepts for the target), so the first few often fail it on more samples.
+    `pull`: brings a trial's attack folder here first (a sweep in object storage)."""
     done = []
     for r in guarded[: space.rescore_limit]:
         if len(done) >= space.rescore_top and any(
                 passes_guard(x["rescored"]["others"], others_unattacked, space.guard) for x in done):
             break
+        if pull is not None:
+            pull(r)
         checkpoint_as_attack(r)
         r["rescored"] = rescore(r, space, concept, judge, device)
         done.append(r)
@@ -543,6 +571,20 @@ SWEEP_KEYS = ("name", "budget", "search", "fixed", "samples", "eval_samples", "o
               "eval_sampler", "algorithm", "scheduler", "seed")
 
 
+def _where(t: Target) -> dict:
+    """A model and its mask as the report names them: the paths given, or the model's URI."""
+    if t.source is None:
+        return {"model": t.model, "mask": t.mask}
+    return {"model": t.source, "mask": None if t.mask is None else f"{t.source}/freeze_mask.safetensors"}
+
+
+def _pull(row: dict, out: Path, remote: str) -> None:
+    """A trial's attack folder, written by its node under the URI, copied to the same place in `out`."""
+    local = Path(row["path"])
+    if not (local / ATTACK_INFO).is_file():
+        download_folder(f"{remote}/{_relative(str(local), out)}", local, "--out")
+
+
 def _relative(path: str, out: Path) -> str:
     """A trial's attack folder relative to --out (the run folder can be moved or copied whole)."""
     import os
@@ -595,11 +637,14 @@ def check_resumable(out: Path, space: AttackSpace, targets: list[Target], data: 
 
 def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: str, out: Path,
                 max_concurrent: int = 1, on_model=None, resume: bool = False, judge_spec: dict | None = None,
-                use_gpu: bool = False) -> dict:
+                use_gpu: bool = False, remote: str | None = None, data_source: str | None = None) -> dict:
     """Sweep the space against every model; returns (and writes) redteam.json. `resume`: sweeps already in
     --out continue where they stopped (a finished one is read back, not rerun). `judge_spec`: a CLIP judge
     (`judges.judge_spec`: its folder and concept file, whose `name` is `concept`); None: the tiny world's
-    classifier on the tiny-world concept `concept`."""
+    classifier on the tiny-world concept `concept`. `remote`: --out's object-storage URI (`out` is then this
+    machine's staging folder): Tune's state and every trial's attack are written there by the nodes that make
+    them, and the winners are read back to be re-scored here; the caller uploads `out` (redteam.json last).
+    `data_source`: --data's URI (`data` is this machine's copy), which each trial fetches on its node."""
     from ..atomic import atomic_write_text
     from ..models.pipeline_io import load_pipeline
 
@@ -629,7 +674,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                     "concept_word": word, "models": {}}
     for t in same_attacks(targets):
         if t.same_as is not None:
-            report["models"][t.name] = {**report["models"][t.same_as], "model": t.model, "mask": t.mask,
+            report["models"][t.name] = {**report["models"][t.same_as], **_where(t),
                                         "same_as": t.same_as}
             continue
         if on_model:
@@ -640,8 +685,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         sweep_name = f"{space.name}-{t.name}"
         resumed = resume and not (out / "tune" / f"{sweep_name}.wall.json").exists() and \
             (out / "tune" / sweep_name).exists()  # an unfinished sweep continued (a finished one is read back)
-        rows = _rows(_sweep_one(space, t, Path(data).resolve(), trial_concept, out / "tune", max_concurrent, resume,
-                                base_others, word, use_gpu),
+        rows = _rows(_sweep_one(space, t, data_source or Path(data).resolve(), trial_concept, out / "tune",
+                                max_concurrent, resume, base_others, word, use_gpu, remote),
                      attacks_dir(out, sweep_name))
         for r in rows:
             best_guarded_point(r, base_others, space.guard)
@@ -651,7 +696,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
                             and passes_guard(r["others"], base_others, space.guard))
         done = [r for r in rows if r["status"] == "done"]
         guarded = sorted([r for r in done if r["guarded"]], key=lambda r: -r["target"])
-        rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others, device)
+        rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others, device,
+                                              pull=None if remote is None else lambda r: _pull(r, out, remote))
         best = declare_worst_case(rescored, base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,
@@ -662,7 +708,7 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
             r["guarded"] = r["others"] is not None and passes_guard(r["others"], base_others, space.guard)
         report["models"][t.name] = {
             "reference_attacks": references,
-            "model": t.model, "mask": t.mask, "unattacked": {"target": base_target, "others": base_others},
+            **_where(t), "unattacked": {"target": base_target, "others": base_others},
             "sweep_seconds": round(sweep_seconds, 1), "resumed": resumed,
             "worst_case": strongest_known(best, references, base_others, space.guard, out),
             "worst_case_sweep": None if best is None else _winner(best, out),
