@@ -13,7 +13,9 @@ from .common import console, guarded, quiet_libraries
 @guarded
 def tune(
     space: Path = typer.Option(..., "--space", help="Search space YAML (see tune_spaces/)."),
-    out: Path = typer.Option(Path("runs/tune"), "--out", help="Sweep folder: results.json, pareto.png, best.yaml."),
+    out: str = typer.Option("runs/tune", "--out", help="Sweep folder: results.json, pareto.png, best.yaml. An "
+                            "object-storage URI (s3://bucket/prefix): the sweep's state, the data it generates and "
+                            "every trial's folder go there from the node that made them, results.json last."),
     cluster: Optional[str] = typer.Option(None, "--cluster", help="Ray address (default: an embedded local Ray)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Trials (default: the space file's)."),
     max_concurrent: int = typer.Option(1, "--max-concurrent", help="Trials at once."),
@@ -35,6 +37,15 @@ def tune(
     extra = {k: v for k, v in given.items() if v is not None}
     if concepts is not None:  # flags win over the space file: the target is the concept file's
         extra["target_concept"] = None
+    from raystack.outputs import check_local_path
+    from raystack.storage import check_uri, is_uri, preflight_output, staging_dir
+
+    remote = check_uri(out, "--out") if is_uri(out) else None
+    if remote is not None and resume:
+        raise UserError(f"--resume: a sweep in object storage ({remote}) cannot be resumed yet; run it again to a new "
+                        "--out")
+    if remote is None:
+        check_local_path(out, "--out")
     spec = load_space(space, overrides, extra=extra)
     from raystack.judges import check_judge_model
     from raystack.models.pipeline_io import resolve_model_path
@@ -52,6 +63,12 @@ def tune(
     from raystack.tuning.sweep import sweep_inputs, trial_resources
 
     trial_resources(spec)  # a GPU setting is refused before Ray starts (a trial runs on one CPU)
+    if remote is not None:  # made here first (results, best.yaml, the generated data), then uploaded
+        import shutil
+
+        out = staging_dir(remote)
+        shutil.rmtree(out, ignore_errors=True)  # an earlier, failed attempt's: this cache folder is ours
+    out = Path(out)
     check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
     from raystack.outputs import check_replaceable
@@ -64,6 +81,8 @@ def tune(
         check_local_capacity(need, False, "--max-concurrent x harden.workers", f" ({max_concurrent} x {spec.workers})",
                              fix=f"use --max-concurrent {fits} or less" if fits else
                              f"use --set harden.workers={local_cpus()} or less")
+    if remote is not None:  # the bucket, an empty prefix and write access, before Ray starts
+        preflight_output(remote, "--out", overwrite=False)
     with output_lock(out):
         quiet_libraries()
         from raystack.runtime import configure_threads
@@ -76,18 +95,35 @@ def tune(
                                    hint="use a smaller --max-concurrent or harden.workers, or a larger cluster")
         with console.status(f"sweep {spec.name}: trials running (harden, attack, score)") as status:
             try:
-                results = run_sweep(spec, out, samples, max_concurrent, resume)
+                results = run_sweep(spec, out, samples, max_concurrent, resume, remote)
             except NoCompletedTrial as e:  # the failed trials' table, then the one error line (exit 1)
                 status.stop()
                 console.print(trials_table(e.results))
+                if remote is not None:  # the failed trials' record, where the sweep was asked to be
+                    _upload(out, remote, RESULTS)
                 raise
+    if remote is not None:
+        _upload(out, remote, RESULTS)
+    where = (lambda name: f"{remote}/{name}") if remote else (lambda name: out / name)  # noqa: E731
     table = trials_table(results)
     console.print(table)
     failed = sum(r["status"] == "error" for r in results["trials"])
     if failed:
         console.print(f"[bold red]{failed} of {len(results['trials'])} trials FAILED[/] (their errors: "
-                      f"{out / RESULTS}); the best is taken from the completed trials only")
-    console.print(f"best: {results['best']['setting']} -> {out / BEST}; {out / RESULTS}, {out / PARETO_PNG}")
+                      f"{where(RESULTS)}); the best is taken from the completed trials only")
+    console.print(f"best: {results['best']['setting']} -> {where(BEST)}; {where(RESULTS)}, {where(PARETO_PNG)}")
+
+
+def _upload(staging: Path, remote: str, commit: str) -> None:
+    """The sweep's folder made here, uploaded under --out's URI (`commit` last), then removed here."""
+    import shutil
+
+    from raystack.storage import upload_release
+
+    names = upload_release(staging, remote, "--out", commit=commit)
+    shutil.rmtree(staging, ignore_errors=True)
+    console.print(f"uploaded {len(names)} files to {remote} ({commit} last; each trial's folder was uploaded by "
+                  "its node)")
 
 
 def trials_table(results: dict):

@@ -239,3 +239,35 @@ def test_redteam_trials_on_both_nodes_write_every_attack_and_the_report_to_s3(wo
     assert any(k.startswith("rt/tune/") for k in objects), "Tune's state is not in the bucket"
     assert ".immunize-upload-incomplete" not in " ".join(objects)
     assert sorted(p.name for p in world["work"].iterdir() if p.name == "rt" or p.name.startswith("s3")) == []
+
+
+def test_tune_trials_on_both_nodes_write_their_folders_and_the_results_to_s3(world):
+    """A 2-trial sweep, one trial per node, the model from the bucket: the data the sweep generates go up first,
+    each trial's folder (hardened model, attacks) goes up from its node, results.json last."""
+    b = world["bucket"]
+    cmd = CLI + ["tune", "--space", str(ROOT / "tune_spaces" / "tiny_rho_4.yaml"), "--set", "search.rho.grid=[0.3, 0.5]",
+                 "--set", f"harden.model=s3://{b}/models/tiny", "--out", f"s3://{b}/tune", "--cluster",
+                 world["address"], "--max-concurrent", "2"]
+    proc = subprocess.Popen(cmd, cwd=world["work"], env=world["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen_there = False
+    try:
+        deadline = time.time() + 900
+        while proc.poll() is None and time.time() < deadline:
+            seen_there = seen_there or bool(processes_in(world["namespace"], "ray::ImplicitFunc"))
+            time.sleep(0.5)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert seen_there, "no trial ran on the second node"
+    objects = _objects(world, "tune/")
+    results = json.loads(objects["tune/results.json"])
+    assert len(results["trials"]) == 2 and all(t["status"] == "done" for t in results["trials"])
+    for role in ("target", "legal", "attacker"):
+        assert f"tune/data/{role}/metadata.jsonl" in objects
+    hardened = [k for k in objects if k.startswith("tune/trials/") and k.endswith("hardened/manifest.json")]
+    assert len(hardened) == 2, sorted(objects)[:30]
+    assert f"s3://{b}/tune/data/target" in objects["tune/best.yaml"].decode()  # best.yaml runs on any machine
+    assert ".immunize-upload-incomplete" not in " ".join(objects)

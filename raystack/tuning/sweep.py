@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunFailed, UserError
-from ..search import (make_scheduler, make_search_alg, passes_guard, quiet_trial_errors, trial_counts,  # noqa: F401
+from ..search import (make_scheduler, make_search_alg, passes_guard, publish_trial_output,  # noqa: F401
+                      quiet_trial_errors, trial_counts,
                       trial_dirname, trial_error, trial_error_file, trial_output_dir)
 from .space import TuneSpace, param_space
 from ..atomic import atomic_write_bytes, atomic_write_text
@@ -23,6 +24,7 @@ from ..judges import load_judge, spec_inputs
 from ..models.pipeline_io import load_pipeline, resolve_model_path
 from ..outputs import make_output_dir
 from ..runtime import configure_threads
+from ..storage import check_uri, fetch, is_uri, local_input, upload_release
 from ..specs import build_spec
 
 RESULTS = "results.json"
@@ -32,12 +34,17 @@ PARETO_PNG = "pareto.png"
 
 
 # data ---------------------------------------------------------------------------------------------------
-def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
-    """Paths of the target, legal and attacker folders; tiny-world generator specs are written once."""
+def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path | str]:
+    """Paths of the target, legal and attacker folders (a folder given as an object-storage URI stays a URI:
+    each trial fetches it on its node); tiny-world generator specs are written once."""
     out = {}
     for role in ("target", "legal", "attacker"):
         v = getattr(space.data, role)
         if v is None:
+            continue
+        if isinstance(v, str) and is_uri(v):
+            out[role] = check_uri(v, f"data.{role}")
+            fetch(out[role], f"data.{role}")  # here too: a missing or unreadable folder fails before any trial
             continue
         if isinstance(v, str):
             p = Path(v).expanduser()
@@ -58,7 +65,7 @@ def prepare_data(space: TuneSpace, root: Path) -> dict[str, Path]:
 def sweep_inputs(space: TuneSpace) -> list[tuple[str, Path]]:
     """Every path the sweep reads (data folders given as paths, the model): `--out` must stay apart from them."""
 
-    out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items()]
+    out = [(f"data.{role}", Path(v).expanduser()) for role, v in space.data.folders().items() if not is_uri(v)]
     out += [("harden.model", resolve_model_path(space.harden.get("model"), "harden.model"))]
 
     out += spec_inputs(space.judge_spec(), "judge", "concepts")
@@ -133,7 +140,7 @@ def run_trial(config: dict) -> None:
     configure_threads(1)
     # the drawn attacks travel in the config: the attack space file is not read again (not on every node)
     space = TuneSpace(**{**config["space"], "attacker_space": None, "attacker_draws": 0})
-    data = {k: Path(v) for k, v in config["data"].items()}
+    data = {k: local_input(v, f"data.{k}") for k, v in config["data"].items()}  # URIs: this node's copies
     sampled = {k: v for k, v in config.items() if k not in _RUN_KEYS}
     # Straight into --out/trials/<sweep>/<id>, not the trial's staging folder (which Ray copies to --out when
     # the trial ends: twice the disk, and a hardened model per trial under /tmp).
@@ -185,6 +192,7 @@ def run_trial(config: dict) -> None:
     else:
         pipe = load_pipeline(spec.out)
     utility = _utility(pipe, judge, space)
+    publish_trial_output(trial_dir)  # a sweep in object storage: the trial's models and attacks go up there
     ray.tune.report({"mitigation": mitigation, "utility": utility,
                      "objective": scalarise(space, mitigation, utility),
                      "objective_running": scalarise(space, mitigation, utility),
@@ -213,12 +221,20 @@ def trial_resources(space: TuneSpace) -> dict:
 
 
 def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concurrent: int = 1,
-              resume: bool = False) -> dict:
+              resume: bool = False, remote: str | None = None) -> dict:
+    """`remote`: --out's object-storage URI (`out` is then this machine's staging folder): the generated data
+    go up first (trials fetch them on their nodes), Tune keeps its state there, each trial uploads its own
+    folder; the caller uploads `out` (results.json last)."""
     from ray import tune
 
     resources = trial_resources(space)  # before any folder is made
     out = make_output_dir(Path(out).resolve())
     data = prepare_data(space, out)
+    if remote is not None:  # folders written here are read by trials on any node: from the bucket
+        for role, v in data.items():
+            if not is_uri(v) and Path(v).is_relative_to(out):
+                upload_release(Path(v), f"{remote}/data/{role}", "--out")
+                data[role] = f"{remote}/data/{role}"
     storage, name = out / "tune", space.name
     trainable = tune.with_resources(run_trial, resources)
     if resume:
@@ -236,7 +252,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         space_dict["data"] = {k: str(v) for k, v in data.items()}
         from .space import drawn_attacks
 
-        space_dict["drawn_attacks"] = drawn_attacks(space, data["attacker"])
+        space_dict["drawn_attacks"] = drawn_attacks(space, local_input(data["attacker"], "data.attacker"))
         space_dict["base_utility"] = base_utility(space) if space.utility_guard > 0 else None
         tuner = tune.Tuner(
             trainable, param_space=space_dict,
@@ -245,7 +261,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                                         max_concurrent_trials=max_concurrent,
                                         trial_dirname_creator=trial_dirname,
                                         reuse_actors=True),  # warm trial processes: imports, the process group
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+            run_config=tune.RunConfig(name=name, storage_path=f"{remote}/tune" if remote else str(storage), verbose=0))
     with quiet_trial_errors():
         grid = tuner.fit()
     rows = []
