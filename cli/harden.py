@@ -34,10 +34,14 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
     from raystack.outputs import check_disjoint
 
     remote = spec.out if isinstance(spec.out, str) else None  # an object-storage URI
+    run_storage = None
     if remote is not None:  # the release is made in this machine's staging folder (ours to replace), then uploaded
         from raystack.storage import staging_dir
 
         overwrite_remote = spec.overwrite or spec.resume  # the URI's scheme was checked with the spec
+        from raystack.storage import uri_with
+
+        run_storage = uri_with(remote, ".run")  # the run's checkpoints, in the bucket (every node reaches them)
         spec.out, spec.overwrite = staging_dir(remote), True
     if spec.out is not None and config is not None:
         check_disjoint(spec.out, [("--config", config)], with_run_dir=True)
@@ -65,7 +69,7 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
                         losses=losses)
 
         manifest = run_harden(spec, on_progress=show, on_info=lambda line: prog.console.print(f"ray: {line}"),
-                              validated=True, run_storage=f"{remote}.run" if remote is not None else None)
+                              validated=True, run_storage=run_storage)
     if remote is not None:
         import shutil
 
@@ -73,6 +77,14 @@ def run_job(spec: HardenSpec, config: Optional[Path], verb: str = "harden") -> N
 
         names = upload_release(spec.out, remote, "--out", replace=True)
         shutil.rmtree(spec.out, ignore_errors=True)  # the staging copy; a rerun with --resume needs only <out>.run
+        if not spec.keep_run:  # the release is up: nothing left to resume
+            from raystack.errors import UserError
+            from raystack.storage import remove_prefix
+
+            try:
+                remove_prefix(run_storage, "--out")
+            except UserError as e:  # the release is complete: leftover checkpoints are only untidy
+                console.print(f"note: {e} (the release is complete; remove {run_storage} by hand)")
         console.print(f"uploaded {len(names)} files to {remote} (manifest.json last)")
     mark("outputs_written")
     console.print(f"{spec.method}: {remote or spec.out} ({manifest['wall_seconds']:.0f}s"

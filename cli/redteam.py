@@ -48,15 +48,15 @@ def redteam(
 ):
     """Sweep the attacker space against every model (same space, same budget); report the worst case that
     passes the capability guard, re-scored with fresh seeds, and the budget curves."""
-    from raystack.errors import RunFailed, UserError
+    from raystack.errors import UserError
     from raystack.imageio import read_image_folder
     from raystack.judges import judge_spec, parse_judge, spec_inputs, spec_target
-    from raystack.outputs import check_disjoint, output_lock
+    from raystack.outputs import check_disjoint
     from raystack.redteam.space import load_attack_space
-    from raystack.redteam.sweep import check_resumable, failure_message, model_trial_counts, parse_models
+    from raystack.redteam.sweep import check_resumable, parse_models
 
     from raystack.outputs import check_local_path
-    from raystack.storage import check_uri, fetch, is_uri, preflight_output, staging_dir
+    from raystack.storage import check_uri, fetch, is_uri, preflight_output, run_staging_dir
 
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
@@ -76,15 +76,12 @@ def redteam(
     judged = judge_spec(judge, concepts, target)  # the tiny-world concept, or the CLIP folder and concept file
     target = spec_target(judged)
     if remote is not None:  # written here first (the re-scored winners, the reference attacks), then uploaded
-        import shutil
-
-        out = staging_dir(remote)
-        shutil.rmtree(out, ignore_errors=True)  # an earlier, failed attempt's: this cache folder is ours
+        out = run_staging_dir(remote)  # this run's own (made under the lock below, removed at the end)
     out = Path(out)
     check_disjoint(out, [("--space", space), ("--data", data),
                          *((f"--model {t.name}", t.model) for t in targets),
                          *((f"--model {t.name} mask", t.mask) for t in targets if t.mask), *spec_inputs(judged)])
-    from raystack.raysession import check_local_capacity, init_ray, will_embed
+    from raystack.raysession import check_local_capacity, will_embed
 
     if will_embed(cluster):
         check_local_capacity(max_concurrent, use_gpu, "--max-concurrent")
@@ -108,7 +105,28 @@ def redteam(
 
         load_judge(judged)
     if remote is not None:  # the bucket, an empty prefix and write access, before Ray starts
-        preflight_output(remote, "--out", overwrite=False)
+        preflight_output(remote, "--out", overwrite=False, taken_hint=REMOTE_TAKEN)
+    try:
+        report = _run_locked(out, spec, targets, data, target, resume, judged, use_gpu, cluster, max_concurrent,
+                             remote, data_source)
+    finally:
+        if remote is not None:  # this run's staging folder: uploaded, or of no use after a failure
+            import shutil
+
+            shutil.rmtree(out.parent, ignore_errors=True)
+    _finish(report, out, remote)
+
+
+#: a red team's or sweep's --out prefix that holds objects (they have no --overwrite, and cannot be resumed there)
+REMOTE_TAKEN = "choose a new prefix, or delete its objects first (a run in object storage cannot be resumed yet)"
+
+
+def _run_locked(out, spec, targets, data, target, resume, judged, use_gpu, cluster, max_concurrent, remote,
+                data_source) -> dict:
+    from raystack.outputs import output_lock
+    from raystack.raysession import init_ray
+    from raystack.redteam.sweep import check_resumable
+
     with output_lock(out):
         check_resumable(out, spec, targets, data, target, resume, judged)  # again: another run may have written
         quiet_libraries(use_gpu)
@@ -122,15 +140,19 @@ def redteam(
                                  on_model=lambda n: status.update(f"red team: sweeping the attacks on {n}"),
                                  resume=resume, judge_spec=judged if judged["kind"] == "clip" else None,
                                  use_gpu=use_gpu, remote=remote, data_source=data_source)
-    if remote is not None:
-        import shutil
+        if remote is not None:
+            from raystack.storage import upload_release
 
-        from raystack.storage import upload_release
+            names = upload_release(out, remote, "--out", commit="redteam.json")
+            console.print(f"uploaded {len(names)} files to {remote} (redteam.json last; each trial's attack was "
+                          "uploaded by its node)")
+    return report
 
-        names = upload_release(out, remote, "--out", commit="redteam.json")
-        shutil.rmtree(out, ignore_errors=True)
-        console.print(f"uploaded {len(names)} files to {remote} (redteam.json last; each trial's attack was "
-                      "uploaded by its node)")
+
+def _finish(report: dict, out: Path, remote: str | None) -> None:
+    from raystack.errors import RunFailed
+    from raystack.redteam.sweep import failure_message, model_trial_counts
+
     console.print(worst_case_table(report))
     for name, m in report["models"].items():
         c = model_trial_counts(m)

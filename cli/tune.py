@@ -38,7 +38,7 @@ def tune(
     if concepts is not None:  # flags win over the space file: the target is the concept file's
         extra["target_concept"] = None
     from raystack.outputs import check_local_path
-    from raystack.storage import check_uri, is_uri, preflight_output, staging_dir
+    from raystack.storage import check_uri, is_uri, preflight_output, run_staging_dir
 
     remote = check_uri(out, "--out") if is_uri(out) else None
     if remote is not None and resume:
@@ -58,16 +58,16 @@ def tune(
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
     from raystack.hardening.driver import check_writable
-    from raystack.outputs import check_disjoint, output_lock
-    from raystack.raysession import check_cluster_capacity, check_local_capacity, init_ray, local_cpus, will_embed
+    from raystack.outputs import check_disjoint
+    from raystack.raysession import check_local_capacity, local_cpus, will_embed
     from raystack.tuning.sweep import sweep_inputs, trial_resources
 
     trial_resources(spec)  # a GPU setting is refused before Ray starts (a trial runs on one CPU)
     if remote is not None:  # made here first (results, best.yaml, the generated data), then uploaded
-        import shutil
-
-        out = staging_dir(remote)
-        shutil.rmtree(out, ignore_errors=True)  # an earlier, failed attempt's: this cache folder is ours
+        if spec.workers > 1:  # its Ray Train run would keep checkpoints on the trial's node, read by other nodes
+            raise UserError(f"harden.workers {spec.workers}: a sweep in object storage hardens each trial in the "
+                            "trial's own process (harden.workers 1); rerun the best setting with more workers")
+        out = run_staging_dir(remote)  # this run's own (removed at the end)
     out = Path(out)
     check_disjoint(out, [("--space", space), *sweep_inputs(spec)])
     check_writable(out, "--out")
@@ -82,11 +82,37 @@ def tune(
                              fix=f"use --max-concurrent {fits} or less" if fits else
                              f"use --set harden.workers={local_cpus()} or less")
     if remote is not None:  # the bucket, an empty prefix and write access, before Ray starts
-        preflight_output(remote, "--out", overwrite=False)
+        from cli.redteam import REMOTE_TAKEN
+
+        preflight_output(remote, "--out", overwrite=False, taken_hint=REMOTE_TAKEN)
+    try:
+        results = _run_locked(spec, out, remote, samples, max_concurrent, resume, cluster, num_cpus, embedded, need)
+    finally:
+        if remote is not None:  # this run's staging folder: uploaded, or of no use after a failure
+            import shutil
+
+            shutil.rmtree(out.parent, ignore_errors=True)
+    from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS
+
+    where = (lambda name: f"{remote}/{name}") if remote else (lambda name: out / name)  # noqa: E731
+    table = trials_table(results)
+    console.print(table)
+    failed = sum(r["status"] == "error" for r in results["trials"])
+    if failed:
+        console.print(f"[bold red]{failed} of {len(results['trials'])} trials FAILED[/] (their errors: "
+                      f"{where(RESULTS)}); the best is taken from the completed trials only")
+    console.print(f"best: {results['best']['setting']} -> {where(BEST)}; {where(RESULTS)}, {where(PARETO_PNG)}")
+
+
+def _run_locked(spec, out: Path, remote, samples, max_concurrent, resume, cluster, num_cpus, embedded, need) -> dict:
+    from raystack.errors import RunFailed
+    from raystack.outputs import output_lock
+    from raystack.raysession import check_cluster_capacity, init_ray
+
     with output_lock(out):
         quiet_libraries()
         from raystack.runtime import configure_threads
-        from raystack.tuning.sweep import BEST, PARETO_PNG, RESULTS, NoCompletedTrial, run_sweep
+        from raystack.tuning.sweep import RESULTS, NoCompletedTrial, run_sweep
 
         configure_threads()
         console.print(f"ray: {init_ray(cluster, False, num_cpus or max(2, 2 * max_concurrent))}")
@@ -99,29 +125,20 @@ def tune(
             except NoCompletedTrial as e:  # the failed trials' table, then the one error line (exit 1)
                 status.stop()
                 console.print(trials_table(e.results))
-                if remote is not None:  # the failed trials' record, where the sweep was asked to be
-                    _upload(out, remote, RESULTS)
-                raise
-    if remote is not None:
-        _upload(out, remote, RESULTS)
-    where = (lambda name: f"{remote}/{name}") if remote else (lambda name: out / name)  # noqa: E731
-    table = trials_table(results)
-    console.print(table)
-    failed = sum(r["status"] == "error" for r in results["trials"])
-    if failed:
-        console.print(f"[bold red]{failed} of {len(results['trials'])} trials FAILED[/] (their errors: "
-                      f"{where(RESULTS)}); the best is taken from the completed trials only")
-    console.print(f"best: {results['best']['setting']} -> {where(BEST)}; {where(RESULTS)}, {where(PARETO_PNG)}")
+                if remote is None:
+                    raise
+                _upload(out, remote, RESULTS)  # the failed trials' record, where the sweep was asked to be
+                raise RunFailed(str(e).replace(str(out / RESULTS), f"{remote}/{RESULTS}")) from None
+        if remote is not None:
+            _upload(out, remote, RESULTS)
+    return results
 
 
 def _upload(staging: Path, remote: str, commit: str) -> None:
-    """The sweep's folder made here, uploaded under --out's URI (`commit` last), then removed here."""
-    import shutil
-
+    """The sweep's folder made here, uploaded under --out's URI (`commit` last)."""
     from raystack.storage import upload_release
 
     names = upload_release(staging, remote, "--out", commit=commit)
-    shutil.rmtree(staging, ignore_errors=True)
     console.print(f"uploaded {len(names)} files to {remote} ({commit} last; each trial's folder was uploaded by "
                   "its node)")
 

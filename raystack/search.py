@@ -125,6 +125,17 @@ def publish_trial_output(folder: Path, kind: str = "trials") -> None:
     shutil.rmtree(folder, ignore_errors=True)  # this node's copy: the driver reads the uploaded one
 
 
+def discard_trial_output(folder: Path) -> None:
+    """A trial that ends without publishing (stopped early, failed) leaves nothing in its node's cache when the
+    sweep is stored in object storage; on a local disk its folder stays where the sweep keeps it."""
+    import shutil
+
+    import ray.tune
+
+    if _remote_storage(ray.tune.get_context().get_storage()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _remote_storage(storage) -> bool:
     import pyarrow.fs as pafs
 

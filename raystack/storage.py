@@ -151,7 +151,14 @@ def _listing(fs, path: str, flag: str, uri: str) -> list:
         raise UserError(f"{flag} {shown(uri)}: cannot list it ({_reason(e)})") from None
 
 
-def preflight_output(uri: str, flag: str, overwrite: bool) -> None:
+def uri_with(uri: str, suffix: str) -> str:
+    """`uri` with `suffix` added to its path ('/tune', '.run'), before any query string (`?endpoint_override=…`)."""
+    base, sep, query = uri.partition("?")
+    return f"{base.rstrip('/')}{suffix}{sep}{query}"
+
+
+def preflight_output(uri: str, flag: str, overwrite: bool,
+                     taken_hint: str = "pass --overwrite to replace them") -> None:
     """Before the job runs (after the local checks): the bucket exists, the prefix holds nothing (unless
     --overwrite), and these credentials may write there: INCOMPLETE_MARKER is written, and `upload_release` removes
     it once the release is complete. Nothing else is created."""
@@ -169,7 +176,7 @@ def preflight_output(uri: str, flag: str, overwrite: bool) -> None:
         raise UserError(f"{flag} {shown(uri)}: the bucket {shown(bucket)} does not exist (or these credentials "
                         "cannot see it)")
     if [i for i in _listing(fs, path, flag, uri) if i.base_name != INCOMPLETE_MARKER] and not overwrite:
-        raise UserError(f"{flag} {shown(uri)}: already holds objects; pass --overwrite to replace them")
+        raise UserError(f"{flag} {shown(uri)}: already holds objects; {taken_hint}")
     try:
         with fs.open_output_stream(f"{path}/{INCOMPLETE_MARKER}") as out:
             out.write(json.dumps({"by": "immunize-cli", "upload": "started"}).encode())
@@ -204,8 +211,13 @@ def upload_release(local: Path, uri: str, flag: str = "--out", replace: bool = F
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:  # a store far away: many requests in flight
-            for done in [pool.submit(_put, fs, local / n, f"{path}/{n}") for n in names if n != commit]:
-                done.result()  # the first failure is raised here, before the commit marker goes up
+            futures = [pool.submit(_put, fs, local / n, f"{path}/{n}") for n in names if n != commit]
+            try:
+                for done in futures:
+                    done.result()  # the first failure is raised here, before the commit marker goes up
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the queued ones are not sent
+                raise
         for name in last:
             _put(fs, local / name, f"{path}/{name}")
         with contextlib.suppress(FileNotFoundError):
@@ -315,7 +327,8 @@ def fetch(uri: str, flag: str, fresh: bool = False) -> Path:
                 tmp.mkdir(parents=True)
                 pafs.copy_files(root, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
                                 chunk_size=8 << 20)
-                (tmp / INCOMPLETE_MARKER).unlink(missing_ok=True)
+                for marker in tmp.rglob(INCOMPLETE_MARKER):  # left out of the listing above as well
+                    marker.unlink()
                 got = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
                 if got != {rel for rel, _, _ in entries}:
                     raise UserError(f"{flag} {shown(uri)}: its objects changed while they were read; rerun the command")
@@ -330,6 +343,8 @@ def fetch(uri: str, flag: str, fresh: bool = False) -> Path:
         except UserError:
             raise
         except OSError as e:
+            if "AWS Error" in str(e) or "GCS" in str(e) or "Azure" in str(e):  # pyarrow's store errors are OSErrors
+                raise UserError(f"{flag} {shown(uri)}: cannot read it ({_reason(e)})") from None
             raise UserError(f"{flag} {shown(uri)}: cannot fetch it into {cache_dir('objects')} ({_reason(e)}); "
                             "set IMMUNIZE_CACHE to a writable folder with room for it") from None
         except Exception as e:  # noqa: BLE001 - the store's errors
@@ -351,6 +366,13 @@ def fetched_from(path) -> str | None:
 def local_input(value, flag: str) -> Path:
     """An input given as a local path or a URI: the path itself, or the URI's cached local copy."""
     return fetch(value, flag) if is_uri(value) else Path(value)
+
+
+def run_staging_dir(uri: str) -> Path:
+    """A fresh local folder of this run's own for an output bound for `uri` (a red team's, a sweep's: they are not
+    resumed from it, so two runs never share one)."""
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    return cache_dir("staging") / f"{key}-{uuid.uuid4().hex[:12]}" / "run"
 
 
 def staging_dir(uri: str) -> Path:

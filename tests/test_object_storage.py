@@ -263,3 +263,25 @@ def test_checkpoints_in_s3_resume_a_killed_driver_to_the_same_weights(s3, tmp_pa
     a, b = load_file(str(tmp_path / "ref" / "unet" / "diffusion_pytorch_model.safetensors")), load_file(str(unet))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert not keys("rel.run/"), "the finished run's checkpoints were left in the bucket"
+
+
+def test_suffixes_go_before_a_query_string_and_such_a_uri_reaches_the_store(s3):
+    """`<out>.run`, `<out>/tune` of a URI that carries its endpoint (`?endpoint_override=…`): the suffix joins the
+    path, not the query, and the store is reached through it."""
+    env, bucket = s3
+    assert storage.uri_with("s3://b/rel?endpoint_override=h:1&scheme=http", ".run") == \
+        "s3://b/rel.run?endpoint_override=h:1&scheme=http"
+    assert storage.uri_with("s3://b/rt/", "/tune") == "s3://b/rt/tune"
+    host = env["AWS_ENDPOINT_URL"].split("://", 1)[1]
+    uri = f"s3://{bucket}/rel?endpoint_override={host}&scheme=http"
+    storage.preflight_output(uri, "--out", overwrite=False)
+    assert not storage.has_objects(storage.uri_with(uri, ".run"), "--out")
+    assert list(_objects(env, bucket)) == ["rel/.immunize-upload-incomplete"]
+
+
+def test_a_model_uri_takes_only_its_own_mask_after_the_scheme():
+    from raystack.redteam.sweep import split_model_spec
+
+    assert split_model_spec("s3://b/sd15.safetensors") == ("s3://b/sd15.safetensors", "")
+    assert split_model_spec("s3://b/rel:mask") == ("s3://b/rel", "mask")
+    assert split_model_spec("s3://b/m:/x/mask.safetensors") == ("s3://b/m", "/x/mask.safetensors")

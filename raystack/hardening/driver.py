@@ -14,7 +14,7 @@ from ..atomic import disk_full, is_disk_full, sha256_file
 from ..errors import DiskFull, RunFailed, UserError
 from ..outputs import (OUTPUT_MARKER, check_disjoint, check_replaceable, confined_rmtree, make_output_dir,
                        output_lock, shown)
-from ..storage import fetched_from, has_objects, is_uri, local_input, remove_prefix
+from ..storage import fetched_from, has_objects, is_uri, local_input, remove_prefix, uri_with
 from ..raysession import (check_cluster_capacity, check_local_capacity, check_reachable, embedded_here, init_ray,
                           ray_running_here, will_embed)
 from .spec import HardenSpec
@@ -246,9 +246,9 @@ def _run_harden_locked(spec: HardenSpec, on_progress, fault_injection, on_info, 
         if full and not isinstance(e, DiskFull):
             raise disk_full(spec.out, e) from None
         raise
-    if run_storage and not spec.keep_run:
-        remove_prefix(run_storage, "--out")  # the release is made: nothing left to resume
-    elif not spec.keep_run and (spec.out / MANIFEST).is_file():
+    # a run in object storage is removed by the caller once the release is uploaded (an upload that fails can
+    # then be retried with --resume from the same checkpoints)
+    if not run_storage and not spec.keep_run and (spec.out / MANIFEST).is_file():
         try:
             remove_finished_run(run_dir_for(spec))  # --out is written: nothing left to resume
         except (UserError, OSError) as e:  # the release is complete: a leftover run folder is only untidy
@@ -283,7 +283,7 @@ def _fit_and_assemble(spec: HardenSpec, on_progress, fault_injection, run_dir: P
     name = "harden"
     if is_uri(run_dir):  # Ray Train writes and reads the checkpoints there itself (its storage_path)
         if not spec.resume:
-            remove_prefix(f"{run_dir}/{name}", "--out")  # a fresh run; --resume continues the one there
+            remove_prefix(uri_with(run_dir, f"/{name}"), "--out")  # a fresh run; --resume continues the one there
     else:
         make_output_dir(run_dir)
         if (run_dir / name).exists() and not spec.resume:

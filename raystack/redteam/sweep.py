@@ -19,7 +19,8 @@ from typing import Callable
 
 from ..errors import UserError
 from ..search import (make_search_alg, param_space, passes_guard, quiet_trial_errors, trial_counts,  # noqa: F401
-                      publish_trial_output, trial_dirname, trial_error, trial_error_file, trial_output_dir)
+                      discard_trial_output, publish_trial_output, trial_dirname, trial_error, trial_error_file,
+                      trial_output_dir)
 from .space import AttackSpace, attacker_settings, concept_word  # noqa: F401
 
 from .results import RESULTS
@@ -34,7 +35,7 @@ from ..mask_tools import _meta_unet
 from ..models.pipeline_io import check_pipeline_folder, load_pipeline, resolve_model_path, weights_digest
 from ..outputs import check_plain_name, confined_rmtree, make_output_dir, shown
 from ..runtime import configure_threads, pick_device
-from ..storage import check_uri, download_folder, fetch, is_uri, local_input
+from ..storage import check_uri, download_folder, fetch, is_uri, local_input, uri_with
 from ..sampling import sampler
 from ..specs import build_spec
 from .space import strong_corners
@@ -97,6 +98,12 @@ def split_model_spec(rest: str) -> tuple[str, str]:
 
     if ":" not in rest or is_dir(rest):
         return rest, ""
+    if is_uri(rest):  # an object-storage model: a ':' after its scheme starts MASK (only `:mask` is taken later)
+        scheme, _, path = rest.partition("://")
+        if ":" not in path:
+            return rest, ""
+        folder, mask = path.rsplit(":", 1)
+        return f"{scheme}://{folder}", mask
     folder, mask = rest.rsplit(":", 1)
     if folder and mask and (mask == "mask" or mask.lower().endswith(MASK_LIKE_SUFFIXES)
                             or os.path.isfile(os.path.expanduser(mask)) or is_dir(folder)):
@@ -320,9 +327,13 @@ def attack_trial(config: dict) -> None:
         if step % spec.checkpoint_every == 0 and step != spec.steps:
             ray.tune.report({**scored(step), **timing()})
 
-    run_attack(spec, on_step=on_step, pipe=pipe)
-    final = scored(spec.steps)
-    publish_trial_output(attack_dir, "attacks")  # a sweep in object storage: where the driver re-scores it
+    try:
+        run_attack(spec, on_step=on_step, pipe=pipe)
+        final = scored(spec.steps)
+        publish_trial_output(attack_dir, "attacks")  # a sweep in object storage: where the driver re-scores it
+    except BaseException:  # stopped early or failed: nothing of it stays on this node
+        discard_trial_output(attack_dir)
+        raise
     ray.tune.report({**final, "target": final["target_running"], "others": final["others_running"], **timing(),
                      "done_all": True})
 
@@ -358,7 +369,8 @@ def _sweep_one(space: AttackSpace, target: Target, data: Path | str, concept: st
                                     trial_dirname_creator=trial_dirname,
                                     reuse_actors=True),  # warm trial processes: imports, judge, pipeline
         # --out in object storage: Tune keeps its state there and every node's trials report to it
-        run_config=tune.RunConfig(name=name, storage_path=f"{remote}/tune" if remote else str(storage), verbose=0))
+        run_config=tune.RunConfig(name=name, storage_path=uri_with(remote, "/tune") if remote else str(storage),
+                                  verbose=0))
     with quiet_trial_errors():
         return tuner.fit()
 
@@ -480,11 +492,12 @@ def strongest_known(best: dict | None, references: list[dict], others_unattacked
 
 def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept: str, judge,
                                others_unattacked: float, device: str = "cpu",
-                               pull: Callable[[dict], None] | None = None) -> list[dict]:
+                               pull: Callable[[dict], None] | None = None, model: str | None = None) -> list[dict]:
     """Re-score the strongest guarded trials (`rescore_top` of them), then further down the list while none
     passes the guard on its re-scored numbers, at most `rescore_limit`: the strongest attacks sit on the guard's
     edge (they trade the other concepts for the target), so the first few often fail it on more samples.
-    `pull`: brings a trial's attack folder here first (a sweep in object storage)."""
+    `pull`: brings a trial's attack folder here first (a sweep in object storage); `model`: the attacked model's
+    folder on this machine (a trial on another node recorded its own copy's path)."""
     done = []
     for r in guarded[: space.rescore_limit]:
         if len(done) >= space.rescore_top and any(
@@ -493,16 +506,16 @@ def rescore_until_one_survives(guarded: list[dict], space: AttackSpace, concept:
         if pull is not None:
             pull(r)
         checkpoint_as_attack(r)
-        r["rescored"] = rescore(r, space, concept, judge, device)
+        r["rescored"] = rescore(r, space, concept, judge, device, model)
         done.append(r)
     return done
 
 
-def rescore(row: dict, space: AttackSpace, concept: str, judge, device: str = "cpu") -> dict:
+def rescore(row: dict, space: AttackSpace, concept: str, judge, device: str = "cpu", model: str | None = None) -> dict:
     """The winner's curse: a trial's attack reloaded and scored again with fresh seeds and more samples."""
     from ..attacks.loading import load_attacked_pipeline
 
-    pipe, info = load_attacked_pipeline(Path(row["path"]), device=device)
+    pipe, info = load_attacked_pipeline(Path(row["path"]), model=model, device=device)
     return rescored_scores(pipe, space, concept, judge, attacked_prompts(info))
 
 
@@ -582,7 +595,7 @@ def _pull(row: dict, out: Path, remote: str) -> None:
     """A trial's attack folder, written by its node under the URI, copied to the same place in `out`."""
     local = Path(row["path"])
     if not (local / ATTACK_INFO).is_file():
-        download_folder(f"{remote}/{_relative(str(local), out)}", local, "--out")
+        download_folder(uri_with(remote, f"/{_relative(str(local), out)}"), local, "--out")
 
 
 def _relative(path: str, out: Path) -> str:
@@ -697,7 +710,8 @@ def run_redteam(space: AttackSpace, targets: list[Target], data: Path, concept: 
         done = [r for r in rows if r["status"] == "done"]
         guarded = sorted([r for r in done if r["guarded"]], key=lambda r: -r["target"])
         rescored = rescore_until_one_survives(guarded, space, concept, judge, base_others, device,
-                                              pull=None if remote is None else lambda r: _pull(r, out, remote))
+                                              pull=None if remote is None else lambda r: _pull(r, out, remote),
+                                              model=t.model)
         best = declare_worst_case(rescored, base_others, space.guard)
         worst_unguarded = max(done, key=lambda r: r["target"], default=None)
         references = [reference_attack(ref, i, t, space, Path(data).resolve(), concept, judge,

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunFailed, UserError
-from ..search import (make_scheduler, make_search_alg, passes_guard, publish_trial_output,  # noqa: F401
-                      quiet_trial_errors, trial_counts,
-                      trial_dirname, trial_error, trial_error_file, trial_output_dir)
+from ..search import (discard_trial_output, make_scheduler, make_search_alg, passes_guard,  # noqa: F401
+                      publish_trial_output, quiet_trial_errors, trial_counts, trial_dirname, trial_error,
+                      trial_error_file, trial_output_dir)
 from .space import TuneSpace, param_space
 from ..atomic import atomic_write_bytes, atomic_write_text
 from ..attacks.recipe import run_attack
@@ -24,7 +24,7 @@ from ..judges import load_judge, spec_inputs
 from ..models.pipeline_io import load_pipeline, resolve_model_path
 from ..outputs import make_output_dir
 from ..runtime import configure_threads
-from ..storage import check_uri, fetch, is_uri, local_input, upload_release
+from ..storage import check_uri, fetch, is_uri, local_input, upload_release, uri_with
 from ..specs import build_spec
 
 RESULTS = "results.json"
@@ -145,64 +145,68 @@ def run_trial(config: dict) -> None:
     # Straight into --out/trials/<sweep>/<id>, not the trial's staging folder (which Ray copies to --out when
     # the trial ends: twice the disk, and a hardened model per trial under /tmp).
     trial_dir = trial_output_dir()
-    values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
-              "cluster": None}
-    spec = build_spec(HardenSpec, values, source="trial")
-    t0 = time.time()
-    # a one-worker hardening runs in this trial's own process (it holds the trial's CPU): no Ray Train group
-    # to start per trial (bench/trial_overhead.py measures what that saves; IMMUNIZE_TRIAL_TRAIN_GROUP=1 starts
-    # one anyway, for that comparison)
-    in_process = spec.workers == 1 and os.environ.get("IMMUNIZE_TRIAL_TRAIN_GROUP") != "1"
-    manifest = run_harden(spec, in_this_process=in_process)
-    harden_s = time.time() - t0
-    judge = _judge(space)
-    mitigations, it = [], 0
-    attacks = [*space.attacks, *config.get("drawn_attacks", [])]
-    if space.utility_guard > 0:
-        kept = _utility(load_pipeline(spec.out), judge, space)
-        if not passes_guard(kept, config.get("base_utility"), space.utility_guard):
-            attacks = []  # counted as fully broken: no attack needed
-            mitigations = [1.0]
-            ray.tune.report({"mitigation_running": 1.0, "attack": -1, "attack_step": 0,
-                             "objective_running": -space.mitigation_weight})
-    for ai, a in enumerate(attacks):
-        where = f"attacks[{ai}]" if ai < len(space.attacks) else f"attacker_space draw {ai - len(space.attacks)}"
-        aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", where)
-        pipe = load_pipeline(spec.out)
-        every = max(1, aspec.checkpoint_every)
-        last = {}
+    try:
+        values = {**harden_values(space, sampled, data), "out": str(trial_dir / "hardened"), "overwrite": True,
+                  "cluster": None}
+        spec = build_spec(HardenSpec, values, source="trial")
+        t0 = time.time()
+        # a one-worker hardening runs in this trial's own process (it holds the trial's CPU): no Ray Train group
+        # to start per trial (bench/trial_overhead.py measures what that saves; IMMUNIZE_TRIAL_TRAIN_GROUP=1 starts
+        # one anyway, for that comparison)
+        in_process = spec.workers == 1 and os.environ.get("IMMUNIZE_TRIAL_TRAIN_GROUP") != "1"
+        manifest = run_harden(spec, in_this_process=in_process)
+        harden_s = time.time() - t0
+        judge = _judge(space)
+        mitigations, it = [], 0
+        attacks = [*space.attacks, *config.get("drawn_attacks", [])]
+        if space.utility_guard > 0:
+            kept = _utility(load_pipeline(spec.out), judge, space)
+            if not passes_guard(kept, config.get("base_utility"), space.utility_guard):
+                attacks = []  # counted as fully broken: no attack needed
+                mitigations = [1.0]
+                ray.tune.report({"mitigation_running": 1.0, "attack": -1, "attack_step": 0,
+                                 "objective_running": -space.mitigation_weight})
+        for ai, a in enumerate(attacks):
+            where = f"attacks[{ai}]" if ai < len(space.attacks) else f"attacker_space draw {ai - len(space.attacks)}"
+            aspec = attack_spec(a, spec.out, data["attacker"], trial_dir / f"attack{ai}", where)
+            pipe = load_pipeline(spec.out)
+            every = max(1, aspec.checkpoint_every)
+            last = {}
 
-        def on_step(step, loss, pipe=pipe, aspec=aspec, last=last):
-            nonlocal it
-            if step % every == 0 or step == aspec.steps:
-                acc = _score(pipe, judge, space, 0)
-                last["acc"] = acc
-                it += 1
-                ray.tune.report({"mitigation_running": acc, "attack": ai, "attack_step": step,
-                                 "objective_running": -space.mitigation_weight * acc})
+            def on_step(step, loss, pipe=pipe, aspec=aspec, last=last):
+                nonlocal it
+                if step % every == 0 or step == aspec.steps:
+                    acc = _score(pipe, judge, space, 0)
+                    last["acc"] = acc
+                    it += 1
+                    ray.tune.report({"mitigation_running": acc, "attack": ai, "attack_step": step,
+                                     "objective_running": -space.mitigation_weight * acc})
 
-        run_attack(aspec, on_step=on_step, pipe=pipe)
-        mitigations.append(last["acc"])
-    mitigation = trial_mitigation(mitigations, space.mitigation)
-    if space.legal_finetune:
-        lf = attack_spec(space.legal_finetune, spec.out, data.get("legal") or data["target"], trial_dir / "legal",
-                         "legal_finetune")
-        pipe = load_pipeline(spec.out)
-        run_attack(lf, pipe=pipe)
-    else:
-        pipe = load_pipeline(spec.out)
-    utility = _utility(pipe, judge, space)
-    publish_trial_output(trial_dir)  # a sweep in object storage: the trial's models and attacks go up there
-    ray.tune.report({"mitigation": mitigation, "utility": utility,
-                     "objective": scalarise(space, mitigation, utility),
-                     "objective_running": scalarise(space, mitigation, utility),
-                     "frozen_ratio": manifest.get("frozen_ratio"), "trial_seconds": round(time.time() - t0, 1),
-                     # the hardening's set-up and wrap-up around the method's own steps (Ray Train group or not)
-                     "harden_seconds": round(harden_s, 2),
-                     "harden_overhead_seconds": round(harden_s - (manifest.get("worker_seconds") or 0.0), 2),
-                     "harden_in_process": in_process,
-                     "attack_accuracies": mitigations, "ruined": not attacks and space.utility_guard > 0,
-                     "done_all": True})
+            run_attack(aspec, on_step=on_step, pipe=pipe)
+            mitigations.append(last["acc"])
+        mitigation = trial_mitigation(mitigations, space.mitigation)
+        if space.legal_finetune:
+            lf = attack_spec(space.legal_finetune, spec.out, data.get("legal") or data["target"], trial_dir / "legal",
+                             "legal_finetune")
+            pipe = load_pipeline(spec.out)
+            run_attack(lf, pipe=pipe)
+        else:
+            pipe = load_pipeline(spec.out)
+        utility = _utility(pipe, judge, space)
+        publish_trial_output(trial_dir)  # a sweep in object storage: the trial's models and attacks go up there
+        ray.tune.report({"mitigation": mitigation, "utility": utility,
+                         "objective": scalarise(space, mitigation, utility),
+                         "objective_running": scalarise(space, mitigation, utility),
+                         "frozen_ratio": manifest.get("frozen_ratio"), "trial_seconds": round(time.time() - t0, 1),
+                         # the hardening's set-up and wrap-up around the method's own steps (Ray Train group or not)
+                         "harden_seconds": round(harden_s, 2),
+                         "harden_overhead_seconds": round(harden_s - (manifest.get("worker_seconds") or 0.0), 2),
+                         "harden_in_process": in_process,
+                         "attack_accuracies": mitigations, "ruined": not attacks and space.utility_guard > 0,
+                         "done_all": True})
+    except BaseException:  # stopped early or failed: in object storage, nothing of it stays on this node
+        discard_trial_output(trial_dir)
+        raise
 
 
 # the driver ---------------------------------------------------------------------------------------------
@@ -231,10 +235,13 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
     out = make_output_dir(Path(out).resolve())
     data = prepare_data(space, out)
     if remote is not None:  # folders written here are read by trials on any node: from the bucket
+        uploaded: dict[str, str] = {}
         for role, v in data.items():
             if not is_uri(v) and Path(v).is_relative_to(out):
-                upload_release(Path(v), f"{remote}/data/{role}", "--out")
-                data[role] = f"{remote}/data/{role}"
+                if str(v) not in uploaded:  # the attacker's data default to the target's: one copy
+                    uploaded[str(v)] = uri_with(remote, f"/data/{role}")
+                    upload_release(Path(v), uploaded[str(v)], "--out")
+                data[role] = uploaded[str(v)]
     storage, name = out / "tune", space.name
     trainable = tune.with_resources(run_trial, resources)
     if resume:
@@ -261,7 +268,8 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
                                         max_concurrent_trials=max_concurrent,
                                         trial_dirname_creator=trial_dirname,
                                         reuse_actors=True),  # warm trial processes: imports, the process group
-            run_config=tune.RunConfig(name=name, storage_path=f"{remote}/tune" if remote else str(storage), verbose=0))
+            run_config=tune.RunConfig(name=name, storage_path=uri_with(remote, "/tune") if remote else str(storage),
+                                     verbose=0))
     with quiet_trial_errors():
         grid = tuner.fit()
     rows = []
@@ -278,7 +286,7 @@ def run_sweep(space: TuneSpace, out: Path, samples: int | None = None, max_concu
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial"]))  # a stable order: ties go to the same trial after --resume
     results, done = sweep_results(space, rows, out)
-    _write_outputs(space, out, results, done, results["best"], data)
+    _write_outputs(space, out, results, done, results["best"], data, remote)
     return results
 
 
@@ -346,13 +354,14 @@ def setting_label(setting: dict) -> str:
     return ", ".join(one(k, v) for k, v in setting.items())
 
 
-def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict], best: dict, data: dict) -> None:
+def _write_outputs(space: TuneSpace, out: Path, results: dict, done: list[dict], best: dict, data: dict,
+                   remote: str | None = None) -> None:
     import yaml
 
     atomic_write_text(out / RESULTS, json.dumps(results, indent=2, default=str))
     header = (f"# best trial of sweep {space.name!r}: objective {best['objective']:.4f} "
               f"(mitigation {best['mitigation']:.4f}, utility {best['utility']:.4f})\n"
-              f"# immunize-cli harden --config {out / BEST} --out hardened-best\n")
+              f"# immunize-cli harden --config {BEST if remote else out / BEST} --out hardened-best\n")
     best_values = harden_values(space, best["setting"], data)
     atomic_write_text(out / BEST, header + yaml.safe_dump(best_values, sort_keys=True))
     import io
