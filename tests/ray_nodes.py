@@ -27,6 +27,8 @@ HEAD_PORT_NAMES = ("port", "dashboard-port", "dashboard-agent-listen-port", "das
 NODE_PORT_NAMES = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                    "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 WORKER_PORTS = 200
+#: a node under load (a test suite beside it) starts its Python agents slowly; Ray's default wait kills the raylet
+SLOW_START_ENV = {"RAY_agent_register_timeout_ms": "180000"}
 
 
 def _bindable(port: int) -> bool:
@@ -74,12 +76,25 @@ def start_head(env: dict, rng: random.Random, num_cpus: int, attempts: int = 3, 
                                  "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
                                  f"--include-dashboard={'true' if dashboard else 'false'}",
                                  *_port_flags(HEAD_PORT_NAMES, base)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**env, **SLOW_START_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        if _wait_port(head, base + (1 if dashboard else 0), 120):
+        # the GCS answers before the head's raylet has registered: a node joining then finds no head node
+        if _wait_port(head, base + (1 if dashboard else 0), 120) and _nodes_up(env, base, 1, head):
             return head, base, base + 1, Path(temp)
         stop(head)
     pytest.fail(f"ray start --head did not come up in {attempts} attempts")
+
+
+def _nodes_up(env: dict, gcs_port: int, n: int, proc, seconds: float = 120) -> bool:
+    """Until the cluster at `gcs_port` counts `n` live nodes (False if `proc` exits or time runs out)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        res = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{gcs_port}"], env=env,
+                             capture_output=True, text=True)
+        if res.stdout.count(" node_") >= n:
+            return True
+        time.sleep(2)
+    return False
 
 
 def can_unshare() -> bool:
@@ -100,18 +115,14 @@ def start_private_node(env: dict, gcs_port: int, hide: list[Path], rng: random.R
         "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", *_port_flags(NODE_PORT_NAMES, base)])
     cache = env.get("IMMUNIZE_CACHE")
     prep = f" && mkdir -p {shlex.quote(cache)}" if cache else ""
+    log = temp / "start.log"
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c",
-                             f"{mounts}{prep} && exec {start}"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        res = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{gcs_port}"], env=env,
-                             capture_output=True, text=True)
-        if res.stdout.count(" node_") >= 2:
-            return proc, os.readlink(f"/proc/{proc.pid}/ns/mnt")
-        time.sleep(2)
+                             f"{mounts}{prep} && exec {start}"], env={**env, **SLOW_START_ENV}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    if _nodes_up(env, gcs_port, 2, proc):
+        return proc, os.readlink(f"/proc/{proc.pid}/ns/mnt")
     stop(proc)
-    pytest.fail("the second Ray node did not join the head within 2 minutes")
+    pytest.fail(f"the second Ray node did not join the head within 2 minutes: {log.read_text()[-1500:]}")
 
 
 def processes_in(namespace: str, title: str) -> list[int]:

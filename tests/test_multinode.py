@@ -65,7 +65,9 @@ def _nodes(s3_server, work: Path, bucket: str, basetemp: Path):
     head, gcs, _, head_temp = start_head(env, rng, num_cpus=1, dashboard=False)
     try:
         # the second node: its own cache, and a fresh tmpfs over the head's temp folder and this test's folders
-        node, namespace = start_private_node(env, gcs, [head_temp, basetemp], rng)
+        # its cache at another path than the driver's: nothing may name a node's own copy to another machine
+        node, namespace = start_private_node({**env, "IMMUNIZE_CACHE": str(work / "node2-cache")}, gcs,
+                                             [head_temp, basetemp], rng)
         try:
             yield {"env": env, "bucket": bucket, "address": f"127.0.0.1:{gcs}", "namespace": namespace,
                    "work": work, "s3": s3_server}
