@@ -56,17 +56,12 @@ def redteam(
     from raystack.redteam.sweep import check_resumable, parse_models
 
     from raystack.outputs import check_local_path
-    from raystack.storage import check_uri, fetch, is_uri, preflight_output, run_staging_dir
+    from raystack.storage import check_uri, fetch, is_uri, preflight_output, run_staging_dir, sweep_output
 
     spec = load_attack_space(space, overrides)
     if max_concurrent <= 0:
         raise UserError(f"--max-concurrent {max_concurrent}: must be a positive integer")
-    remote = check_uri(out, "--out") if is_uri(out) else None
-    if remote is not None and resume:
-        raise UserError(f"--resume: a red team in object storage ({remote}) cannot be resumed yet; run it again "
-                        "to a new --out")
-    if remote is None:
-        check_local_path(out, "--out")
+    remote = sweep_output(out, resume, "a red team")
     data_source = check_uri(data, "--data") if is_uri(data) else None
     if data_source is None:
         check_local_path(data, "--data")

@@ -37,15 +37,9 @@ def tune(
     extra = {k: v for k, v in given.items() if v is not None}
     if concepts is not None:  # flags win over the space file: the target is the concept file's
         extra["target_concept"] = None
-    from raystack.outputs import check_local_path
-    from raystack.storage import check_uri, is_uri, preflight_output, run_staging_dir
+    from raystack.storage import preflight_output, run_staging_dir, sweep_output
 
-    remote = check_uri(out, "--out") if is_uri(out) else None
-    if remote is not None and resume:
-        raise UserError(f"--resume: a sweep in object storage ({remote}) cannot be resumed yet; run it again to a new "
-                        "--out")
-    if remote is None:
-        check_local_path(out, "--out")
+    remote = sweep_output(out, resume, "a sweep")
     spec = load_space(space, overrides, extra=extra)
     from raystack.judges import check_judge_model
     from raystack.models.pipeline_io import resolve_model_path

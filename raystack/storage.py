@@ -368,6 +368,21 @@ def local_input(value, flag: str) -> Path:
     return fetch(value, flag) if is_uri(value) else Path(value)
 
 
+def sweep_output(out: str, resume: bool, what: str) -> str | None:
+    """A red team's or sweep's --out: its checked URI (None for a local path, checked as one); `what` names the run
+    in the refusal of --resume, which a run in object storage cannot do yet."""
+    from .outputs import check_local_path
+
+    if not is_uri(out):
+        check_local_path(out, "--out")
+        return None
+    remote = check_uri(out, "--out")
+    if resume:
+        raise UserError(f"--resume: {what} in object storage ({remote}) cannot be resumed yet; run it again to a new "
+                        "--out")
+    return remote
+
+
 def run_staging_dir(uri: str) -> Path:
     """A fresh local folder of this run's own for an output bound for `uri` (a red team's, a sweep's: they are not
     resumed from it, so two runs never share one)."""
