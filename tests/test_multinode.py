@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not can_unshare(), reason="needs root and unshare -m (a private mount namespace)")]
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).parent / "immunize-cli")]
-STEPS, EVERY = 12, 2
+STEPS, EVERY = 8, 2
 
 
 def _env(base: dict, **extra) -> dict:
