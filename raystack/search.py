@@ -97,7 +97,7 @@ def trial_output_dir(kind: str = "trials") -> Path:
 
     ctx = ray.tune.get_context()
     storage = ctx.get_storage()
-    relative = Path(kind) / storage.experiment_dir_name / ctx.get_trial_id()
+    relative = _trial_relative(kind)
     if _remote_storage(storage):
         from .storage import cache_dir
 
@@ -116,13 +116,20 @@ def publish_trial_output(folder: Path, kind: str = "trials") -> None:
     storage = ctx.get_storage()
     if not _remote_storage(storage):
         return
-    dest = f"{Path(storage.storage_fs_path).parent.as_posix()}/{kind}/{storage.experiment_dir_name}/" \
-           f"{ctx.get_trial_id()}"
+    dest = f"{Path(storage.storage_fs_path).parent.as_posix()}/{_trial_relative(kind).as_posix()}"
     pafs.copy_files(str(folder), dest, source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=storage.storage_filesystem)
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)  # this node's copy: the driver reads the uploaded one
+
+
+def _trial_relative(kind: str) -> Path:
+    """<kind>/<sweep>/<trial id>: where the running trial's folder sits beside the sweep's storage."""
+    import ray.tune
+
+    ctx = ray.tune.get_context()
+    return Path(kind) / ctx.get_storage().experiment_dir_name / ctx.get_trial_id()
 
 
 def discard_trial_output(folder: Path) -> None:
